@@ -1,0 +1,19 @@
+//! moonbit-registry: a caching gateway for the MoonBit package registry.
+//!
+//! Requests come in through [`server`], are classified once by [`router`], and go
+//! to the archive cache ([`store`]), the index ([`index`]) or straight through
+//! ([`passthrough`]) to a source reached with the [`upstream`] client.
+
+pub mod archive;
+pub mod body;
+pub mod config;
+pub mod index;
+pub mod passthrough;
+pub mod router;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+/// How the gateway names itself on its own upstream fetches (forwarded requests keep
+/// the client's User-Agent).
+pub const USER_AGENT: &str = concat!("moonbit-registry/", env!("CARGO_PKG_VERSION"));

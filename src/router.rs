@@ -1,0 +1,258 @@
+//! The one place that decides what a request is ([`Route`]) and which handler
+//! answers it, whatever door the request came in by.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::archive::{ArchiveKey, AssetPath, PathError};
+use crate::body::{self, GatewayBody};
+use crate::config::{join, Source};
+use crate::store::{Object, Store};
+use crate::upstream::Upstream;
+use crate::{index, passthrough};
+
+/// What a request is, decided from its method, path and headers alone.
+#[derive(Debug, PartialEq)]
+pub enum Route {
+    /// `GET /-/health`: the gateway's own liveness answer.
+    Health,
+    /// `GET|HEAD /user/<enc>.zip`: an immutable archive, cached.
+    Archive(ArchiveKey),
+    /// `GET|HEAD /assets/...`: a prebuilt wasm asset or its `.sha256`, cached.
+    Asset(AssetPath),
+    /// `/git/index/<rest>`: git smart HTTP for the index; `rest` keeps the query.
+    Index(String),
+    /// `/symbols.zip`: mutable, passed through for now.
+    Symbols,
+    /// Anything else (API, publishing, web pages, requests with credentials).
+    Pass,
+    /// Refused with a clear reason.
+    Refuse(StatusCode, String),
+}
+
+/// Classify a request. `path_and_query` is the raw (still percent-encoded) target.
+pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) -> Route {
+    // `MOONCAKES_REGISTRY=http://gw/` makes moon ask for `//git/index/...`.
+    let target = format!("/{}", path_and_query.trim_start_matches('/'));
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target.as_str(), None),
+    };
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    if let Some(rest) = path.strip_prefix("/git/index/") {
+        if rest.contains("git-receive-pack")
+            || query.is_some_and(|q| q.contains("git-receive-pack"))
+        {
+            return Route::Refuse(
+                StatusCode::FORBIDDEN,
+                "pushing to the index is not allowed through the gateway".into(),
+            );
+        }
+        let rest = match query {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_string(),
+        };
+        return Route::Index(rest);
+    }
+    if path == "/-/health" && read {
+        return Route::Health;
+    }
+    // Credentials mean a personal answer: never served from or stored in the cache.
+    if has_credentials || !read {
+        return if path == "/symbols.zip" {
+            Route::Symbols
+        } else {
+            Route::Pass
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/user/") {
+        return match ArchiveKey::parse(rest) {
+            Ok(key) => Route::Archive(key),
+            Err(e) => refuse_path("archive", e),
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/assets/") {
+        return match AssetPath::parse(rest) {
+            Ok(asset) => Route::Asset(asset),
+            Err(e) => refuse_path("asset", e),
+        };
+    }
+    if path == "/symbols.zip" {
+        return Route::Symbols;
+    }
+    Route::Pass
+}
+
+fn refuse_path(what: &str, e: PathError) -> Route {
+    Route::Refuse(
+        StatusCode::BAD_REQUEST,
+        format!("not a valid {what} path: {e}"),
+    )
+}
+
+/// Everything a request handler needs, shared by all connections.
+pub struct Gateway {
+    pub sources: Vec<Source>,
+    pub upstream: Upstream,
+    pub store: Arc<Store>,
+}
+
+impl Gateway {
+    /// The source that answers for index, symbols and pass-through traffic.
+    fn primary(&self) -> &Source {
+        &self.sources[0]
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let credentials = req.headers().contains_key(header::AUTHORIZATION)
+            || req.headers().contains_key(header::COOKIE);
+        let route = classify(&method, &target, credentials);
+        let resp = self.dispatch(route, req).await;
+        tracing::info!(
+            %method, target = %target, status = resp.status().as_u16(),
+            cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        Ok(resp)
+    }
+
+    async fn dispatch(&self, route: Route, req: Request<Incoming>) -> Response<GatewayBody> {
+        let head = req.method() == Method::HEAD;
+        match route {
+            Route::Health => body::json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "status": "ok",
+                    "in_flight": self.store.in_flight(),
+                    "sources": self.sources.iter().map(|s| serde_json::json!({
+                        "name": s.name, "registry": s.registry.as_str(),
+                    })).collect::<Vec<_>>(),
+                }),
+            ),
+            Route::Archive(key) => {
+                let object = Object {
+                    key: key.store_key(),
+                    urls: self
+                        .sources
+                        .iter()
+                        .map(|s| join(&s.archive, &key.upstream_path()))
+                        .collect(),
+                    content_type: "application/zip",
+                };
+                self.store.respond(object, head).await
+            }
+            Route::Asset(asset) => {
+                let path = format!("/assets/{}", asset.raw);
+                let object = Object {
+                    key: asset.store_key(),
+                    urls: self
+                        .sources
+                        .iter()
+                        .map(|s| join(&s.registry, &path))
+                        .collect(),
+                    content_type: asset.content_type(),
+                };
+                self.store.respond(object, head).await
+            }
+            Route::Index(rest) => index::forward(&self.upstream, self.primary(), req, &rest).await,
+            Route::Symbols => {
+                let url = self.primary().symbols.to_string();
+                passthrough::forward(&self.upstream, req, &url).await
+            }
+            Route::Pass => {
+                let target = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/")
+                    .to_string();
+                let url = join(
+                    &self.primary().registry,
+                    &format!("/{}", target.trim_start_matches('/')),
+                );
+                passthrough::forward(&self.upstream, req, &url).await
+            }
+            Route::Refuse(status, reason) => body::text(status, reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archives_assets_index_and_the_rest() {
+        let get = Method::GET;
+        assert!(matches!(
+            classify(&get, "/user/a%2Fb%2F1.0.0.zip", false),
+            Route::Archive(_)
+        ));
+        assert!(matches!(
+            classify(&Method::HEAD, "/user/a%2Fb%2F1.0.0.zip", false),
+            Route::Archive(_)
+        ));
+        assert!(matches!(
+            classify(&get, "/assets/a/b@1.0.0/b.wasm", false),
+            Route::Asset(_)
+        ));
+        assert_eq!(
+            classify(&get, "/git/index/info/refs?service=git-upload-pack", false),
+            Route::Index("info/refs?service=git-upload-pack".into())
+        );
+        assert_eq!(
+            classify(&Method::POST, "//git/index/git-upload-pack", false),
+            Route::Index("git-upload-pack".into())
+        );
+        assert_eq!(classify(&get, "/symbols.zip", false), Route::Symbols);
+        assert_eq!(classify(&get, "/api/v0/search?kw=x", false), Route::Pass);
+        assert_eq!(classify(&get, "/-/health", false), Route::Health);
+    }
+
+    #[test]
+    fn credentials_and_writes_bypass_the_cache() {
+        assert_eq!(
+            classify(&Method::GET, "/user/a%2Fb%2F1.0.0.zip", true),
+            Route::Pass
+        );
+        assert_eq!(
+            classify(&Method::PUT, "/user/a%2Fb%2F1.0.0.zip", false),
+            Route::Pass
+        );
+    }
+
+    #[test]
+    fn pushes_and_bad_paths_are_refused() {
+        assert!(matches!(
+            classify(&Method::POST, "/git/index/git-receive-pack", false),
+            Route::Refuse(StatusCode::FORBIDDEN, _)
+        ));
+        assert!(matches!(
+            classify(
+                &Method::GET,
+                "/git/index/info/refs?service=git-receive-pack",
+                false
+            ),
+            Route::Refuse(StatusCode::FORBIDDEN, _)
+        ));
+        assert!(matches!(
+            classify(&Method::GET, "/user/..%2F..%2Fx%2F1.0.0.zip", false),
+            Route::Refuse(StatusCode::BAD_REQUEST, _)
+        ));
+    }
+}

@@ -1,0 +1,295 @@
+//! The cache of immutable objects (archives, wasm assets): memory tier, then disk
+//! tier, then one shared upstream fetch per key. Every answer says where it came
+//! from in `x-cache` (`hit` from the store, `miss` fetched now).
+
+pub mod disk;
+pub mod flight;
+pub mod memory;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+
+use crate::body::{self, GatewayBody};
+use crate::config::Storage;
+use crate::upstream::Upstream;
+use disk::{Disk, Entry};
+use flight::{FlightState, Flights};
+use memory::{Hot, Memory};
+
+/// One immutable object a client asked for.
+#[derive(Clone, Debug)]
+pub struct Object {
+    /// Store key, e.g. `archive/alice/json/0.1.0`.
+    pub key: String,
+    /// Where to fetch it, in source order.
+    pub urls: Vec<String>,
+    pub content_type: &'static str,
+}
+
+pub struct Limits {
+    pub archive_max: u64,
+}
+
+pub struct Store {
+    disk: Disk,
+    memory: Memory,
+    flights: Flights,
+    upstream: Upstream,
+    spool_dir: PathBuf,
+    limits: Limits,
+}
+
+impl Store {
+    /// Open (creating if needed) the store under `data_dir`.
+    pub fn open(data_dir: &Path, storage: &Storage, upstream: Upstream) -> anyhow::Result<Store> {
+        let store_dir = data_dir.join("store");
+        let spool_dir = data_dir.join("spool");
+        std::fs::create_dir_all(&store_dir)
+            .with_context(|| format!("could not create store at {}", store_dir.display()))?;
+        // Spool files only live as long as a fetch; any left over are from a crash.
+        if spool_dir.exists() {
+            std::fs::remove_dir_all(&spool_dir)
+                .with_context(|| format!("could not clear {}", spool_dir.display()))?;
+        }
+        std::fs::create_dir_all(&spool_dir)
+            .with_context(|| format!("could not create {}", spool_dir.display()))?;
+        Ok(Store {
+            disk: Disk::new(store_dir),
+            memory: Memory::new(storage.memory.as_u64(), storage.memory_item_max.as_u64()),
+            flights: Flights::default(),
+            upstream,
+            spool_dir,
+            limits: Limits {
+                archive_max: storage.archive_max.as_u64(),
+            },
+        })
+    }
+
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.flights.in_flight()
+    }
+
+    /// Answer a GET (or HEAD) for `object` from memory, disk, or a shared upstream fetch.
+    pub async fn respond(self: &Arc<Self>, object: Object, head: bool) -> Response<GatewayBody> {
+        if let Some(hot) = self.memory.get(&object.key).await {
+            let len = hot.bytes.len() as u64;
+            let body = if head {
+                body::empty()
+            } else {
+                body::full(hot.bytes)
+            };
+            return object_response(&object, Some(len), Some(&hot.sha256), "hit", body);
+        }
+        if let Some(resp) = self.serve_stored(&object, head).await {
+            return resp;
+        }
+        if head {
+            return self.head_upstream(&object).await;
+        }
+        let rx = self.flights.join(self, &object);
+        self.await_flight(&object, rx).await
+    }
+
+    async fn serve_stored(&self, object: &Object, head: bool) -> Option<Response<GatewayBody>> {
+        let entry = match self.disk.lookup(&object.key).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(key = %object.key, error = %e, "store lookup failed; treating as a miss");
+                return None;
+            }
+        };
+        let sha = entry.sha256();
+        if head {
+            return Some(object_response(
+                object,
+                Some(entry.size),
+                Some(&sha),
+                "hit",
+                body::empty(),
+            ));
+        }
+        let body = if self.memory.fits(entry.size) {
+            match self.disk.read(&entry).await {
+                Ok(bytes) => {
+                    let hot = Hot {
+                        bytes: bytes.clone(),
+                        sha256: sha.clone(),
+                    };
+                    self.memory.insert(object.key.clone(), hot).await;
+                    body::full(bytes)
+                }
+                Err(e) => return self.drop_corrupt(object, &entry, e).await,
+            }
+        } else {
+            match self.disk.stream(&entry).await {
+                Ok(body) => body,
+                Err(e) => return self.drop_corrupt(object, &entry, e).await,
+            }
+        };
+        Some(object_response(
+            object,
+            Some(entry.size),
+            Some(&sha),
+            "hit",
+            body,
+        ))
+    }
+
+    /// An entry that cannot be read back intact is removed, so this request and the
+    /// next ones fetch it again instead of failing forever.
+    async fn drop_corrupt(
+        &self,
+        object: &Object,
+        entry: &Entry,
+        error: cacache::Error,
+    ) -> Option<Response<GatewayBody>> {
+        tracing::error!(key = %object.key, sha256 = %entry.sha256(), %error, "stored entry unreadable; removing it and refetching");
+        if let Err(e) = cacache::remove(self.disk.dir(), &object.key).await {
+            tracing::warn!(key = %object.key, error = %e, "could not remove the broken entry");
+        }
+        None
+    }
+
+    async fn await_flight(
+        self: &Arc<Self>,
+        object: &Object,
+        mut rx: tokio::sync::watch::Receiver<FlightState>,
+    ) -> Response<GatewayBody> {
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                FlightState::Connecting => {
+                    if rx.changed().await.is_err() {
+                        return body::text(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream fetch ended without an answer",
+                        );
+                    }
+                }
+                FlightState::Streaming { spool, len, .. } => {
+                    return self.follow(object, spool, len, rx).await;
+                }
+                FlightState::Complete { spool, len } => {
+                    return self.follow(object, spool, Some(len), rx).await;
+                }
+                FlightState::Broken { reason, .. } => {
+                    return body::text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("upstream transfer of {} failed: {reason}", object.key),
+                    );
+                }
+                FlightState::Stored => {
+                    return match self.serve_stored(object, false).await {
+                        Some(resp) => resp,
+                        None => {
+                            body::text(StatusCode::BAD_GATEWAY, "stored object vanished; retry")
+                        }
+                    };
+                }
+                FlightState::Refused {
+                    status,
+                    content_type,
+                    body: bytes,
+                } => {
+                    let mut resp = Response::new(body::full(bytes));
+                    *resp.status_mut() = status;
+                    if let Some(ct) = content_type {
+                        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                    }
+                    resp.headers_mut()
+                        .insert("x-cache", HeaderValue::from_static("miss"));
+                    return resp;
+                }
+                FlightState::Unreachable(reason) => {
+                    return body::text(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "{} is not stored and no source could be reached: {reason}",
+                            object.key
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    async fn follow(
+        &self,
+        object: &Object,
+        spool: Arc<tempfile::TempPath>,
+        len: Option<u64>,
+        rx: tokio::sync::watch::Receiver<FlightState>,
+    ) -> Response<GatewayBody> {
+        match flight::follow(spool, rx).await {
+            Ok(body) => object_response(object, len, None, "miss", body),
+            Err(e) => body::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("could not read the spool file: {e}"),
+            ),
+        }
+    }
+
+    /// HEAD on a miss: ask the first source, never start a download for it.
+    async fn head_upstream(&self, object: &Object) -> Response<GatewayBody> {
+        let Some(url) = object.urls.first() else {
+            return body::text(StatusCode::BAD_GATEWAY, "no source configured");
+        };
+        let req = Request::builder()
+            .method(Method::HEAD)
+            .uri(url.as_str())
+            .header(header::USER_AGENT, crate::USER_AGENT)
+            .body(body::empty());
+        let req = match req {
+            Ok(req) => req,
+            Err(e) => {
+                return body::text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("bad upstream URL {url}: {e}"),
+                )
+            }
+        };
+        match self.upstream.send(req).await {
+            Ok(resp) => {
+                let len = resp
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let mut out = object_response(object, len, None, "miss", body::empty());
+                *out.status_mut() = resp.status();
+                out
+            }
+            Err(e) => body::text(StatusCode::BAD_GATEWAY, e.to_string()),
+        }
+    }
+}
+
+fn object_response(
+    object: &Object,
+    len: Option<u64>,
+    sha256: Option<&str>,
+    cache: &'static str,
+    body: GatewayBody,
+) -> Response<GatewayBody> {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(object.content_type),
+    );
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if let Some(sha) = sha256.and_then(|s| HeaderValue::from_str(&format!("\"{s}\"")).ok()) {
+        h.insert(header::ETAG, sha);
+    }
+    h.insert("x-cache", HeaderValue::from_static(cache));
+    resp
+}

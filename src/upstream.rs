@@ -1,0 +1,171 @@
+//! The HTTP client the gateway uses to reach its sources: pooled connections,
+//! HTTP/1.1 and HTTP/2 by ALPN, system roots plus an optional extra CA, and
+//! timeouts on connect, on the response head and between body chunks.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio_stream::StreamExt;
+
+use crate::body::{BoxError, GatewayBody};
+use crate::config::Timeouts;
+
+/// Why an upstream exchange failed, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not reach {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("{url} sent no response head within {0:?}", timeout)]
+    Timeout { url: String, timeout: Duration },
+    #[error("bad upstream URL {0}")]
+    BadUrl(String),
+}
+
+/// Shared, cheap to clone client for every source.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
+    timeouts: Timeouts,
+}
+
+impl Upstream {
+    pub fn new(extra_ca: Option<&Path>, timeouts: Timeouts) -> anyhow::Result<Upstream> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for error in &native.errors {
+            tracing::warn!(%error, "could not load some system root certificates");
+        }
+        let (_, ignored) = roots.add_parsable_certificates(native.certs);
+        if ignored > 0 {
+            tracing::debug!(ignored, "system root certificates rustls could not parse");
+        }
+        if let Some(path) = extra_ca {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("could not read upstream CA {}", path.display()))?;
+            if certs.is_empty() {
+                anyhow::bail!("upstream CA {} holds no PEM certificate", path.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("upstream CA {} is not usable", path.display()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS set-up")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeouts.connect));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(https);
+        Ok(Upstream { client, timeouts })
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// Send a request and wait (bounded) for the response head.
+    pub async fn send(
+        &self,
+        req: Request<GatewayBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let url = req.uri().to_string();
+        let timeout = self.timeouts.response;
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(source)) => Err(UpstreamError::Connect { url, source }),
+            Err(_) => Err(UpstreamError::Timeout { url, timeout }),
+        }
+    }
+
+    /// A plain GET with the headers `moon` itself sends.
+    pub async fn get(&self, url: &str) -> Result<Response<Incoming>, UpstreamError> {
+        let req = Request::get(url)
+            .header(http::header::USER_AGENT, crate::USER_AGENT)
+            .header(http::header::ACCEPT, "*/*")
+            .body(crate::body::empty())
+            .map_err(|_| UpstreamError::BadUrl(url.to_string()))?;
+        self.send(req).await
+    }
+
+    /// Turn an upstream body into a stream of data chunks that fails when the
+    /// upstream pauses longer than `idle_read`, so no client waits forever.
+    pub fn idle_bounded(&self, body: Incoming) -> GatewayBody {
+        let idle = self.timeouts.idle_read;
+        let frames = BodyStream::new(body).timeout(idle).map(move |r| match r {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(e)) => Err(Box::new(e) as BoxError),
+            Err(_) => Err(format!("upstream sent nothing for {idle:?}").into()),
+        });
+        StreamBody::new(frames).boxed_unsync()
+    }
+}
+
+/// Read the next data chunk of an upstream body, bounded by `idle`. Trailers are skipped.
+pub async fn next_chunk(
+    body: &mut Incoming,
+    idle: Duration,
+) -> Result<Option<Bytes>, anyhow::Error> {
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| anyhow::anyhow!("upstream sent nothing for {idle:?}"))?;
+        match frame {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(anyhow::anyhow!("upstream body broke off: {e}")),
+            Some(Ok(frame)) => {
+                if let Ok(data) = Frame::into_data(frame) {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+/// Read a small body whole (error pages), keeping at most `limit` bytes.
+pub async fn collect_limited(mut body: Incoming, limit: usize, idle: Duration) -> Bytes {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match next_chunk(&mut body, idle).await {
+            Ok(Some(chunk)) => {
+                let room = limit - out.len();
+                out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            _ => break,
+        }
+    }
+    Bytes::from(out)
+}
