@@ -36,6 +36,30 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub timeouts: Timeouts,
     pub storage: Storage,
+    pub index: IndexSettings,
+    /// Fetch an archive's dependencies (from the index) in the background when it is requested.
+    pub prefetch: bool,
+}
+
+/// The index mirror and what is read from it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexSettings {
+    /// A mirror older than this is refreshed before a client's clone or pull is answered.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// After a failed refresh, serve the stale mirror without retrying for this long.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Bound on one git clone or fetch of the upstream index.
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// How long an archive whose upstream copy failed verification is refused
+    /// without a new download (an index refresh also clears it).
+    #[serde(with = "humantime_serde")]
+    pub bad_archive_ttl: Duration,
+    /// Dependencies prefetched at once.
+    pub prefetch_jobs: usize,
 }
 
 /// One `[[sources]]` table: a registry and, optionally, where its parts live if not
@@ -95,6 +119,14 @@ impl Default for Config {
                 memory_item_max: ByteSize::mib(4),
                 archive_max: ByteSize::gib(4),
             },
+            index: IndexSettings {
+                max_age: Duration::from_secs(30),
+                retry_after: Duration::from_secs(10),
+                fetch_timeout: Duration::from_secs(300),
+                bad_archive_ttl: Duration::from_secs(300),
+                prefetch_jobs: 4,
+            },
+            prefetch: true,
         }
     }
 }
@@ -169,6 +201,17 @@ impl Config {
             .map(|(i, s)| Source::resolve(s, i))
             .collect::<anyhow::Result<Vec<_>>>()?;
         for (i, s) in sources.iter().enumerate() {
+            if !s
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                || s.name.is_empty()
+            {
+                bail!(
+                    "source name `{}` must be letters, digits, `-` or `_` (it names a directory)",
+                    s.name
+                );
+            }
             if sources[..i].iter().any(|o| o.name == s.name) {
                 bail!("two sources are named `{}`", s.name);
             }

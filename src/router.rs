@@ -10,15 +10,22 @@ use hyper::body::Incoming;
 use crate::archive::{ArchiveKey, AssetPath, PathError};
 use crate::body::{self, GatewayBody};
 use crate::config::{join, Source};
-use crate::store::{Object, Store};
+use crate::index::mirror::Freshness;
+use crate::index::{Expectation, Index};
+use crate::passthrough;
+use crate::store::{Object, Store, Trust};
 use crate::upstream::Upstream;
-use crate::{index, passthrough};
+
+/// Dependencies prefetched for one archive request, at most.
+const PREFETCH_LIMIT: usize = 256;
 
 /// What a request is, decided from its method, path and headers alone.
 #[derive(Debug, PartialEq)]
 pub enum Route {
     /// `GET /-/health`: the gateway's own liveness answer.
     Health,
+    /// `POST /-/index/refresh`: refresh every index mirror now.
+    IndexRefresh,
     /// `GET|HEAD /user/<enc>.zip`: an immutable archive, cached.
     Archive(ArchiveKey),
     /// `GET|HEAD /assets/...`: a prebuilt wasm asset or its `.sha256`, cached.
@@ -60,6 +67,9 @@ pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) ->
     if path == "/-/health" && read {
         return Route::Health;
     }
+    if path == "/-/index/refresh" && *method == Method::POST {
+        return Route::IndexRefresh;
+    }
     // Credentials mean a personal answer: never served from or stored in the cache.
     if has_credentials || !read {
         return if path == "/symbols.zip" {
@@ -98,6 +108,8 @@ pub struct Gateway {
     pub sources: Vec<Source>,
     pub upstream: Upstream,
     pub store: Arc<Store>,
+    pub index: Arc<Index>,
+    pub prefetch: bool,
 }
 
 impl Gateway {
@@ -139,21 +151,38 @@ impl Gateway {
                 &serde_json::json!({
                     "status": "ok",
                     "in_flight": self.store.in_flight(),
+                    "index": self.index.mirrors().iter().map(|m| serde_json::json!({
+                        "source": m.source,
+                        "commit": m.snapshot().commit.clone(),
+                        "age_seconds": m.age().map(|a| a.as_secs()),
+                    })).collect::<Vec<_>>(),
                     "sources": self.sources.iter().map(|s| serde_json::json!({
                         "name": s.name, "registry": s.registry.as_str(),
                     })).collect::<Vec<_>>(),
                 }),
             ),
-            Route::Archive(key) => {
-                let object = Object {
-                    key: key.store_key(),
-                    urls: self
-                        .sources
-                        .iter()
-                        .map(|s| join(&s.archive, &key.upstream_path()))
-                        .collect(),
-                    content_type: "application/zip",
+            Route::IndexRefresh => {
+                let results = self.index.refresh_all(true).await;
+                let ok = results.iter().all(|(_, f)| *f == Freshness::Fresh);
+                let body = results
+                    .iter()
+                    .map(|(source, f)| serde_json::json!({"source": source, "result": format!("{f:?}")}))
+                    .collect::<Vec<_>>();
+                let status = if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_GATEWAY
                 };
+                body::json(
+                    status,
+                    &serde_json::json!({ "refreshed": ok, "sources": body }),
+                )
+            }
+            Route::Archive(key) => {
+                let object = self.archive_object(&key).await;
+                if self.prefetch && !head && matches!(object.trust, Trust::Checksum { .. }) {
+                    self.prefetch_closure(&key);
+                }
                 self.store.respond(object, head).await
             }
             Route::Asset(asset) => {
@@ -166,10 +195,15 @@ impl Gateway {
                         .map(|s| join(&s.registry, &path))
                         .collect(),
                     content_type: asset.content_type(),
+                    trust: Trust::Complete,
                 };
                 self.store.respond(object, head).await
             }
-            Route::Index(rest) => index::forward(&self.upstream, self.primary(), req, &rest).await,
+            Route::Index(rest) => {
+                self.index
+                    .handle(&self.upstream, self.primary(), req, &rest)
+                    .await
+            }
             Route::Symbols => {
                 let url = self.primary().symbols.to_string();
                 passthrough::forward(&self.upstream, req, &url).await
@@ -188,6 +222,59 @@ impl Gateway {
                 passthrough::forward(&self.upstream, req, &url).await
             }
             Route::Refuse(status, reason) => body::text(status, reason),
+        }
+    }
+}
+
+impl Gateway {
+    /// Where to fetch an archive and what to check it against: the source whose
+    /// index lists it, or every source (unverified, not stored) if none does.
+    async fn archive_object(&self, key: &ArchiveKey) -> Object {
+        let expectation = self.index.expect(key).await;
+        self.object_for(key, expectation)
+    }
+
+    fn object_for(&self, key: &ArchiveKey, expectation: Expectation) -> Object {
+        let path = key.upstream_path();
+        let (urls, trust) = match expectation {
+            Expectation::Known { source, checksum } => (
+                vec![join(&self.sources[source].archive, &path)],
+                Trust::Checksum {
+                    label: format!("{}@{}", key.name(), key.version),
+                    expected: checksum,
+                    refreshes: self.index.refreshes(),
+                },
+            ),
+            Expectation::Unknown => {
+                tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");
+                let urls = self
+                    .sources
+                    .iter()
+                    .map(|s| join(&s.archive, &path))
+                    .collect();
+                (urls, Trust::Unverified)
+            }
+        };
+        Object {
+            key: key.store_key(),
+            urls,
+            content_type: "application/zip",
+            trust,
+        }
+    }
+
+    /// Start fetching `key`'s dependencies in the background: `moon` asks for them
+    /// one at a time, so the next ones should already be here or on their way.
+    fn prefetch_closure(&self, key: &ArchiveKey) {
+        let deps = self.index.closure(key, PREFETCH_LIMIT);
+        if deps.is_empty() {
+            return;
+        }
+        tracing::debug!(archive = %key, deps = deps.len(), "prefetching dependencies");
+        for (dep, expectation) in deps {
+            let object = self.object_for(&dep, expectation);
+            let store = self.store.clone();
+            tokio::spawn(async move { store.prefetch(object).await });
         }
     }
 }

@@ -13,9 +13,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::index::mirror::MirrorSettings;
+use crate::index::Index;
 use crate::router::Gateway;
-use crate::store::Store;
-use crate::upstream::Upstream;
+use crate::store::{Limits, Store};
+use crate::upstream::{write_ca_bundle, Upstream};
 
 /// How long a client may take to send a request head; bounds slow-loris connections.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,11 +30,38 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("could not create data dir {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir, &config.storage, upstream.clone())?;
+    let limits = Limits {
+        archive_max: config.storage.archive_max.as_u64(),
+        bad_archive_ttl: config.index.bad_archive_ttl,
+        prefetch_jobs: config.index.prefetch_jobs,
+    };
+    let store = Store::open(&config.data_dir, &config.storage, limits, upstream.clone())?;
+    let ca_bundle = match &config.upstream_ca {
+        Some(ca) => {
+            let bundle = config.data_dir.join("upstream-ca-bundle.pem");
+            write_ca_bundle(ca, &bundle)?;
+            Some(bundle)
+        }
+        None => None,
+    };
+    let settings = MirrorSettings {
+        max_age: config.index.max_age,
+        retry_after: config.index.retry_after,
+        fetch_timeout: config.index.fetch_timeout,
+        ca_bundle,
+    };
+    let index = Arc::new(Index::new(
+        config.data_dir.join("index"),
+        &sources,
+        settings,
+    ));
+    index.start().await;
     let gateway = Arc::new(Gateway {
         sources,
         upstream,
         store: Arc::new(store),
+        index,
+        prefetch: config.prefetch,
     });
     let listener = TcpListener::bind(config.listen)
         .await

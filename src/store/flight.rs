@@ -21,8 +21,11 @@ use tempfile::TempPath;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use sha2::{Digest, Sha256};
+
 use super::memory::Hot;
-use super::{Object, Store};
+use super::quarantine::Mismatch;
+use super::{Object, Store, Trust};
 use crate::body::{BoxError, GatewayBody};
 use crate::upstream::{collect_limited, next_chunk};
 
@@ -86,6 +89,21 @@ impl Flights {
         rx
     }
 
+    /// Wait until the fetch behind `rx` has ended, however it ended.
+    pub async fn settle(mut rx: watch::Receiver<FlightState>) {
+        loop {
+            if !matches!(
+                *rx.borrow_and_update(),
+                FlightState::Connecting | FlightState::Streaming { .. }
+            ) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     fn land(&self, key: &str) {
         self.live
             .lock()
@@ -132,7 +150,8 @@ async fn fetch(
     match &final_state {
         FlightState::Complete { len, .. } => tracing::info!(
             key = %object.key, bytes = len, ms = started.elapsed().as_millis() as u64,
-            "fetched from upstream and stored"
+            stored = object.trust != Trust::Unverified,
+            "fetched from upstream"
         ),
         FlightState::Broken { reason, .. } => tracing::warn!(
             key = %object.key, %reason, "upstream transfer failed; nothing stored"
@@ -183,16 +202,19 @@ async fn run(
     let (file, path) = spool.into_parts();
     let spool = Arc::new(path);
     let mut file = tokio::fs::File::from_std(file);
+    let keep = object.trust != Trust::Unverified;
     let mut writer = match store.disk.writer(&object.key, len).await {
-        Ok(w) => Some(w),
+        Ok(w) if keep => Some(w),
+        Ok(_) => None,
         Err(e) => {
             // The client still gets its bytes; only the caching is lost.
             tracing::warn!(key = %object.key, error = %e, "cannot write to the store; streaming without caching");
             None
         }
     };
+    let mut hasher = Sha256::new();
     let mut hot = len
-        .filter(|&l| store.memory.fits(l))
+        .filter(|&l| keep && store.memory.fits(l))
         .map(|l| BytesMut::with_capacity(l as usize));
     tx.send_replace(FlightState::Streaming {
         spool: spool.clone(),
@@ -229,6 +251,7 @@ async fn run(
                 writer = None;
             }
         }
+        hasher.update(&chunk);
         if let Some(h) = hot.as_mut() {
             h.extend_from_slice(&chunk);
         }
@@ -243,6 +266,29 @@ async fn run(
         return Err(fail(format!(
             "upstream body ended after {written} of {len} bytes"
         )));
+    }
+    let actual = hex::encode(hasher.finalize());
+    if let Trust::Checksum {
+        label,
+        expected,
+        refreshes,
+    } = &object.trust
+    {
+        if *expected != actual {
+            let mismatch = Mismatch {
+                label: label.clone(),
+                expected: expected.clone(),
+                actual: actual.clone(),
+            };
+            tracing::error!(
+                key = %object.key, module = %label, %expected, %actual,
+                "upstream archive does not match the index checksum; refused, not stored"
+            );
+            store.quarantine.record(&object.key, mismatch, *refreshes);
+            return Err(fail(format!(
+                "{label}: the index says sha256 {expected}, the upstream sent {actual}"
+            )));
+        }
     }
     if let Some(w) = writer {
         match w.commit().await {
@@ -343,6 +389,11 @@ impl Follower {
     async fn next(&mut self) -> Result<Option<Bytes>, BoxError> {
         loop {
             let (available, done) = match &*self.rx.borrow_and_update() {
+                // The last byte waits for the verdict: a body that fails verification
+                // must end in an abort, never in a clean, complete-looking transfer.
+                FlightState::Streaming { written, len, .. } if Some(*written) == *len => {
+                    (written.saturating_sub(1), false)
+                }
                 FlightState::Streaming { written, .. } => (*written, false),
                 FlightState::Complete { len, .. } => (*len, true),
                 FlightState::Broken { reason, .. } => {

@@ -5,6 +5,7 @@
 pub mod disk;
 pub mod flight;
 pub mod memory;
+pub mod quarantine;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::upstream::Upstream;
 use disk::{Disk, Entry};
 use flight::{FlightState, Flights};
 use memory::{Hot, Memory};
+use quarantine::{Mismatch, Quarantine};
 
 /// One immutable object a client asked for.
 #[derive(Clone, Debug)]
@@ -27,10 +29,33 @@ pub struct Object {
     /// Where to fetch it, in source order.
     pub urls: Vec<String>,
     pub content_type: &'static str,
+    pub trust: Trust,
+}
+
+/// What the gateway may check a fetched body against, and so whether it may keep it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trust {
+    /// The index vouches for this sha256: a body with any other digest is refused,
+    /// never stored, and remembered as bad until the index refreshes.
+    Checksum {
+        /// `user/module@version`, for messages.
+        label: String,
+        expected: String,
+        /// Index refresh count when the expectation was read.
+        refreshes: u64,
+    },
+    /// Nothing to check against (wasm assets): stored once complete.
+    Complete,
+    /// Unknown to the index: streamed to the client, never stored.
+    Unverified,
 }
 
 pub struct Limits {
     pub archive_max: u64,
+    /// How long a copy that failed verification is refused without refetching.
+    pub bad_archive_ttl: std::time::Duration,
+    /// Background prefetches running at once.
+    pub prefetch_jobs: usize,
 }
 
 pub struct Store {
@@ -40,11 +65,18 @@ pub struct Store {
     upstream: Upstream,
     spool_dir: PathBuf,
     limits: Limits,
+    quarantine: Quarantine,
+    prefetch_permits: tokio::sync::Semaphore,
 }
 
 impl Store {
     /// Open (creating if needed) the store under `data_dir`.
-    pub fn open(data_dir: &Path, storage: &Storage, upstream: Upstream) -> anyhow::Result<Store> {
+    pub fn open(
+        data_dir: &Path,
+        storage: &Storage,
+        limits: Limits,
+        upstream: Upstream,
+    ) -> anyhow::Result<Store> {
         let store_dir = data_dir.join("store");
         let spool_dir = data_dir.join("spool");
         std::fs::create_dir_all(&store_dir)
@@ -62,9 +94,9 @@ impl Store {
             flights: Flights::default(),
             upstream,
             spool_dir,
-            limits: Limits {
-                archive_max: storage.archive_max.as_u64(),
-            },
+            quarantine: Quarantine::new(limits.bad_archive_ttl),
+            prefetch_permits: tokio::sync::Semaphore::new(limits.prefetch_jobs.max(1)),
+            limits,
         })
     }
 
@@ -78,7 +110,17 @@ impl Store {
 
     /// Answer a GET (or HEAD) for `object` from memory, disk, or a shared upstream fetch.
     pub async fn respond(self: &Arc<Self>, object: Object, head: bool) -> Response<GatewayBody> {
-        if let Some(hot) = self.memory.get(&object.key).await {
+        if let Trust::Checksum { refreshes, .. } = &object.trust {
+            if let Some(bad) = self.quarantine.get(&object.key, *refreshes) {
+                return refuse_mismatch(&bad);
+            }
+        }
+        if let Some(hot) = self
+            .memory
+            .get(&object.key)
+            .await
+            .filter(|h| object.accepts(&h.sha256))
+        {
             let len = hot.bytes.len() as u64;
             let body = if head {
                 body::empty()
@@ -97,6 +139,28 @@ impl Store {
         self.await_flight(&object, rx).await
     }
 
+    /// Fetch `object` into the store in the background unless it is there already;
+    /// at most `prefetch_jobs` at a time. Never blocks a client's request.
+    pub async fn prefetch(self: &Arc<Self>, object: Object) {
+        let Ok(_permit) = self.prefetch_permits.acquire().await else {
+            return;
+        };
+        if let Trust::Checksum { refreshes, .. } = &object.trust {
+            if self.quarantine.get(&object.key, *refreshes).is_some() {
+                return;
+            }
+        }
+        if self.memory.get(&object.key).await.is_some() {
+            return;
+        }
+        match self.disk.lookup(&object.key).await {
+            Ok(Some(entry)) if object.accepts(&entry.sha256()) => return,
+            _ => {}
+        }
+        tracing::debug!(key = %object.key, "prefetching");
+        Flights::settle(self.flights.join(self, &object)).await;
+    }
+
     async fn serve_stored(&self, object: &Object, head: bool) -> Option<Response<GatewayBody>> {
         let entry = match self.disk.lookup(&object.key).await {
             Ok(Some(entry)) => entry,
@@ -107,6 +171,11 @@ impl Store {
             }
         };
         let sha = entry.sha256();
+        if !object.accepts(&sha) {
+            // The index now names another digest (history rewritten upstream): refetch.
+            tracing::warn!(key = %object.key, stored = %sha, "stored copy no longer matches the index; refetching");
+            return None;
+        }
         if head {
             return Some(object_response(
                 object,
@@ -269,6 +338,27 @@ impl Store {
             Err(e) => body::text(StatusCode::BAD_GATEWAY, e.to_string()),
         }
     }
+}
+
+impl Object {
+    /// Whether a stored copy with this digest may answer for the object.
+    fn accepts(&self, sha256: &str) -> bool {
+        match &self.trust {
+            Trust::Checksum { expected, .. } => expected == sha256,
+            Trust::Complete | Trust::Unverified => true,
+        }
+    }
+}
+
+/// The answer for an archive whose upstream copy is known to be bad.
+pub fn refuse_mismatch(bad: &Mismatch) -> Response<GatewayBody> {
+    body::text(
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "upstream archive {} failed verification: the index says sha256 {}, the upstream sent {}; not served",
+            bad.label, bad.expected, bad.actual
+        ),
+    )
 }
 
 fn object_response(

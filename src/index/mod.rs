@@ -1,0 +1,189 @@
+//! The registry index: a local git mirror per source ([`mirror`]), served over
+//! smart HTTP from that mirror ([`serve`]), and read for the checksum and
+//! dependencies of every archive ([`checksums`]).
+//!
+//! Clients' index requests are answered from the primary source's mirror, refreshed
+//! first when older than `index.max_age`; when the refresh fails the stale mirror is
+//! served and the log says how stale. Before any mirror exists, requests stream
+//! straight through to the upstream.
+
+pub mod checksums;
+pub mod mirror;
+pub mod serve;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use crate::archive::ArchiveKey;
+use crate::body::GatewayBody;
+use crate::config::{join, Source};
+use crate::passthrough;
+use crate::upstream::Upstream;
+use mirror::{Freshness, Mirror, MirrorSettings};
+
+/// What the index says about an archive a client asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expectation {
+    /// Published in source number `source` with this sha256.
+    Known { source: usize, checksum: String },
+    /// In no source's index, even after a refresh.
+    Unknown,
+}
+
+/// The mirrors of every source, in source order.
+pub struct Index {
+    root: PathBuf,
+    mirrors: Vec<Arc<Mirror>>,
+}
+
+impl Index {
+    pub fn new(root: PathBuf, sources: &[Source], settings: MirrorSettings) -> Index {
+        let mirrors = sources
+            .iter()
+            .map(|s| {
+                let dir = root.join(repo_name(&s.name));
+                Arc::new(Mirror::new(
+                    &s.name,
+                    s.index.as_str(),
+                    dir,
+                    settings.clone(),
+                ))
+            })
+            .collect();
+        Index { root, mirrors }
+    }
+
+    pub fn mirrors(&self) -> &[Arc<Mirror>] {
+        &self.mirrors
+    }
+
+    /// Read existing mirrors, then refresh them all in the background.
+    pub async fn start(self: &Arc<Self>) {
+        for m in &self.mirrors {
+            if let Err(error) = m.load().await {
+                tracing::warn!(source = %m.source, %error, "existing index mirror unreadable");
+            }
+        }
+        let index = self.clone();
+        tokio::spawn(async move {
+            index.refresh_all(false).await;
+        });
+    }
+
+    /// Refresh every mirror (at most one fetch each at a time).
+    pub async fn refresh_all(&self, force: bool) -> Vec<(String, Freshness)> {
+        let mut out = Vec::new();
+        for m in &self.mirrors {
+            out.push((m.source.clone(), m.refresh_now(force).await));
+        }
+        out
+    }
+
+    /// Answer a client's index request: from the primary mirror, or straight
+    /// through while no mirror exists.
+    pub async fn handle(
+        &self,
+        upstream: &Upstream,
+        source: &Source,
+        req: Request<Incoming>,
+        rest: &str,
+    ) -> Response<GatewayBody> {
+        let mirror = &self.mirrors[0];
+        // Only the ref advertisement refreshes: the POSTs of one clone must see the
+        // same tip their GET advertised.
+        let advertisement = req.method() == Method::GET;
+        let freshness = if advertisement {
+            mirror.ensure_fresh().await
+        } else if mirror.exists() {
+            Freshness::Fresh
+        } else {
+            Freshness::Missing {
+                error: "no mirror yet".into(),
+            }
+        };
+        match freshness {
+            Freshness::Fresh => {}
+            Freshness::Stale { age, error } => {
+                let age = age
+                    .map(|a| format!("{}s", a.as_secs()))
+                    .unwrap_or_else(|| "unknown".into());
+                tracing::warn!(source = %mirror.source, age = %age, %error, "upstream index unavailable; serving the stale mirror");
+            }
+            Freshness::Missing { error } => {
+                tracing::warn!(source = %mirror.source, %error, "no index mirror yet; passing the request through");
+                let url = join(&source.index, &format!("/{rest}"));
+                return passthrough::forward(upstream, req, &url).await;
+            }
+        }
+        let repo = repo_name(&mirror.source);
+        serve::upload_pack(&self.root, &repo, rest, req).await
+    }
+
+    /// The checksum the index holds for `key`, refreshing once if no source knows it
+    /// (it may have been published seconds ago).
+    pub async fn expect(&self, key: &ArchiveKey) -> Expectation {
+        if let Some(known) = self.lookup(key) {
+            return known;
+        }
+        for m in &self.mirrors {
+            m.refresh_now(false).await;
+        }
+        self.lookup(key).unwrap_or(Expectation::Unknown)
+    }
+
+    fn lookup(&self, key: &ArchiveKey) -> Option<Expectation> {
+        let name = key.name();
+        self.mirrors.iter().enumerate().find_map(|(source, m)| {
+            let checksum = m
+                .snapshot()
+                .checksums
+                .get(&name, &key.version)?
+                .checksum
+                .clone();
+            Some(Expectation::Known { source, checksum })
+        })
+    }
+
+    /// Dependencies of `key`, transitively, each with the source and checksum that
+    /// vouch for it.
+    pub fn closure(&self, key: &ArchiveKey, limit: usize) -> Vec<(ArchiveKey, Expectation)> {
+        let name = key.name();
+        let Some(snapshot) = self
+            .mirrors
+            .iter()
+            .map(|m| m.snapshot())
+            .find(|s| s.checksums.get(&name, &key.version).is_some())
+        else {
+            return Vec::new();
+        };
+        snapshot
+            .checksums
+            .closure(&name, &key.version, limit)
+            .into_iter()
+            .filter_map(|(dep, version)| {
+                let (user, module) = dep.split_once('/')?;
+                let key = ArchiveKey {
+                    user: user.to_string(),
+                    module: module.to_string(),
+                    version,
+                };
+                let expectation = self.lookup(&key)?;
+                Some((key, expectation))
+            })
+            .collect()
+    }
+
+    /// Successful refreshes so far, over all mirrors: a bad upstream copy is only
+    /// remembered until the next one.
+    pub fn refreshes(&self) -> u64 {
+        self.mirrors.iter().map(|m| m.refreshes()).sum()
+    }
+}
+
+/// Directory name of a source's mirror; source names are validated as plain words.
+fn repo_name(source: &str) -> String {
+    format!("{source}.git")
+}

@@ -1,0 +1,184 @@
+//! Git smart HTTP answered from the local mirror: `git http-backend` (which runs
+//! `git upload-pack --stateless-rpc` for v0 and v2, shallow and full) as a CGI
+//! program, request body streamed into it and its output streamed back.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use bytes::BytesMut;
+use futures_util::stream;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+use crate::body::{self, BoxError, GatewayBody};
+
+/// git writes a few hundred bytes of CGI headers; anything past this is broken.
+const CGI_HEADER_MAX: usize = 16 * 1024;
+/// Bound on how long git may take before it starts answering.
+const CGI_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serve `rest` (`info/refs?...` or `git-upload-pack`) from the bare repo
+/// `<root>/<repo>`.
+pub async fn upload_pack(
+    root: &Path,
+    repo: &str,
+    rest: &str,
+    req: Request<Incoming>,
+) -> Response<GatewayBody> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path != "info/refs" && path != "git-upload-pack" {
+        // Dumb-protocol paths (objects/..., HEAD) are not served: moon needs smart HTTP.
+        return body::text(
+            StatusCode::NOT_FOUND,
+            format!("/git/index/{path} is not served by the mirror"),
+        );
+    }
+    let mut cmd = Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .env("REQUEST_METHOD", req.method().as_str())
+        .env("PATH_INFO", format!("/{repo}/{path}"))
+        .env("QUERY_STRING", query)
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(home) = std::env::var_os("HOME") {
+        cmd.env("HOME", home);
+    }
+    for (header, var) in [
+        ("content-type", "CONTENT_TYPE"),
+        ("content-length", "CONTENT_LENGTH"),
+        ("git-protocol", "GIT_PROTOCOL"),
+        ("content-encoding", "HTTP_CONTENT_ENCODING"),
+    ] {
+        if let Some(v) = req.headers().get(header).and_then(|v| v.to_str().ok()) {
+            cmd.env(var, v);
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return body::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot run git http-backend: {e}"),
+            )
+        }
+    };
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return body::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "git http-backend pipes missing",
+        );
+    };
+    let mut incoming = req.into_body();
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = incoming.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if stdin.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = stdin.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::warn!(%line, "git http-backend");
+        }
+    });
+    let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
+    let head = match tokio::time::timeout(CGI_HEADER_TIMEOUT, read_cgi_head(&mut stdout)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => return body::text(StatusCode::BAD_GATEWAY, format!("git http-backend: {e}")),
+        Err(_) => {
+            return body::text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "git http-backend did not answer",
+            )
+        }
+    };
+    let body = stream::unfold(Some(CgiOutput { stdout, child }), |state| async move {
+        let mut out = state?;
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        match out.stdout.read_buf(&mut buf).await {
+            Ok(0) => match out.child.wait().await {
+                Ok(status) if status.success() => None,
+                // A pack cut short must not look complete to the client.
+                Ok(status) => Some((Err(format!("git http-backend {status}").into()), None)),
+                Err(e) => Some((Err(Box::new(e) as BoxError), None)),
+            },
+            Ok(_) => Some((Ok(Frame::data(buf.freeze())), Some(out))),
+            Err(e) => Some((Err(Box::new(e) as BoxError), None)),
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(body).boxed_unsync());
+    *resp.status_mut() = head.0;
+    *resp.headers_mut() = head.1;
+    resp.headers_mut()
+        .insert("x-cache", HeaderValue::from_static("mirror"));
+    resp
+}
+
+/// Keeps git alive exactly as long as the client reads its output.
+struct CgiOutput {
+    stdout: BufReader<ChildStdout>,
+    child: Child,
+}
+
+async fn read_cgi_head(
+    stdout: &mut BufReader<ChildStdout>,
+) -> Result<(StatusCode, http::HeaderMap), String> {
+    let mut status = StatusCode::OK;
+    let mut headers = http::HeaderMap::new();
+    let mut seen = 0;
+    loop {
+        let mut line = Vec::new();
+        let n = stdout
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("ended before its headers".into());
+        }
+        seen += n;
+        if seen > CGI_HEADER_MAX {
+            return Err("header block too long".into());
+        }
+        let line = String::from_utf8_lossy(&line);
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            return Ok((status, headers));
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("bad header line {line:?}"))?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            let code = value.split_whitespace().next().unwrap_or_default();
+            status = code
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .ok_or_else(|| format!("bad status {value:?}"))?;
+        } else {
+            let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|e| e.to_string())?;
+            let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+            headers.append(name, value);
+        }
+    }
+}
