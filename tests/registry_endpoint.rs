@@ -18,11 +18,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Run a command, returning its output; panics only if it cannot be started.
 fn run(cmd: &mut Command) -> Output {
     let shown = format!("{cmd:?}");
-    cmd.output().unwrap_or_else(|e| panic!("could not run {shown}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("could not run {shown}: {e}"))
 }
 
 fn curl(args: &[&str]) -> Output {
-    run(Command::new("curl").args(["-sS", "--max-time", "60"]).args(args))
+    run(Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args))
 }
 
 /// git with no user or system config, so the developer's settings cannot matter.
@@ -55,15 +58,26 @@ struct Setup {
     gateway: Gateway,
 }
 
-async fn setup() -> Setup {
+/// A registry with what `publish` puts in it, its upstream, and a gateway started
+/// after publishing (the gateway mirrors the index at start, and clients see a
+/// publish made later only after `index.max_age` or a `POST /-/index/refresh`).
+async fn setup_with<T>(publish: impl FnOnce(&Registry) -> T) -> (Setup, T) {
     let registry = Arc::new(Registry::new());
+    let published = publish(&registry);
     let upstream = Upstream::start(registry.clone()).await;
     let gateway = Gateway::start(&upstream.url(), &upstream.ca_pem, &[]).await;
-    Setup {
+    let setup = Setup {
         registry,
         upstream,
         gateway,
-    }
+    };
+    (setup, published)
+}
+
+/// Ask the gateway to refresh its index mirror now.
+fn refresh_index(gw: &Gateway) {
+    let out = curl(&["-f", "-X", "POST", &format!("{}/-/index/refresh", gw.url())]);
+    ok(&out, "POST /-/index/refresh");
 }
 
 /// Download an archive with curl, returning (body, response headers).
@@ -86,8 +100,7 @@ fn fetch(gw: &Gateway, segment: &str, out_file: &Path) -> (Output, Vec<u8>, Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn index_clones_shallow_and_pulls_through_the_gateway() {
-    let s = setup().await;
-    s.registry.publish("alice/json", "0.1.0", &[]);
+    let (s, _) = setup_with(|r| r.publish("alice/json", "0.1.0", &[])).await;
     let work = tempfile::tempdir().unwrap();
     for (name, protocol) in [("v2", "2"), ("v0", "0")] {
         let dir = work.path().join(name);
@@ -111,24 +124,26 @@ async fn index_clones_shallow_and_pulls_through_the_gateway() {
         let index = std::fs::read_to_string(dir.join("user/alice/json.index")).unwrap();
         assert!(index.contains("\"0.1.0\""), "{index}");
     }
-    // A new version published upstream reaches an existing clone with `git pull`.
+    // A new version published upstream reaches an existing clone with `git pull`
+    // once the gateway's mirror has refreshed (here: on request).
     let newer = s.registry.publish("alice/json", "0.2.0", &[]);
+    refresh_index(&s.gateway);
     for (name, protocol) in [("v2", "2"), ("v0", "0")] {
         let dir = work.path().join(name);
         let proto = format!("protocol.version={protocol}");
         let out = git(Some(&dir), &["-c", &proto, "pull", "origin", "main"]);
         ok(&out, "git pull through the gateway");
         let index = std::fs::read_to_string(dir.join("user/alice/json.index")).unwrap();
-        assert!(index.contains(&newer.checksum), "pull did not bring 0.2.0: {index}");
+        assert!(
+            index.contains(&newer.checksum),
+            "pull did not bring 0.2.0: {index}"
+        );
     }
-    // The index is never cached: every clone and pull reached the upstream.
-    assert!(s.upstream.count("POST", "/git/index/git-upload-pack") >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn archives_are_stored_once_and_served_when_the_upstream_is_down() {
-    let s = setup().await;
-    let json = s.registry.publish("alice/json", "0.1.0", &[]);
+    let (s, json) = setup_with(|r| r.publish("alice/json", "0.1.0", &[])).await;
     let tmp = tempfile::tempdir().unwrap();
     let path = format!("/user/{}.zip", json.segment);
 
@@ -141,9 +156,16 @@ async fn archives_are_stored_once_and_served_when_the_upstream_is_down() {
     let (out, second, head) = fetch(&s.gateway, &json.segment, &tmp.path().join("b"));
     ok(&out, "second download");
     assert!(head.contains("x-cache: hit"), "{head}");
-    assert!(head.contains(&format!("content-length: {}", json.zip.len())), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", json.zip.len())),
+        "{head}"
+    );
     assert_eq!(first, second);
-    assert_eq!(s.upstream.count("GET", &path), 1, "the upstream saw a second request");
+    assert_eq!(
+        s.upstream.count("GET", &path),
+        1,
+        "the upstream saw a second request"
+    );
 
     s.upstream.stop().await;
     let (out, third, _) = fetch(&s.gateway, &json.segment, &tmp.path().join("c"));
@@ -154,7 +176,8 @@ async fn archives_are_stored_once_and_served_when_the_upstream_is_down() {
     // A store hit survives a gateway restart (disk tier, not only memory).
     let data_dir = s.gateway.data_dir.clone();
     drop(s.gateway);
-    let again = Gateway::start_with_data_dir(&s.upstream.url(), &s.upstream.ca_pem, &data_dir, &[]).await;
+    let again =
+        Gateway::start_with_data_dir(&s.upstream.url(), &s.upstream.ca_pem, &data_dir, &[]).await;
     let (out, fourth, head) = fetch(&again, &json.segment, &tmp.path().join("d"));
     ok(&out, "download after restart, upstream still down");
     assert!(head.contains("x-cache: hit"), "{head}");
@@ -163,8 +186,7 @@ async fn archives_are_stored_once_and_served_when_the_upstream_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_misses_cause_one_upstream_fetch() {
-    let s = setup().await;
-    let big = s.registry.publish_sized("alice/big", "1.0.0", 2 << 20);
+    let (s, big) = setup_with(|r| r.publish_sized("alice/big", "1.0.0", 2 << 20)).await;
     // A slow body keeps the fetch open while all fifty clients arrive.
     s.upstream.set_fault(Fault::SlowArchives {
         chunk: 64 * 1024,
@@ -176,7 +198,14 @@ async fn fifty_concurrent_misses_cause_one_upstream_fetch() {
     for i in 0..50 {
         let file = tmp.path().join(format!("{i}.zip"));
         let child = Command::new("curl")
-            .args(["-sS", "--max-time", "60", "-o", file.to_str().unwrap(), &url])
+            .args([
+                "-sS",
+                "--max-time",
+                "60",
+                "-o",
+                file.to_str().unwrap(),
+                &url,
+            ])
             .spawn()
             .unwrap();
         children.push((file, child));
@@ -185,15 +214,23 @@ async fn fifty_concurrent_misses_cause_one_upstream_fetch() {
         let status = child.wait().unwrap();
         assert!(status.success(), "a concurrent download failed: {status}");
         let bytes = std::fs::read(&file).unwrap();
-        assert_eq!(sha256_hex(&bytes), big.checksum, "wrong bytes in {}", file.display());
+        assert_eq!(
+            sha256_hex(&bytes),
+            big.checksum,
+            "wrong bytes in {}",
+            file.display()
+        );
     }
-    assert_eq!(s.upstream.count("GET", &format!("/user/{}.zip", big.segment)), 1);
+    assert_eq!(
+        s.upstream
+            .count("GET", &format!("/user/{}.zip", big.segment)),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_miss_streams_before_the_upstream_finishes() {
-    let s = setup().await;
-    let big = s.registry.publish_sized("alice/slow", "1.0.0", 1 << 20);
+    let (s, big) = setup_with(|r| r.publish_sized("alice/slow", "1.0.0", 1 << 20)).await;
     // 16 chunks, 100 ms apart: the upstream needs about 1.6 s for the whole body.
     s.upstream.set_fault(Fault::SlowArchives {
         chunk: 64 * 1024,
@@ -219,9 +256,13 @@ async fn a_miss_streams_before_the_upstream_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_cut_short_is_never_stored() {
-    let s = setup().await;
-    let json = s.registry.publish("alice/json", "0.1.0", &[]);
-    let big = s.registry.publish_sized("alice/big", "1.0.0", 1 << 20);
+    let (s, (json, big)) = setup_with(|r| {
+        (
+            r.publish("alice/json", "0.1.0", &[]),
+            r.publish_sized("alice/big", "1.0.0", 1 << 20),
+        )
+    })
+    .await;
     let tmp = tempfile::tempdir().unwrap();
     s.upstream.set_fault(Fault::TruncateArchives);
     for p in [&json, &big] {
@@ -239,13 +280,16 @@ async fn a_body_cut_short_is_never_stored() {
         ok(&out, "download after the fault cleared");
         assert!(head.contains("x-cache: miss"), "{head}");
         assert_eq!(sha256_hex(&body), p.checksum);
-        assert_eq!(s.upstream.count("GET", &format!("/user/{}.zip", p.segment)), 2);
+        assert_eq!(
+            s.upstream.count("GET", &format!("/user/{}.zip", p.segment)),
+            2
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn not_found_is_passed_on_and_not_stored() {
-    let s = setup().await;
+    let (s, _) = setup_with(|_| ()).await;
     let tmp = tempfile::tempdir().unwrap();
     for _ in 0..2 {
         let (out, _, head) = fetch(&s.gateway, "alice%2Fnope%2F0.1.0", &tmp.path().join("x"));
@@ -261,8 +305,7 @@ async fn not_found_is_passed_on_and_not_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_and_private_requests() {
-    let s = setup().await;
-    let json = s.registry.publish("alice/json", "0.1.0", &[]);
+    let (s, json) = setup_with(|r| r.publish("alice/json", "0.1.0", &[])).await;
     let gw = s.gateway.url();
     let code = |args: &[&str]| {
         let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
@@ -270,9 +313,21 @@ async fn hostile_and_private_requests() {
         String::from_utf8_lossy(&curl(&all).stdout).to_string()
     };
     // Path tricks are refused before anything reaches the upstream or the disk.
-    assert_eq!(code(&["--path-as-is", &format!("{gw}/user/..%2F..%2Fetc%2F1.0.0.zip")]), "400");
-    assert_eq!(code(&[&format!("{gw}/user/alice%2Fjson%2Fnot-a-version.zip")]), "400");
-    assert_eq!(code(&["-X", "POST", &format!("{gw}/git/index/git-receive-pack")]), "403");
+    assert_eq!(
+        code(&[
+            "--path-as-is",
+            &format!("{gw}/user/..%2F..%2Fetc%2F1.0.0.zip")
+        ]),
+        "400"
+    );
+    assert_eq!(
+        code(&[&format!("{gw}/user/alice%2Fjson%2Fnot-a-version.zip")]),
+        "400"
+    );
+    assert_eq!(
+        code(&["-X", "POST", &format!("{gw}/git/index/git-receive-pack")]),
+        "403"
+    );
     assert_eq!(s.upstream.count("GET", "/user/"), 0);
 
     // HEAD on a miss asks the upstream but starts no download.
@@ -284,10 +339,18 @@ async fn hostile_and_private_requests() {
     for _ in 0..2 {
         assert_eq!(code(&["-H", "Authorization: Bearer t0ken", &url]), "200");
     }
-    assert_eq!(s.upstream.count("GET", &format!("/user/{}.zip", json.segment)), 2);
+    assert_eq!(
+        s.upstream
+            .count("GET", &format!("/user/{}.zip", json.segment)),
+        2
+    );
     assert_eq!(code(&[&url]), "200");
     assert_eq!(code(&[&url]), "200");
-    assert_eq!(s.upstream.count("GET", &format!("/user/{}.zip", json.segment)), 3);
+    assert_eq!(
+        s.upstream
+            .count("GET", &format!("/user/{}.zip", json.segment)),
+        3
+    );
 
     // Unknown paths go to the upstream untouched.
     assert_eq!(code(&[&format!("{gw}/api/v0/search?kw=json")]), "404");
@@ -296,21 +359,36 @@ async fn hostile_and_private_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wasm_assets_are_cached_like_archives() {
-    let s = setup().await;
+    let (s, _) = setup_with(|_| ()).await;
     let wasm = b"\0asm\x01\0\0\0 a tiny module".to_vec();
     let sum = format!("{}  tool.wasm\n", sha256_hex(&wasm));
-    s.registry.put_asset("alice/tool@1.0.0/tool.wasm", wasm.clone());
-    s.registry.put_asset("alice/tool@1.0.0/tool.wasm.sha256", sum.clone().into_bytes());
+    s.registry
+        .put_asset("alice/tool@1.0.0/tool.wasm", wasm.clone());
+    s.registry.put_asset(
+        "alice/tool@1.0.0/tool.wasm.sha256",
+        sum.clone().into_bytes(),
+    );
     let tmp = tempfile::tempdir().unwrap();
     for _ in 0..2 {
-        for (name, want) in [("tool.wasm.sha256", sum.as_bytes()), ("tool.wasm", &wasm[..])] {
+        for (name, want) in [
+            ("tool.wasm.sha256", sum.as_bytes()),
+            ("tool.wasm", &wasm[..]),
+        ] {
             let file = tmp.path().join(name);
             let url = format!("{}/assets/alice/tool@1.0.0/{name}", s.gateway.url());
-            ok(&curl(&["-f", "-o", file.to_str().unwrap(), &url]), "asset download");
+            ok(
+                &curl(&["-f", "-o", file.to_str().unwrap(), &url]),
+                "asset download",
+            );
             assert_eq!(std::fs::read(&file).unwrap(), want);
         }
     }
-    assert_eq!(s.upstream.count("GET", "/assets/alice/tool@1.0.0/tool.wasm"), 2, "wasm + .sha256, once each");
+    assert_eq!(
+        s.upstream
+            .count("GET", "/assets/alice/tool@1.0.0/tool.wasm"),
+        2,
+        "wasm + .sha256, once each"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -318,9 +396,24 @@ async fn bad_configuration_is_one_clear_line() {
     let bin = env!("CARGO_BIN_EXE_moonbit-registry");
     let tmp = tempfile::tempdir().unwrap();
     let cases: [(&[&str], &str); 3] = [
-        (&["serve", "--upstream", "ftp://example"], "must be http:// or https://"),
-        (&["serve", "--config", "/nonexistent/moonbit-registry.toml"], "does not exist"),
-        (&["serve", "--upstream-ca", "/nonexistent/ca.pem", "--listen", "127.0.0.1:0"], "upstream CA"),
+        (
+            &["serve", "--upstream", "ftp://example"],
+            "must be http:// or https://",
+        ),
+        (
+            &["serve", "--config", "/nonexistent/moonbit-registry.toml"],
+            "does not exist",
+        ),
+        (
+            &[
+                "serve",
+                "--upstream-ca",
+                "/nonexistent/ca.pem",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "upstream CA",
+        ),
     ];
     for (args, expect) in cases {
         let out = run(Command::new(bin)
@@ -336,7 +429,9 @@ async fn bad_configuration_is_one_clear_line() {
     }
     let toml = tmp.path().join("bad.toml");
     std::fs::write(&toml, "listen = \"not an address\"\n").unwrap();
-    let out = run(Command::new(bin).args(["serve", "--config", toml.to_str().unwrap()]).env("RUST_LOG", "off"));
+    let out = run(Command::new(bin)
+        .args(["serve", "--config", toml.to_str().unwrap()])
+        .env("RUST_LOG", "off"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -348,7 +443,10 @@ fn moon_bin() -> Option<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("MOON_BIN") {
         return Some(std::path::PathBuf::from(p));
     }
-    let out = Command::new("sh").args(["-c", "command -v moon"]).output().ok()?;
+    let out = Command::new("sh")
+        .args(["-c", "command -v moon"])
+        .output()
+        .ok()?;
     out.status
         .success()
         .then(|| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
@@ -356,11 +454,21 @@ fn moon_bin() -> Option<std::path::PathBuf> {
 
 fn moon(bin: &Path, home: &Path, cwd: &Path, registry: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(bin);
-    cmd.args(args).current_dir(cwd).env("MOON_HOME", home).env("MOONCAKES_REGISTRY", registry);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("MOON_HOME", home)
+        .env("MOONCAKES_REGISTRY", registry);
     // Only loopback: no proxy, and moon's TLS/git settings from this machine must not leak in.
     for var in [
-        "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy",
-        "SSL_CERT_FILE", "SSL_CERT_DIR", "GIT_SSL_CAINFO",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "GIT_SSL_CAINFO",
     ] {
         cmd.env_remove(var);
     }
@@ -379,18 +487,24 @@ async fn moon_update_and_add_through_the_gateway() {
         eprintln!("SKIPPED moon_update_and_add_through_the_gateway: set MOON_BIN to the moon client (CI sets it to ../shared/tools/moon)");
         return;
     };
-    let s = setup().await;
-    let published = [
-        s.registry.publish("alice/core", "0.1.0", &[]),
-        s.registry.publish("alice/json", "0.1.0", &[("alice/core", "0.1.0")]),
-        s.registry.publish("bob/lex/runtime", "0.1.0", &[]),
-        s.registry.publish("carol/meta", "0.1.0+build5", &[("alice/core", "0.1.0")]),
-        s.registry.publish(
-            "alice/app",
-            "0.1.0",
-            &[("alice/json", "0.1.0"), ("bob/lex/runtime", "0.1.0"), ("carol/meta", "0.1.0+build5")],
-        ),
-    ];
+    let (s, published) = setup_with(|r| {
+        [
+            r.publish("alice/core", "0.1.0", &[]),
+            r.publish("alice/json", "0.1.0", &[("alice/core", "0.1.0")]),
+            r.publish("bob/lex/runtime", "0.1.0", &[]),
+            r.publish("carol/meta", "0.1.0+build5", &[("alice/core", "0.1.0")]),
+            r.publish(
+                "alice/app",
+                "0.1.0",
+                &[
+                    ("alice/json", "0.1.0"),
+                    ("bob/lex/runtime", "0.1.0"),
+                    ("carol/meta", "0.1.0+build5"),
+                ],
+            ),
+        ]
+    })
+    .await;
     let gw = s.gateway.url();
     let work = tempfile::tempdir().unwrap();
     let mut archive_requests = 0;
@@ -403,15 +517,27 @@ async fn moon_update_and_add_through_the_gateway() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("Warning"), "moon update warned: {stderr}");
 
-        ok(&moon(&bin, &home, &cwd, &gw, &["new", "proj", "--user", "tester"]), "moon new");
+        ok(
+            &moon(&bin, &home, &cwd, &gw, &["new", "proj", "--user", "tester"]),
+            "moon new",
+        );
         let proj = cwd.join("proj");
         let out = moon(&bin, &home, &proj, &gw, &["add", "alice/app"]);
         ok(&out, "moon add");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("Warning"), "moon add warned: {stderr}");
-        for dir in ["alice/app", "alice/json", "alice/core", "bob/lex+runtime", "carol/meta"] {
+        for dir in [
+            "alice/app",
+            "alice/json",
+            "alice/core",
+            "bob/lex+runtime",
+            "carol/meta",
+        ] {
             let root = proj.join(".mooncakes").join(dir);
-            assert!(root.join("moon.mod.json").is_file(), "{dir} missing from .mooncakes ({stderr})");
+            assert!(
+                root.join("moon.mod.json").is_file(),
+                "{dir} missing from .mooncakes ({stderr})"
+            );
         }
         let now: usize = published
             .iter()
@@ -420,7 +546,10 @@ async fn moon_update_and_add_through_the_gateway() {
         if round == 0 {
             assert_eq!(now, published.len(), "each archive fetched upstream once");
         } else {
-            assert_eq!(now, archive_requests, "the second run fetched archives upstream");
+            assert_eq!(
+                now, archive_requests,
+                "the second run fetched archives upstream"
+            );
         }
         archive_requests = now;
     }

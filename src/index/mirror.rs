@@ -52,6 +52,8 @@ pub struct MirrorSettings {
 }
 
 struct RefreshState {
+    /// When the last successful refresh *started*: only a refresh that started after
+    /// a caller asked can have seen what was published before it asked.
     last_ok: Option<Instant>,
     last_error: Option<(Instant, String)>,
 }
@@ -156,7 +158,7 @@ impl Mirror {
         let started = Instant::now();
         match self.fetch().await {
             Ok(()) => {
-                state.last_ok = Some(Instant::now());
+                state.last_ok = Some(started);
                 state.last_error = None;
                 self.refreshes.fetch_add(1, Ordering::Relaxed);
                 *self.refreshed_at.write().unwrap_or_else(|p| p.into_inner()) =
