@@ -3,100 +3,12 @@
 
 mod upstream;
 
-use std::path::Path;
-use std::process::{Command, Output};
-use std::sync::Arc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use upstream::{Fault, Gateway, Registry, Upstream};
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// Run a command, returning its output; panics only if it cannot be started.
-fn run(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    cmd.output()
-        .unwrap_or_else(|e| panic!("could not run {shown}: {e}"))
-}
-
-fn curl(args: &[&str]) -> Output {
-    run(Command::new("curl")
-        .args(["-sS", "--max-time", "60"])
-        .args(args))
-}
-
-/// git with no user or system config, so the developer's settings cannot matter.
-fn git(dir: Option<&Path>, args: &[&str]) -> Output {
-    let mut cmd = Command::new("git");
-    if let Some(dir) = dir {
-        cmd.arg("-C").arg(dir);
-    }
-    cmd.args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env_remove("GIT_SSL_CAINFO");
-    run(&mut cmd)
-}
-
-fn ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Setup {
-    registry: Arc<Registry>,
-    upstream: Upstream,
-    gateway: Gateway,
-}
-
-/// A registry with what `publish` puts in it, its upstream, and a gateway started
-/// after publishing (the gateway mirrors the index at start, and clients see a
-/// publish made later only after `index.max_age` or a `POST /-/index/refresh`).
-async fn setup_with<T>(publish: impl FnOnce(&Registry) -> T) -> (Setup, T) {
-    let registry = Arc::new(Registry::new());
-    let published = publish(&registry);
-    let upstream = Upstream::start(registry.clone()).await;
-    let gateway = Gateway::start(&upstream.url(), &upstream.ca_pem, &[]).await;
-    let setup = Setup {
-        registry,
-        upstream,
-        gateway,
-    };
-    (setup, published)
-}
-
-/// Ask the gateway to refresh its index mirror now.
-fn refresh_index(gw: &Gateway) {
-    let out = curl(&["-f", "-X", "POST", &format!("{}/-/index/refresh", gw.url())]);
-    ok(&out, "POST /-/index/refresh");
-}
-
-/// Download an archive with curl, returning (body, response headers).
-fn fetch(gw: &Gateway, segment: &str, out_file: &Path) -> (Output, Vec<u8>, String) {
-    let url = format!("{}/user/{segment}.zip", gw.url());
-    let headers = out_file.with_extension("headers");
-    let out = curl(&[
-        "-o",
-        out_file.to_str().unwrap(),
-        "-D",
-        headers.to_str().unwrap(),
-        "-w",
-        "%{http_code}",
-        &url,
-    ]);
-    let body = std::fs::read(out_file).unwrap_or_default();
-    let head = std::fs::read_to_string(&headers).unwrap_or_default();
-    (out, body, head.to_ascii_lowercase())
-}
+use upstream::clients::sha256_hex;
+use upstream::scenario::{curl, fetch, git, moon, moon_bin, ok, refresh_index, run, setup_with};
+use upstream::{Fault, Gateway};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn index_clones_shallow_and_pulls_through_the_gateway() {
@@ -436,49 +348,6 @@ async fn bad_configuration_is_one_clear_line() {
     assert!(!out.status.success());
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("listen"), "{stderr}");
-}
-
-/// The real client, `moon`, through the gateway: found via `MOON_BIN` or `PATH`.
-fn moon_bin() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("MOON_BIN") {
-        return Some(std::path::PathBuf::from(p));
-    }
-    let out = Command::new("sh")
-        .args(["-c", "command -v moon"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn moon(bin: &Path, home: &Path, cwd: &Path, registry: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .current_dir(cwd)
-        .env("MOON_HOME", home)
-        .env("MOONCAKES_REGISTRY", registry);
-    // Only loopback: no proxy, and moon's TLS/git settings from this machine must not leak in.
-    for var in [
-        "HTTPS_PROXY",
-        "HTTP_PROXY",
-        "https_proxy",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "SSL_CERT_FILE",
-        "SSL_CERT_DIR",
-        "GIT_SSL_CAINFO",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("RUST_BACKTRACE", "0")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_COUNT", "1")
-        .env("GIT_CONFIG_KEY_0", "init.defaultBranch")
-        .env("GIT_CONFIG_VALUE_0", "main");
-    run(&mut cmd)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -10,6 +10,7 @@ mod cgi;
 pub mod clients;
 pub mod gateway;
 pub mod registry;
+pub mod scenario;
 pub mod server;
 mod tls;
 
