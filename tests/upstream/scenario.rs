@@ -50,22 +50,46 @@ pub struct Setup {
     pub registry: Arc<Registry>,
     pub upstream: Upstream,
     pub gateway: Gateway,
+    /// Holds the gateway's config file, if any, for as long as the gateway runs.
+    pub config_dir: Option<tempfile::TempDir>,
 }
 
 /// A registry with what `publish` puts in it, its upstream, and a gateway started
 /// after publishing (the gateway mirrors the index at start, and clients see a
 /// publish made later only after `index.max_age` or a `POST /-/index/refresh`).
 pub async fn setup_with<T>(publish: impl FnOnce(&Registry) -> T) -> (Setup, T) {
+    setup_configured("", publish).await
+}
+
+/// Like [`setup_with`], with `toml` as the gateway's config file.
+pub async fn setup_configured<T>(toml: &str, publish: impl FnOnce(&Registry) -> T) -> (Setup, T) {
     let registry = Arc::new(Registry::new());
     let published = publish(&registry);
     let upstream = Upstream::start(registry.clone()).await;
-    let gateway = Gateway::start(&upstream.url(), &upstream.ca_pem, &[]).await;
+    let config_dir = tempfile::tempdir().expect("temp dir for the gateway config");
+    let config = config_dir.path().join("moonbit-registry.toml");
+    std::fs::write(&config, toml).expect("write the gateway config");
+    let args = ["--config", config.to_str().expect("UTF-8 temp path")];
+    let gateway = Gateway::start(&upstream.url(), &upstream.ca_pem, &args).await;
     let setup = Setup {
         registry,
         upstream,
         gateway,
+        config_dir: Some(config_dir),
     };
     (setup, published)
+}
+
+/// `git clone` of the gateway's index into `dir`; `extra` goes before the URL
+/// (e.g. `--depth 1`). Protocol `2` or `0`.
+pub fn clone_index(gw: &Gateway, dir: &Path, protocol: &str, extra: &[&str]) -> Output {
+    let proto = format!("protocol.version={protocol}");
+    let url = format!("{}/git/index", gw.url());
+    let mut args = vec!["-c", &proto, "clone", "--single-branch", "--no-tags"];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    args.push(dir.to_str().expect("UTF-8 temp path"));
+    git(None, &args)
 }
 
 /// Ask the gateway to refresh its index mirror now.
