@@ -11,7 +11,7 @@ use upstream::clients::sha256_hex;
 use upstream::scenario::{
     clone_index, curl, fetch, git, moon, moon_bin, ok, refresh_index, setup_configured, setup_with,
 };
-use upstream::{Fault, Gateway};
+use upstream::Fault;
 
 fn index_requests(s: &upstream::scenario::Setup) -> usize {
     s.upstream.count("GET", "/git/index") + s.upstream.count("POST", "/git/index")
@@ -360,7 +360,7 @@ async fn moon_works_from_the_mirror_and_store_with_the_upstream_down() {
     .await;
     let gw = s.gateway.url();
     let work = tempfile::tempdir().unwrap();
-    let mut run_moon = |round: &str| {
+    let run_moon = |round: &str| {
         let home = work.path().join(format!("home-{round}"));
         let cwd = work.path().join(format!("work-{round}"));
         std::fs::create_dir_all(&cwd).unwrap();
@@ -387,5 +387,4 @@ async fn moon_works_from_the_mirror_and_store_with_the_upstream_down() {
     // yet, so moon may warn about it; nothing else may fail.)
     let stderr = run_moon("upstream-down");
     assert!(stderr.contains("Registry index"), "{stderr}");
-    let _: &Gateway = &s.gateway;
 }
