@@ -47,8 +47,9 @@ impl TestPki {
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
         let leaf_cert = leaf_params
-            .signed_by(&leaf_key, &ca_cert, &ca_key)
+            .signed_by(&leaf_key, &issuer)
             .expect("sign server cert with the test CA");
 
         let chain: Vec<CertificateDer<'static>> =
