@@ -37,8 +37,43 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub storage: Storage,
     pub index: IndexSettings,
+    pub proxy: ProxySettings,
+    /// Also accept raw TLS redirected by the network (transparent gateway); the SNI decides.
+    pub transparent_listen: Option<SocketAddr>,
     /// Fetch an archive's dependencies (from the index) in the background when it is requested.
     pub prefetch: bool,
+}
+
+/// The forward proxy (`HTTPS_PROXY`) and transparent doors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// What to do with `CONNECT` (and absolute-form requests) for hosts no source
+    /// answers for: `"auto"` (allow only when listening on loopback), `"allow"`,
+    /// `"deny"`, or a list of host patterns (`"github.com"`, `"*.example.com"`,
+    /// `"example.com:8443"`).
+    pub tunnel: TunnelSetting,
+    /// `user:password` required in `Proxy-Authorization: Basic` on proxy requests.
+    pub auth: Option<String>,
+    /// A CA to mint interception certificates with, instead of the one the gateway
+    /// creates in `<data_dir>/ca/`. Both or neither.
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TunnelSetting {
+    Mode(TunnelMode),
+    Hosts(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelMode {
+    Auto,
+    Allow,
+    Deny,
 }
 
 /// The index mirror and what is read from it.
@@ -72,6 +107,10 @@ pub struct SourceConfig {
     pub index: Option<String>,
     pub archive: Option<String>,
     pub symbols: Option<String>,
+    /// Hosts whose HTTPS traffic is intercepted for this source in proxy and
+    /// transparent mode. Default: `mooncakes.io` and `download.mooncakes.io` for the
+    /// public registry, else the host names of this source's URLs.
+    pub intercept_hosts: Option<Vec<String>>,
 }
 
 /// Bounds on how long the gateway waits for an upstream.
@@ -126,6 +165,13 @@ impl Default for Config {
                 bad_archive_ttl: Duration::from_secs(300),
                 prefetch_jobs: 4,
             },
+            proxy: ProxySettings {
+                tunnel: TunnelSetting::Mode(TunnelMode::Auto),
+                auth: None,
+                ca_cert: None,
+                ca_key: None,
+            },
+            transparent_listen: None,
             prefetch: true,
         }
     }
@@ -148,6 +194,8 @@ pub struct Overrides {
     pub upstream: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transparent_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -188,6 +236,7 @@ impl Config {
                 index: None,
                 archive: None,
                 symbols: None,
+                intercept_hosts: None,
             };
             return Ok(vec![Source::resolve(&source, 0)?]);
         }
@@ -238,6 +287,8 @@ pub struct Source {
     pub archive: Url,
     /// Full URL of `symbols.zip`.
     pub symbols: Url,
+    /// Lower-case host names intercepted for this source.
+    pub intercept_hosts: Vec<String>,
 }
 
 impl Source {
@@ -258,12 +309,46 @@ impl Source {
             let raw = given.clone().unwrap_or(default);
             parse_url(&name, what, raw.trim_end_matches('/'))
         };
+        let index = pick(&c.index, "index", format!("{base}/git/index"))?;
+        let archive = pick(&c.archive, "archive", format!("{download}/user"))?;
+        let symbols = pick(&c.symbols, "symbols", format!("{download}/symbols.zip"))?;
+        let intercept_hosts = match &c.intercept_hosts {
+            Some(hosts) => hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .collect(),
+            None if base == MOONCAKES => {
+                vec!["mooncakes.io".into(), "download.mooncakes.io".into()]
+            }
+            None => {
+                let mut hosts: Vec<String> = [&registry, &index, &archive, &symbols]
+                    .iter()
+                    .filter_map(|u| match u.host() {
+                        Some(url::Host::Domain(d)) => Some(d.to_ascii_lowercase()),
+                        _ => None, // an IP address cannot be named in a certificate we mint
+                    })
+                    .collect();
+                hosts.sort();
+                hosts.dedup();
+                hosts
+            }
+        };
+        for host in &intercept_hosts {
+            if host.is_empty()
+                || !host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                bail!("source `{name}`: intercept host `{host}` is not a DNS name");
+            }
+        }
         Ok(Source {
-            index: pick(&c.index, "index", format!("{base}/git/index"))?,
-            archive: pick(&c.archive, "archive", format!("{download}/user"))?,
-            symbols: pick(&c.symbols, "symbols", format!("{download}/symbols.zip"))?,
+            index,
+            archive,
+            symbols,
             registry,
             name,
+            intercept_hosts,
         })
     }
 }
@@ -310,6 +395,19 @@ mod tests {
     }
 
     #[test]
+    fn intercepted_hosts_default_to_the_registry_hosts() {
+        assert_eq!(
+            source("https://mooncakes.io").intercept_hosts,
+            ["mooncakes.io", "download.mooncakes.io"]
+        );
+        assert_eq!(
+            source("https://Registry.Example:8443").intercept_hosts,
+            ["registry.example"]
+        );
+        assert!(source("https://127.0.0.1:9000").intercept_hosts.is_empty());
+    }
+
+    #[test]
     fn other_registries_keep_everything_under_the_base() {
         let s = source("https://127.0.0.1:9000");
         assert_eq!(s.archive.as_str(), "https://127.0.0.1:9000/user");
@@ -340,6 +438,7 @@ mod tests {
                 index: None,
                 archive: None,
                 symbols: None,
+                intercept_hosts: None,
             }],
             ..Config::default()
         };

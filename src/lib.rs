@@ -1,17 +1,23 @@
 //! moonbit-registry: a caching gateway for the MoonBit package registry.
 //!
-//! Requests come in through [`server`], are classified once by [`router`], and go
-//! to the archive cache ([`store`]), the index ([`index`]) or straight through
-//! ([`passthrough`]) to a source reached with the [`upstream`] client.
+//! Requests come in through [`server`] (registry endpoint, forward [`proxy`] with
+//! TLS [`intercept`]ion or [`tunnel`]s, transparent TLS), are classified once by
+//! [`router`], and go to the archive cache ([`store`]), the index mirror
+//! ([`index`]) or straight through ([`passthrough`]) to a source reached with the
+//! [`upstream`] client.
 
 pub mod archive;
 pub mod body;
 pub mod config;
 pub mod index;
+pub mod intercept;
 pub mod passthrough;
+pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod store;
+pub mod trust;
+pub mod tunnel;
 pub mod upstream;
 
 /// How the gateway names itself on its own upstream fetches (forwarded requests keep

@@ -12,9 +12,11 @@ use crate::body::{self, GatewayBody};
 use crate::config::{join, Source};
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Index};
-use crate::passthrough;
+use crate::intercept::Interceptor;
 use crate::store::{Object, Store, Trust};
+use crate::tunnel::TunnelPolicy;
 use crate::upstream::Upstream;
+use crate::{passthrough, proxy};
 
 /// Dependencies prefetched for one archive request, at most.
 const PREFETCH_LIMIT: usize = 256;
@@ -110,20 +112,66 @@ pub struct Gateway {
     pub store: Arc<Store>,
     pub index: Arc<Index>,
     pub prefetch: bool,
+    /// Present when the proxy and transparent doors can intercept TLS.
+    pub interceptor: Option<Arc<Interceptor>>,
+    pub tunnel: TunnelPolicy,
+    /// `user:password` required from proxy clients, if set.
+    pub proxy_auth: Option<String>,
+}
+
+/// Which way a request came in, and so which source answers for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Door {
+    /// Origin-form to the registry endpoint: the first source.
+    Endpoint,
+    /// Decrypted from an intercepted host (or absolute-form to one): its source.
+    Intercepted { source: usize },
 }
 
 impl Gateway {
-    /// The source that answers for index, symbols and pass-through traffic.
-    fn primary(&self) -> &Source {
-        &self.sources[0]
-    }
-
+    /// Every request on the main listener: registry endpoint or forward proxy.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
         let started = Instant::now();
-        let method = req.method().clone();
+        let (method, target) = (req.method().clone(), req.uri().to_string());
+        let resp = if req.method() == Method::CONNECT {
+            proxy::connect(self.clone(), req).await
+        } else if req.uri().authority().is_some() {
+            proxy::absolute(self.clone(), req).await
+        } else {
+            self.route(req, Door::Endpoint).await
+        };
+        log_request(&method, &target, None, &resp, started);
+        Ok(resp)
+    }
+
+    /// A request decrypted from an intercepted TLS connection for `source`.
+    pub async fn handle_intercepted(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        source: usize,
+    ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
+        let started = Instant::now();
+        let (method, target) = (req.method().clone(), req.uri().to_string());
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("-")
+            .to_string();
+        let resp = self.route(req, Door::Intercepted { source }).await;
+        log_request(&method, &target, Some(&host), &resp, started);
+        Ok(resp)
+    }
+
+    /// Classify and answer an origin-form request (the one code path for every door).
+    pub async fn route(&self, req: Request<Incoming>, door: Door) -> Response<GatewayBody> {
         let target = req
             .uri()
             .path_and_query()
@@ -132,18 +180,21 @@ impl Gateway {
             .to_string();
         let credentials = req.headers().contains_key(header::AUTHORIZATION)
             || req.headers().contains_key(header::COOKIE);
-        let route = classify(&method, &target, credentials);
-        let resp = self.dispatch(route, req).await;
-        tracing::info!(
-            %method, target = %target, status = resp.status().as_u16(),
-            cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-"),
-            ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
-        Ok(resp)
+        let route = classify(req.method(), &target, credentials);
+        let source = match door {
+            Door::Endpoint => 0,
+            Door::Intercepted { source } => source,
+        };
+        self.dispatch(route, req, source).await
     }
 
-    async fn dispatch(&self, route: Route, req: Request<Incoming>) -> Response<GatewayBody> {
+    async fn dispatch(
+        &self,
+        route: Route,
+        req: Request<Incoming>,
+        source: usize,
+    ) -> Response<GatewayBody> {
+        let src = &self.sources[source];
         let head = req.method() == Method::HEAD;
         match route {
             Route::Health => body::json(
@@ -201,11 +252,11 @@ impl Gateway {
             }
             Route::Index(rest) => {
                 self.index
-                    .handle(&self.upstream, self.primary(), req, &rest)
+                    .handle(&self.upstream, source, src, req, &rest)
                     .await
             }
             Route::Symbols => {
-                let url = self.primary().symbols.to_string();
+                let url = src.symbols.to_string();
                 passthrough::forward(&self.upstream, req, &url).await
             }
             Route::Pass => {
@@ -216,7 +267,7 @@ impl Gateway {
                     .unwrap_or("/")
                     .to_string();
                 let url = join(
-                    &self.primary().registry,
+                    &src.registry,
                     &format!("/{}", target.trim_start_matches('/')),
                 );
                 passthrough::forward(&self.upstream, req, &url).await
@@ -277,6 +328,21 @@ impl Gateway {
             tokio::spawn(async move { store.prefetch(object).await });
         }
     }
+}
+
+fn log_request(
+    method: &Method,
+    target: &str,
+    host: Option<&str>,
+    resp: &Response<GatewayBody>,
+    started: Instant,
+) {
+    tracing::info!(
+        %method, %target, host = host.unwrap_or("-"), status = resp.status().as_u16(),
+        cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
 }
 
 #[cfg(test)]

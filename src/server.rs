@@ -1,6 +1,7 @@
-//! The listener: accepts connections, speaks HTTP/1.1 and h2 (prior knowledge) on
-//! them, hands every request to the [`Gateway`], and shuts down gracefully on
-//! SIGINT/SIGTERM, letting transfers in progress finish for a bounded time.
+//! The doors: the main listener (registry endpoint and forward proxy, HTTP/1.1 and
+//! h2) and the optional transparent TLS listener; every request goes to the
+//! [`Gateway`]. Shuts down gracefully on SIGINT/SIGTERM, letting transfers in
+//! progress finish for a bounded time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,15 +13,23 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{Config, Source};
 use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
+use crate::intercept::ca::{Ca, CaFiles};
+use crate::intercept::Interceptor;
+use crate::intercept::{sni, tls};
 use crate::router::Gateway;
 use crate::store::{Limits, Store};
-use crate::upstream::{write_ca_bundle, Upstream};
+use crate::trust::write_ca_bundle;
+use crate::tunnel;
+use crate::tunnel::TunnelPolicy;
+use crate::upstream::Upstream;
 
 /// How long a client may take to send a request head; bounds slow-loris connections.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a redirected client may take to send its TLS ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open transfers.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -56,12 +65,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         settings,
     ));
     index.start().await;
+    let interceptor = Some(Arc::new(Interceptor::new(
+        load_ca(&config, &sources, true)?,
+        &sources,
+    )));
+    let loopback_only = config.listen.ip().is_loopback()
+        && config
+            .transparent_listen
+            .is_none_or(|a| a.ip().is_loopback());
+    let tunnel = TunnelPolicy::from_setting(&config.proxy.tunnel, loopback_only)
+        .map_err(|e| anyhow::anyhow!("proxy.tunnel: {e}"))?;
+    if matches!(tunnel, TunnelPolicy::Deny) {
+        tracing::info!("tunnelling of non-registry hosts is off (set proxy.tunnel to allow some)");
+    }
     let gateway = Arc::new(Gateway {
         sources,
         upstream,
         store: Arc::new(store),
         index,
         prefetch: config.prefetch,
+        interceptor,
+        tunnel,
+        proxy_auth: config.proxy.auth.clone(),
     });
     let listener = TcpListener::bind(config.listen)
         .await
@@ -78,11 +103,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(ca = %ca.display(), "trusting an extra CA for upstream TLS");
     }
 
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    http.http2().timer(TokioTimer::new());
+    if let Some(addr) = config.transparent_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("could not listen on {addr} (transparent)"))?;
+        tracing::info!(%addr, "transparent TLS gateway listening");
+        tokio::spawn(transparent(listener, gateway.clone()));
+    }
+
+    let http = http_builder();
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
@@ -120,6 +149,80 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("open transfers did not finish within {DRAIN_TIMEOUT:?}; closing them");
     }
     Ok(())
+}
+
+/// The HTTP/1.1 + h2 connection settings every door uses.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2().timer(TokioTimer::new());
+    http
+}
+
+/// The interception CA: the configured files, or the one in the data dir
+/// (created on first use when `create`).
+pub fn load_ca(config: &Config, sources: &[Source], create: bool) -> anyhow::Result<Ca> {
+    let hosts = Interceptor::all_hosts(sources);
+    match (&config.proxy.ca_cert, &config.proxy.ca_key) {
+        (Some(cert), Some(key)) => {
+            let files = CaFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            Ca::load_or_create(&files, &hosts, false)
+        }
+        (None, None) => Ca::load_or_create(&CaFiles::in_data_dir(&config.data_dir), &hosts, create),
+        _ => anyhow::bail!("set both proxy.ca_cert and proxy.ca_key, or neither"),
+    }
+}
+
+/// Raw TLS redirected by the network: the ClientHello's server name decides
+/// between interception and a tunnel to that name on port 443.
+async fn transparent(listener: TcpListener, gateway: Arc<Gateway>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed (transparent)");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let name = match sni::peek_server_name(&stream, HELLO_TIMEOUT).await {
+                Ok(Some(name)) => name.to_ascii_lowercase(),
+                Ok(None) => {
+                    return tracing::info!(%peer, "transparent connection without SNI closed")
+                }
+                Err(e) => return tracing::info!(%peer, error = %e, "transparent connection closed"),
+            };
+            let intercepted = gateway
+                .interceptor
+                .as_ref()
+                .and_then(|i| i.source_for(&name))
+                .is_some();
+            if intercepted {
+                return tls::terminate(gateway, stream, Some(name)).await;
+            }
+            let refused = match gateway.tunnel.permits(&name, 443) {
+                Ok(()) => gateway.tunnel.resolve(&name, 443).await.err(),
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = refused {
+                return tracing::info!(%peer, host = %name, %reason, "transparent tunnel refused");
+            }
+            let Ok(addrs) = gateway.tunnel.resolve(&name, 443).await else {
+                return;
+            };
+            match tunnel::connect(&addrs).await {
+                Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,
+                Err(e) => tracing::info!(host = %name, error = %e, "transparent tunnel failed"),
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {

@@ -134,27 +134,6 @@ impl Upstream {
     }
 }
 
-/// Write a PEM bundle of the system roots plus `extra_ca` to `out`, for tools that
-/// take one file of trusted CAs (git's `http.sslCAInfo`).
-pub fn write_ca_bundle(extra_ca: &Path, out: &Path) -> anyhow::Result<()> {
-    let mut pems: Vec<pem::Pem> = rustls_native_certs::load_native_certs()
-        .certs
-        .into_iter()
-        .map(|der| pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()))
-        .collect();
-    for cert in CertificateDer::pem_file_iter(extra_ca)
-        .with_context(|| format!("could not read upstream CA {}", extra_ca.display()))?
-    {
-        let cert =
-            cert.with_context(|| format!("could not read upstream CA {}", extra_ca.display()))?;
-        pems.push(pem::Pem::new("CERTIFICATE", cert.as_ref().to_vec()));
-    }
-    let tmp = out.with_extension("tmp");
-    std::fs::write(&tmp, pem::encode_many(&pems))
-        .and_then(|_| std::fs::rename(&tmp, out))
-        .with_context(|| format!("could not write {}", out.display()))
-}
-
 /// Read the next data chunk of an upstream body, bounded by `idle`. Trailers are skipped.
 pub async fn next_chunk(
     body: &mut Incoming,

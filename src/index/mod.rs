@@ -82,16 +82,17 @@ impl Index {
         out
     }
 
-    /// Answer a client's index request: from the primary mirror, or straight
-    /// through while no mirror exists.
+    /// Answer a client's index request from the mirror of source number `position`,
+    /// or straight through while no mirror exists.
     pub async fn handle(
         &self,
         upstream: &Upstream,
+        position: usize,
         source: &Source,
         req: Request<Incoming>,
         rest: &str,
     ) -> Response<GatewayBody> {
-        let mirror = &self.mirrors[0];
+        let mirror = &self.mirrors[position];
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
         // same tip their GET advertised.
         let advertisement = req.method() == Method::GET;

@@ -1,0 +1,66 @@
+//! Terminating TLS for an intercepted host and serving the decrypted HTTP/1.1 or
+//! h2 (by ALPN) with the gateway's router, as if it came to the registry endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::router::Gateway;
+
+/// Bound on the TLS handshake with the client.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Accept TLS on `io` for an intercepted host and serve it. `expected` is the host
+/// the client asked for (the CONNECT target); a ClientHello naming another host is
+/// only accepted if that host is intercepted too.
+pub async fn terminate<IO>(gateway: Arc<Gateway>, io: IO, expected: Option<String>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(interceptor) = gateway.interceptor.clone() else {
+        return;
+    };
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let sni = start
+            .client_hello()
+            .server_name()
+            .map(str::to_ascii_lowercase);
+        let host = sni.or(expected).ok_or("TLS: the client named no host")?;
+        let source = interceptor
+            .source_for(&host)
+            .ok_or_else(|| format!("TLS: {host} is not an intercepted host"))?;
+        let config = interceptor
+            .mint()
+            .server_config(&host)
+            .map_err(|e| e.to_string())?;
+        let stream = start
+            .into_stream(config)
+            .await
+            .map_err(|e| format!("TLS with {host}: {e}"))?;
+        Ok::<_, String>((stream, host, source))
+    };
+    let (stream, host, source) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "interception handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!("interception handshake timed out");
+            return;
+        }
+    };
+    tracing::debug!(%host, "intercepted TLS connection");
+    let service = service_fn(move |req| gateway.clone().handle_intercepted(req, source));
+    let http = crate::server::http_builder();
+    if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!(%host, error = %e, "intercepted connection ended with an error");
+    }
+}

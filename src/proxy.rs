@@ -1,0 +1,160 @@
+//! The forward-proxy door (`HTTPS_PROXY=http://gw:8080`, same listener as the
+//! registry endpoint): `CONNECT` to an intercepted host is decrypted and routed
+//! like registry traffic; other `CONNECT`s and plain-HTTP absolute-form requests
+//! are tunnelled or forwarded untouched, or refused, by the tunnel policy.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{self, GatewayBody};
+use crate::intercept::tls;
+use crate::passthrough;
+use crate::router::{Door, Gateway};
+use crate::tunnel;
+
+/// Port that `CONNECT` must name for a registry host to be intercepted.
+const HTTPS_PORT: u16 = 443;
+
+/// Check `Proxy-Authorization` when the gateway requires it; `Some` is the 407.
+fn refuse_unauthorized(
+    gateway: &Gateway,
+    req: &Request<Incoming>,
+) -> Option<Response<GatewayBody>> {
+    let expected = gateway.proxy_auth.as_ref()?;
+    let given = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Basic ")
+                .or_else(|| v.strip_prefix("basic "))
+        })
+        .and_then(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .ok()
+        });
+    // Compared in constant time so the answer's timing tells nothing about the secret.
+    let ok = given.is_some_and(|g| constant_time_eq(&g, expected.as_bytes()));
+    if ok {
+        return None;
+    }
+    let mut resp = body::text(
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        "proxy authentication required",
+    );
+    resp.headers_mut().insert(
+        header::PROXY_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"moonbit-registry\""),
+    );
+    Some(resp)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `CONNECT host:port`.
+pub async fn connect(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<GatewayBody> {
+    if let Some(resp) = refuse_unauthorized(&gateway, &req) {
+        return resp;
+    }
+    let Some(authority) = req.uri().authority().cloned() else {
+        return body::text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+    let port = authority.port_u16().unwrap_or(HTTPS_PORT);
+    let intercepted = port == HTTPS_PORT
+        && gateway
+            .interceptor
+            .as_ref()
+            .and_then(|i| i.source_for(&host))
+            .is_some();
+    let upgrade = hyper::upgrade::on(&mut req);
+    if intercepted {
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => tls::terminate(gateway, TokioIo::new(upgraded), Some(host)).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        return Response::new(body::empty());
+    }
+    if let Err(reason) = gateway.tunnel.permits(&host, port) {
+        tracing::info!(%host, port, %reason, "tunnel refused");
+        return body::text(StatusCode::FORBIDDEN, reason);
+    }
+    let addrs = match gateway.tunnel.resolve(&host, port).await {
+        Ok(addrs) => addrs,
+        Err(reason) => {
+            tracing::info!(%host, port, %reason, "tunnel refused");
+            return body::text(StatusCode::FORBIDDEN, reason);
+        }
+    };
+    // Connect before answering 200, so a dead destination is a clear 502.
+    let server = match tunnel::connect(&addrs).await {
+        Ok(server) => server,
+        Err(e) => {
+            return body::text(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot reach {host}:{port}: {e}"),
+            )
+        }
+    };
+    let label = format!("{host}:{port}");
+    tracing::info!(target_host = %label, "tunnelling");
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => tunnel::splice(TokioIo::new(upgraded), server, &label).await,
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(body::empty())
+}
+
+/// `GET http://host/path` (absolute form): an intercepted host is routed like
+/// registry traffic; any other host is forwarded under the tunnel policy.
+pub async fn absolute(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
+    if let Some(resp) = refuse_unauthorized(&gateway, &req) {
+        return resp;
+    }
+    let uri = req.uri().clone();
+    let Some(host) = uri
+        .host()
+        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+    else {
+        return body::text(
+            StatusCode::BAD_REQUEST,
+            "absolute-form request without a host",
+        );
+    };
+    if uri.scheme_str() != Some("http") {
+        return body::text(
+            StatusCode::BAD_REQUEST,
+            "only http:// is forwarded; use CONNECT for https",
+        );
+    }
+    if let Some(source) = gateway
+        .interceptor
+        .as_ref()
+        .and_then(|i| i.source_for(&host))
+    {
+        return gateway.route(req, Door::Intercepted { source }).await;
+    }
+    let port = uri.port_u16().unwrap_or(80);
+    if let Err(reason) = gateway.tunnel.permits(&host, port) {
+        return body::text(StatusCode::FORBIDDEN, reason);
+    }
+    if let Err(reason) = gateway.tunnel.resolve(&host, port).await {
+        return body::text(StatusCode::FORBIDDEN, reason);
+    }
+    if req.method() == Method::CONNECT {
+        return body::text(StatusCode::BAD_REQUEST, "unexpected CONNECT");
+    }
+    let target = uri.to_string();
+    passthrough::forward(&gateway.upstream, req, &target).await
+}
