@@ -32,6 +32,9 @@ pub struct Config {
     pub upstream: Option<String>,
     /// Extra CA certificate (PEM) trusted for upstream TLS, on top of the system roots.
     pub upstream_ca: Option<PathBuf>,
+    /// Hosts intercepted for the default source (the one `upstream` names); with
+    /// `[[sources]]`, set `intercept_hosts` per source instead.
+    pub intercept_hosts: Option<Vec<String>>,
     /// Ordered sources: archives are looked up in this order (internal first, then public).
     pub sources: Vec<SourceConfig>,
     pub timeouts: Timeouts,
@@ -147,6 +150,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             upstream: None,
             upstream_ca: None,
+            intercept_hosts: None,
             sources: Vec::new(),
             timeouts: Timeouts {
                 connect: Duration::from_secs(10),
@@ -236,12 +240,12 @@ impl Config {
                 index: None,
                 archive: None,
                 symbols: None,
-                intercept_hosts: None,
+                intercept_hosts: self.intercept_hosts.clone(),
             };
             return Ok(vec![Source::resolve(&source, 0)?]);
         }
-        if self.upstream.is_some() {
-            bail!("set either `upstream` (--upstream) or [[sources]] tables, not both");
+        if self.upstream.is_some() || self.intercept_hosts.is_some() {
+            bail!("set either `upstream` (--upstream) and `intercept_hosts`, or [[sources]] tables, not both");
         }
         let sources = self
             .sources

@@ -65,10 +65,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         settings,
     ));
     index.start().await;
-    let interceptor = Some(Arc::new(Interceptor::new(
-        load_ca(&config, &sources, true)?,
-        &sources,
-    )));
+    let interceptor = if Interceptor::all_hosts(&sources).is_empty() {
+        tracing::info!(
+            "no source names a host to intercept; CONNECTs are tunnelled by policy only"
+        );
+        None
+    } else {
+        let ca = load_ca(&config, &sources, true)?;
+        Some(Arc::new(Interceptor::new(ca, &sources)))
+    };
     let loopback_only = config.listen.ip().is_loopback()
         && config
             .transparent_listen

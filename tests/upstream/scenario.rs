@@ -158,3 +158,52 @@ pub fn moon(bin: &Path, home: &Path, cwd: &Path, registry: &str, args: &[&str]) 
         .env("GIT_CONFIG_VALUE_0", "main");
     run(&mut cmd)
 }
+
+/// Tests that use the real registry host names (mooncakes.io) run inside a network
+/// namespace that holds only loopback, so even a misrouted request cannot leave
+/// the machine. Call first thing in such a test: in the outer process it re-runs
+/// `test_name` inside `unshare -n` and returns `false` (the outer test is then
+/// done); inside the namespace it returns `true` and the test body runs.
+pub fn inside_loopback_namespace(test_name: &str) -> bool {
+    const MARK: &str = "MBR_TEST_INSIDE_NETNS";
+    if std::env::var_os(MARK).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new("unshare")
+        .args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(&exe)
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env(MARK, "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run unshare (util-linux) for {test_name}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test_name} failed inside its loopback-only network namespace ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    false
+}
+
+/// The exports `moonbit-registry env` prints, as (name, value) pairs.
+pub fn gateway_env(gw: &Gateway) -> Vec<(String, String)> {
+    let data_dir = gw.data_dir.to_str().expect("UTF-8 data dir");
+    let listen = gw.addr.to_string();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_moonbit-registry"))
+        .args(["env", "--data-dir", data_dir, "--listen", &listen])
+        .env("RUST_LOG", "off"));
+    ok(&out, "moonbit-registry env");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
