@@ -178,10 +178,12 @@ async fn a_body_cut_short_is_never_stored() {
     let tmp = tempfile::tempdir().unwrap();
     s.upstream.set_fault(Fault::TruncateArchives);
     for p in [&json, &big] {
+        // An aborted transfer, or a 502 if the fetch had failed before curl joined it.
         let (out, _, _) = fetch(&s.gateway, &p.segment, &tmp.path().join("cut"));
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(
-            !out.status.success(),
-            "curl saw a clean end of a truncated body of {}",
+            !out.status.success() || code == "502",
+            "curl saw a clean end ({code}) of a truncated body of {}",
             p.name
         );
     }
