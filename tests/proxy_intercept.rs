@@ -159,6 +159,29 @@ async fn other_hosts_are_tunnelled_untouched_or_refused() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
     assert_eq!(denied.upstream.count("GET", "/symbols.zip"), 0);
 
+    // Plain-HTTP absolute-form requests follow the same policy (the gateway's own
+    // loopback port serves as the plain-HTTP destination).
+    let plain = format!("{}/-/health", s.gateway.url());
+    let out = curl(&[
+        "--proxy",
+        &proxy(&s.gateway),
+        "-f",
+        "-o",
+        "/dev/null",
+        &plain,
+    ]);
+    ok(&out, "absolute-form request forwarded");
+    let out = curl(&[
+        "--proxy",
+        &proxy(&denied.gateway),
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &plain,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+
     // Metadata addresses are refused even when tunnels are allowed.
     let out = curl(&[
         "--proxy",
