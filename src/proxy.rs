@@ -84,11 +84,7 @@ pub async fn connect(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Respo
         });
         return Response::new(body::empty());
     }
-    if let Err(reason) = gateway.tunnel.permits(&host, port) {
-        tracing::info!(%host, port, %reason, "tunnel refused");
-        return body::text(StatusCode::FORBIDDEN, reason);
-    }
-    let addrs = match gateway.tunnel.resolve(&host, port).await {
+    let addrs = match gateway.tunnel.admit(&host, port).await {
         Ok(addrs) => addrs,
         Err(reason) => {
             tracing::info!(%host, port, %reason, "tunnel refused");
@@ -146,10 +142,8 @@ pub async fn absolute(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response
         return gateway.route(req, Door::Intercepted { source }).await;
     }
     let port = uri.port_u16().unwrap_or(80);
-    if let Err(reason) = gateway.tunnel.permits(&host, port) {
-        return body::text(StatusCode::FORBIDDEN, reason);
-    }
-    if let Err(reason) = gateway.tunnel.resolve(&host, port).await {
+    if let Err(reason) = gateway.tunnel.admit(&host, port).await {
+        tracing::info!(%host, port, %reason, "proxy request refused");
         return body::text(StatusCode::FORBIDDEN, reason);
     }
     if req.method() == Method::CONNECT {

@@ -212,15 +212,11 @@ async fn transparent(listener: TcpListener, gateway: Arc<Gateway>) {
             if intercepted {
                 return tls::terminate(gateway, stream, Some(name)).await;
             }
-            let refused = match gateway.tunnel.permits(&name, 443) {
-                Ok(()) => gateway.tunnel.resolve(&name, 443).await.err(),
-                Err(reason) => Some(reason),
-            };
-            if let Some(reason) = refused {
-                return tracing::info!(%peer, host = %name, %reason, "transparent tunnel refused");
-            }
-            let Ok(addrs) = gateway.tunnel.resolve(&name, 443).await else {
-                return;
+            let addrs = match gateway.tunnel.admit(&name, 443).await {
+                Ok(addrs) => addrs,
+                Err(reason) => {
+                    return tracing::info!(%peer, host = %name, %reason, "transparent tunnel refused")
+                }
             };
             match tunnel::connect(&addrs).await {
                 Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,

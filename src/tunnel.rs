@@ -118,6 +118,12 @@ impl TunnelPolicy {
         }
     }
 
+    /// Check the policy, then resolve: the addresses a tunnel to `host:port` may use.
+    pub async fn admit(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+        self.permits(host, port)?;
+        self.resolve(host, port).await
+    }
+
     /// Resolve `host:port` and refuse metadata and link-local destinations unless
     /// the list names that host exactly.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
