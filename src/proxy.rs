@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -145,9 +145,6 @@ pub async fn absolute(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response
     if let Err(reason) = gateway.tunnel.admit(&host, port).await {
         tracing::info!(%host, port, %reason, "proxy request refused");
         return body::text(StatusCode::FORBIDDEN, reason);
-    }
-    if req.method() == Method::CONNECT {
-        return body::text(StatusCode::BAD_REQUEST, "unexpected CONNECT");
     }
     let target = uri.to_string();
     passthrough::forward(&gateway.upstream, req, &target).await

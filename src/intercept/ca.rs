@@ -36,6 +36,8 @@ pub struct Ca {
     pub cert_pem: String,
     pub cert_der: CertificateDer<'static>,
     pub issuer: Issuer<'static, KeyPair>,
+    /// DNS subtrees the certificate is constrained to (`None`: unconstrained).
+    pub permitted: Option<Vec<String>>,
 }
 
 impl Ca {
@@ -70,6 +72,8 @@ impl Ca {
             .filter(|p| p.tag() == "CERTIFICATE")
             .map(|p| CertificateDer::from(p.into_contents()))
             .with_context(|| format!("{} holds no PEM certificate", files.cert.display()))?;
+        let permitted = permitted_dns_subtrees(&cert_der)
+            .with_context(|| format!("CA certificate {} is not usable", files.cert.display()))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .with_context(|| format!("CA certificate {} is not usable", files.cert.display()))?;
         Ok(Ca {
@@ -77,6 +81,7 @@ impl Ca {
             cert_pem,
             cert_der,
             issuer,
+            permitted,
         })
     }
 
@@ -118,8 +123,39 @@ impl Ca {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
             issuer: Issuer::new(params, key),
+            permitted: Some(hosts.to_vec()),
         })
     }
+
+    /// Whether clients that honour name constraints will accept a leaf for `host`.
+    pub fn covers(&self, host: &str) -> bool {
+        match &self.permitted {
+            None => true,
+            Some(subtrees) => subtrees
+                .iter()
+                .any(|s| host == s || host.ends_with(&format!(".{}", s.trim_start_matches('.')))),
+        }
+    }
+}
+
+/// The DNS names a CA certificate's name constraints permit (`None`: no constraints).
+fn permitted_dns_subtrees(der: &CertificateDer<'_>) -> anyhow::Result<Option<Vec<String>>> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let constraints = cert
+        .name_constraints()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(constraints
+        .and_then(|nc| nc.value.permitted_subtrees.as_ref())
+        .map(|subtrees| {
+            subtrees
+                .iter()
+                .filter_map(|s| match &s.base {
+                    GeneralName::DNSName(name) => Some(name.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect()
+        }))
 }
 
 /// Write a secret: created with mode 0600 before any byte is in it.
@@ -161,6 +197,8 @@ mod tests {
         let first = Ca::load_or_create(&files, &hosts, true).unwrap();
         let again = Ca::load_or_create(&files, &hosts, true).unwrap();
         assert_eq!(first.cert_pem, again.cert_pem);
+        assert!(again.covers("mooncakes.io") && again.covers("download.mooncakes.io"));
+        assert!(!again.covers("example.com") && !again.covers("evilmooncakes.io"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

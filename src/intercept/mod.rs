@@ -26,6 +26,13 @@ impl Interceptor {
         let mut hosts = HashMap::new();
         for (i, source) in sources.iter().enumerate() {
             for host in &source.intercept_hosts {
+                if !ca.covers(host) {
+                    tracing::warn!(
+                        %host, ca = %ca.files.cert.display(),
+                        "the CA's name constraints do not cover this intercepted host: clients will reject it; \
+                         remove the CA files to have a new CA made for the configured hosts"
+                    );
+                }
                 // The first source to claim a host answers for it.
                 hosts.entry(host.clone()).or_insert(i);
             }
