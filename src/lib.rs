@@ -7,6 +7,8 @@
 pub mod archive;
 pub mod body;
 pub mod config;
+pub mod freshness;
+pub mod health;
 pub mod index;
 pub mod passthrough;
 pub mod router;

@@ -522,7 +522,10 @@ fn symbols(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag);
-    let builder = Response::builder().header(ETAG, &etag);
+    let mut builder = Response::builder().header(ETAG, &etag);
+    if let Some(cc) = shared.registry.symbols_cache_control() {
+        builder = builder.header(hyper::header::CACHE_CONTROL, cc);
+    }
     let response = if matches {
         builder
             .status(StatusCode::NOT_MODIFIED)
