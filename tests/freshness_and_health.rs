@@ -161,6 +161,36 @@ async fn symbols_are_revalidated_and_replaced_by_rfc_9111() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_copy_is_served_at_once_while_one_background_revalidation_runs() {
+    let config = "[freshness]\nstale_while_revalidate = \"1h\"\n";
+    let (s, _) = setup_configured(config, |r| {
+        r.set_symbols(symbols_v(1));
+    })
+    .await;
+    assert_eq!(get(&s.gateway, "/symbols.zip", &[]).body, symbols_v(1));
+    // No Cache-Control: stale at once. Changed upstream: the stored copy answers now,
+    // marked stale, and the revalidation behind it brings the new one.
+    s.registry.set_symbols(symbols_v(2));
+    let stale = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(stale.body, symbols_v(1));
+    assert_eq!(stale.header("x-cache").as_deref(), Some("stale"));
+    assert!(
+        stale
+            .header("warning")
+            .is_some_and(|w| w.starts_with("110")),
+        "{}",
+        stale.head
+    );
+    let gw = &s.gateway;
+    eventually(
+        "the background revalidation stored v2",
+        Duration::from_secs(10),
+        || get(gw, "/symbols.zip", &[]).body == symbols_v(2),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stored_copies_are_served_through_outages_and_the_breaker_closes_after_a_probe() {
     let config = r#"
 [timeouts]

@@ -136,7 +136,8 @@ impl Index {
         if let Some(known) = self.lookup(key) {
             return known;
         }
-        for m in &self.mirrors {
+        // A source that is down is not waited for (its probe may be running).
+        for m in self.mirrors.iter().filter(|m| !m.source_down()) {
             m.refresh_now(false).await;
         }
         self.lookup(key).unwrap_or(Expectation::Unknown)
