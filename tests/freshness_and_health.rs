@@ -300,6 +300,35 @@ backoff_max = "2s"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_breaks_off_is_never_served_or_stored() {
+    let (s, _) = setup_configured("", |r| {
+        r.set_symbols(symbols_v(1));
+    })
+    .await;
+    // Nothing stored yet: a 502, never a partial 200.
+    s.upstream.set_fault(Fault::TruncateSymbols);
+    let broken = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(broken.status, "502", "{}", broken.head);
+    let text = String::from_utf8_lossy(&broken.body).to_string();
+    assert!(
+        text.contains("upstream failed") && text.contains("broke off"),
+        "{text}"
+    );
+    s.upstream.set_fault(Fault::None);
+    assert_eq!(get(&s.gateway, "/symbols.zip", &[]).body, symbols_v(1));
+    // Stored: the new copy breaks off, the old one is served stale, and kept.
+    s.registry.set_symbols(symbols_v(2));
+    s.upstream.set_fault(Fault::TruncateSymbols);
+    let stale = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(stale.body, symbols_v(1));
+    assert_eq!(stale.header("x-cache").as_deref(), Some("stale"));
+    s.upstream.set_fault(Fault::None);
+    let fixed = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(fixed.body, symbols_v(2));
+    assert_eq!(fixed.header("x-cache").as_deref(), Some("miss"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn archive_404s_are_remembered_until_the_index_lists_the_version() {
     let config = "[freshness]\nnot_found_ttl = \"1h\"\n";
     let (s, _) = setup_configured(config, |r| r.publish("alice/json", "0.1.0", &[])).await;
