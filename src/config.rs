@@ -45,6 +45,41 @@ pub struct Config {
     pub transparent_listen: Option<SocketAddr>,
     /// Fetch an archive's dependencies (from the index) in the background when it is requested.
     pub prefetch: bool,
+    pub freshness: FreshnessSettings,
+    pub health: HealthSettings,
+}
+
+/// Mutable resources (`symbols.zip`): RFC 9111 on top of RFC 5861, and 404 memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreshnessSettings {
+    /// While the upstream fails, a stored copy last confirmed within this long is
+    /// served, whatever its own headers said: availability beats freshness here.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// A copy stale by less than this is served at once while one background
+    /// revalidation runs (the upstream's own `stale-while-revalidate` also counts).
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// How long an upstream 404 for an archive is remembered (forgotten at once when
+    /// the index starts listing that version).
+    #[serde(with = "humantime_serde")]
+    pub not_found_ttl: Duration,
+    /// Largest mutable response stored; larger ones are passed through.
+    pub mutable_max: ByteSize,
+}
+
+/// The per-source circuit breaker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Consecutive failures (connection error, timeout, 5xx) that mark a source down.
+    pub failures: u32,
+    /// First back-off while down; doubled on each failed probe, up to `backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
 }
 
 /// The forward proxy (`HTTPS_PROXY`) and transparent doors.
@@ -177,6 +212,17 @@ impl Default for Config {
             },
             transparent_listen: None,
             prefetch: true,
+            freshness: FreshnessSettings {
+                stale_if_error: Duration::from_secs(7 * 24 * 3600),
+                stale_while_revalidate: Duration::ZERO,
+                not_found_ttl: Duration::from_secs(10),
+                mutable_max: ByteSize::mib(256),
+            },
+            health: HealthSettings {
+                failures: 3,
+                backoff: Duration::from_secs(5),
+                backoff_max: Duration::from_secs(300),
+            },
         }
     }
 }
@@ -224,6 +270,9 @@ impl Config {
             .extract()
             .map_err(|e| anyhow::anyhow!(one_line(&e)))?;
         config.sources()?; // validate now, so `serve` fails before it listens
+        if config.health.failures == 0 {
+            bail!("health.failures must be at least 1");
+        }
         Ok(config)
     }
 

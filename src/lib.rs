@@ -9,6 +9,8 @@
 pub mod archive;
 pub mod body;
 pub mod config;
+pub mod freshness;
+pub mod health;
 pub mod index;
 pub mod intercept;
 pub mod passthrough;

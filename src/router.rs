@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use crate::archive::{ArchiveKey, AssetPath, PathError};
 use crate::body::{self, GatewayBody};
 use crate::config::{join, Source};
+use crate::freshness::MutableCache;
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Index};
 use crate::intercept::Interceptor;
@@ -34,7 +35,8 @@ pub enum Route {
     Asset(AssetPath),
     /// `/git/index/<rest>`: git smart HTTP for the index; `rest` keeps the query.
     Index(String),
-    /// `/symbols.zip`: mutable, passed through for now.
+    /// `/symbols.zip`: mutable; cached by RFC 9111 unless the request carries
+    /// credentials or is not a GET/HEAD, then passed through.
     Symbols,
     /// Anything else (API, publishing, web pages, requests with credentials).
     Pass,
@@ -117,6 +119,8 @@ pub struct Gateway {
     pub tunnel: TunnelPolicy,
     /// `user:password` required from proxy clients, if set.
     pub proxy_auth: Option<String>,
+    /// Mutable resources (`symbols.zip`), revalidated and served stale on failure.
+    pub mutable: Arc<MutableCache>,
 }
 
 /// Which way a request came in, and so which source answers for it.
@@ -207,9 +211,11 @@ impl Gateway {
                         "commit": m.snapshot().commit.clone(),
                         "age_seconds": m.age().map(|a| a.as_secs()),
                     })).collect::<Vec<_>>(),
-                    "sources": self.sources.iter().map(|s| serde_json::json!({
-                        "name": s.name, "registry": s.registry.as_str(),
-                    })).collect::<Vec<_>>(),
+                    "sources": self.sources.iter().zip(self.upstream.health().report()).map(|(s, mut health)| {
+                        health["name"] = s.name.clone().into();
+                        health["registry"] = s.registry.as_str().into();
+                        health
+                    }).collect::<Vec<_>>(),
                 }),
             ),
             Route::IndexRefresh => {
@@ -230,6 +236,13 @@ impl Gateway {
                 )
             }
             Route::Archive(key) => {
+                // Before the index is asked (which may refresh it): a recent 404 answers.
+                if let Some(resp) = self
+                    .store
+                    .remembered_not_found(&key.store_key(), self.index.lists(&key))
+                {
+                    return resp;
+                }
                 let object = self.archive_object(&key).await;
                 if self.prefetch && !head && matches!(object.trust, Trust::Checksum { .. }) {
                     self.prefetch_closure(&key);
@@ -257,7 +270,14 @@ impl Gateway {
             }
             Route::Symbols => {
                 let url = src.symbols.to_string();
-                passthrough::forward(&self.upstream, req, &url).await
+                let private = req.headers().contains_key(header::AUTHORIZATION)
+                    || req.headers().contains_key(header::COOKIE);
+                let read = matches!(*req.method(), Method::GET | Method::HEAD);
+                if read && !private {
+                    self.mutable.respond(&url, req.headers(), head).await
+                } else {
+                    passthrough::forward(&self.upstream, req, &url).await
+                }
             }
             Route::Pass => {
                 let target = req

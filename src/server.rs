@@ -14,6 +14,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, Source};
+use crate::freshness::MutableCache;
+use crate::health::Health;
 use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
 use crate::intercept::ca::{Ca, CaFiles};
@@ -36,13 +38,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Build the gateway from `config` and serve until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let sources = config.sources()?;
-    let upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?;
+    let health = Arc::new(Health::new(&sources, &config.health));
+    let upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?
+        .with_health(health.clone());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("could not create data dir {}", config.data_dir.display()))?;
     let limits = Limits {
         archive_max: config.storage.archive_max.as_u64(),
         bad_archive_ttl: config.index.bad_archive_ttl,
         prefetch_jobs: config.index.prefetch_jobs,
+        not_found_ttl: config.freshness.not_found_ttl,
     };
     let store = Store::open(&config.data_dir, &config.storage, limits, upstream.clone())?;
     let ca_bundle = match &config.upstream_ca {
@@ -58,6 +63,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         retry_after: config.index.retry_after,
         fetch_timeout: config.index.fetch_timeout,
         ca_bundle,
+        health,
     };
     let index = Arc::new(Index::new(
         config.data_dir.join("index"),
@@ -83,6 +89,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if matches!(tunnel, TunnelPolicy::Deny) {
         tracing::info!("tunnelling of non-registry hosts is off (set proxy.tunnel to allow some)");
     }
+    let mutable = Arc::new(MutableCache::open(
+        &config.data_dir.join("mutable"),
+        upstream.clone(),
+        config.freshness.clone(),
+    )?);
     let gateway = Arc::new(Gateway {
         sources,
         upstream,
@@ -92,6 +103,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         interceptor,
         tunnel,
         proxy_auth: config.proxy.auth.clone(),
+        mutable,
     });
     let listener = TcpListener::bind(config.listen)
         .await

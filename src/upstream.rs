@@ -21,6 +21,7 @@ use tokio_stream::StreamExt;
 
 use crate::body::{BoxError, GatewayBody};
 use crate::config::Timeouts;
+use crate::health::{Health, Refusal};
 
 /// Why an upstream exchange failed, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,9 @@ pub enum UpstreamError {
     Timeout { url: String, timeout: Duration },
     #[error("bad upstream URL {0}")]
     BadUrl(String),
+    /// The source's circuit breaker is open: not even tried.
+    #[error(transparent)]
+    Down(#[from] Refusal),
 }
 
 /// Shared, cheap to clone client for every source.
@@ -42,6 +46,8 @@ pub enum UpstreamError {
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
     timeouts: Timeouts,
+    /// Per-source circuit breakers consulted and fed by [`Upstream::send_guarded`].
+    health: Arc<Health>,
 }
 
 impl Upstream {
@@ -90,11 +96,45 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(https);
-        Ok(Upstream { client, timeouts })
+        Ok(Upstream {
+            client,
+            timeouts,
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    /// Use `health`'s breakers for guarded calls.
+    pub fn with_health(mut self, health: Arc<Health>) -> Upstream {
+        self.health = health;
+        self
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     pub fn timeouts(&self) -> &Timeouts {
         &self.timeouts
+    }
+
+    /// [`Upstream::send`] behind the source's circuit breaker: refused at once while
+    /// the source is down, and the outcome (5xx and transport errors are failures)
+    /// reported back.
+    pub async fn send_guarded(
+        &self,
+        req: Request<GatewayBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let url = req.uri().to_string();
+        let ticket = self.health.admit_url(&url)?;
+        let result = self.send(req).await;
+        match &result {
+            Ok(resp) if resp.status().is_server_error() => {
+                ticket.failure(&format!("{url} answered {}", resp.status()))
+            }
+            Ok(_) => ticket.success(),
+            Err(e) => ticket.failure(&e.to_string()),
+        }
+        result
     }
 
     /// Send a request and wait (bounded) for the response head.
@@ -111,14 +151,14 @@ impl Upstream {
         }
     }
 
-    /// A plain GET with the headers `moon` itself sends.
+    /// A plain GET with the headers `moon` itself sends, behind the circuit breaker.
     pub async fn get(&self, url: &str) -> Result<Response<Incoming>, UpstreamError> {
         let req = Request::get(url)
             .header(http::header::USER_AGENT, crate::USER_AGENT)
             .header(http::header::ACCEPT, "*/*")
             .body(crate::body::empty())
             .map_err(|_| UpstreamError::BadUrl(url.to_string()))?;
-        self.send(req).await
+        self.send_guarded(req).await
     }
 
     /// Turn an upstream body into a stream of data chunks that fails when the

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::checksums::{module_of_path, Checksums};
+use crate::health::Health;
 
 /// Bound on what git may print on stderr that we keep for an error message.
 const STDERR_KEEP: usize = 2048;
@@ -49,6 +50,8 @@ pub struct MirrorSettings {
     pub fetch_timeout: Duration,
     /// CA bundle (system roots + the extra upstream CA) for git, if an extra CA is set.
     pub ca_bundle: Option<PathBuf>,
+    /// Circuit breakers: no fetch is tried while the source is down.
+    pub health: Arc<Health>,
 }
 
 struct RefreshState {
@@ -68,6 +71,8 @@ pub struct Mirror {
     /// Wall-clock time of the last successful refresh, for "age" in logs and health.
     refreshed_at: RwLock<Option<SystemTime>>,
     refreshes: AtomicU64,
+    /// A background refresh (started while the source is down) is queued or running.
+    background: AtomicBool,
 }
 
 impl Mirror {
@@ -89,6 +94,7 @@ impl Mirror {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             refreshed_at: RwLock::new(refreshed_at),
             refreshes: AtomicU64::new(0),
+            background: AtomicBool::new(false),
         }
     }
 
@@ -133,6 +139,24 @@ impl Mirror {
         self.refresh_since(since, false).await
     }
 
+    /// Whether this mirror's source is marked down by its circuit breaker.
+    pub fn source_down(&self) -> bool {
+        self.settings.health.is_down(&self.source)
+    }
+
+    /// [`Mirror::ensure_fresh`] in a task of its own, at most one at a time: the
+    /// caller serves what the mirror holds without waiting on the upstream.
+    pub fn refresh_in_background(self: &Arc<Self>) {
+        if self.background.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mirror = self.clone();
+        tokio::spawn(async move {
+            mirror.ensure_fresh().await;
+            mirror.background.store(false, Ordering::Release);
+        });
+    }
+
     /// Refresh now unless a refresh finished after this call was made. With
     /// `force`, a recent failure does not hold the attempt back.
     pub async fn refresh_now(&self, force: bool) -> Freshness {
@@ -155,8 +179,18 @@ impl Mirror {
                 return self.degraded(error.clone());
             }
         }
+        // While the source is down, answer at once; only the one probe goes out.
+        let ticket = match self.settings.health.admit_source(&self.source) {
+            Ok(ticket) => ticket,
+            Err(refusal) => return self.degraded(refusal.to_string()),
+        };
         let started = Instant::now();
-        match self.fetch().await {
+        let fetched = self.fetch().await;
+        match &fetched {
+            Ok(()) => ticket.success(),
+            Err(error) => ticket.failure(error),
+        }
+        match fetched {
             Ok(()) => {
                 state.last_ok = Some(started);
                 state.last_error = None;

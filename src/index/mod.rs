@@ -96,7 +96,15 @@ impl Index {
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
         // same tip their GET advertised.
         let advertisement = req.method() == Method::GET;
-        let freshness = if advertisement {
+        let freshness = if advertisement && mirror.exists() && mirror.source_down() {
+            // Never wait on a source known to be down: serve the mirror, and let a
+            // background refresh probe the upstream when its back-off allows.
+            mirror.refresh_in_background();
+            Freshness::Stale {
+                age: mirror.age(),
+                error: format!("source `{}` is down", mirror.source),
+            }
+        } else if advertisement {
             mirror.ensure_fresh().await
         } else if mirror.exists() {
             Freshness::Fresh
@@ -129,10 +137,16 @@ impl Index {
         if let Some(known) = self.lookup(key) {
             return known;
         }
-        for m in &self.mirrors {
+        // A source that is down is not waited for (its probe may be running).
+        for m in self.mirrors.iter().filter(|m| !m.source_down()) {
             m.refresh_now(false).await;
         }
         self.lookup(key).unwrap_or(Expectation::Unknown)
+    }
+
+    /// Whether some source's index lists `key` now (no refresh).
+    pub fn lists(&self, key: &ArchiveKey) -> bool {
+        self.lookup(key).is_some()
     }
 
     fn lookup(&self, key: &ArchiveKey) -> Option<Expectation> {

@@ -156,9 +156,13 @@ async fn fetch(
         FlightState::Broken { reason, .. } => tracing::warn!(
             key = %object.key, %reason, "upstream transfer failed; nothing stored"
         ),
-        FlightState::Refused { status, .. } => tracing::info!(
-            key = %object.key, %status, "upstream refused; passed on, not stored"
-        ),
+        FlightState::Refused { status, .. } => {
+            tracing::info!(key = %object.key, %status, "upstream refused; passed on, not stored");
+            if *status == StatusCode::NOT_FOUND {
+                let listed = matches!(object.trust, Trust::Checksum { .. });
+                store.not_found.record(&object.key, listed);
+            }
+        }
         FlightState::Unreachable(reason) => tracing::warn!(
             key = %object.key, %reason, "no source could be reached"
         ),

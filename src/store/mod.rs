@@ -5,6 +5,7 @@
 pub mod disk;
 pub mod flight;
 pub mod memory;
+pub mod not_found;
 pub mod quarantine;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use crate::upstream::Upstream;
 use disk::{Disk, Entry};
 use flight::{FlightState, Flights};
 use memory::{Hot, Memory};
+use not_found::NotFound;
 use quarantine::{Mismatch, Quarantine};
 
 /// One immutable object a client asked for.
@@ -56,6 +58,8 @@ pub struct Limits {
     pub bad_archive_ttl: std::time::Duration,
     /// Background prefetches running at once.
     pub prefetch_jobs: usize,
+    /// How long an upstream 404 is remembered.
+    pub not_found_ttl: std::time::Duration,
 }
 
 pub struct Store {
@@ -66,6 +70,7 @@ pub struct Store {
     spool_dir: PathBuf,
     limits: Limits,
     quarantine: Quarantine,
+    not_found: NotFound,
     prefetch_permits: tokio::sync::Semaphore,
 }
 
@@ -95,6 +100,7 @@ impl Store {
             upstream,
             spool_dir,
             quarantine: Quarantine::new(limits.bad_archive_ttl),
+            not_found: NotFound::new(limits.not_found_ttl),
             prefetch_permits: tokio::sync::Semaphore::new(limits.prefetch_jobs.max(1)),
             limits,
         })
@@ -108,8 +114,27 @@ impl Store {
         self.flights.in_flight()
     }
 
+    /// The answer for `key` if the upstream said 404 for it recently and the index
+    /// (`listed`: whether it lists the version now) has not changed its mind.
+    pub fn remembered_not_found(&self, key: &str, listed: bool) -> Option<Response<GatewayBody>> {
+        if !self.not_found.remembered(key, listed) {
+            return None;
+        }
+        let mut resp = body::text(
+            StatusCode::NOT_FOUND,
+            format!("{key} was not found upstream moments ago"),
+        );
+        resp.headers_mut()
+            .insert("x-cache", HeaderValue::from_static("hit"));
+        Some(resp)
+    }
+
     /// Answer a GET (or HEAD) for `object` from memory, disk, or a shared upstream fetch.
     pub async fn respond(self: &Arc<Self>, object: Object, head: bool) -> Response<GatewayBody> {
+        let listed = matches!(object.trust, Trust::Checksum { .. });
+        if let Some(resp) = self.remembered_not_found(&object.key, listed) {
+            return resp;
+        }
         if let Trust::Checksum { refreshes, .. } = &object.trust {
             if let Some(bad) = self.quarantine.get(&object.key, *refreshes) {
                 return refuse_mismatch(&bad);
@@ -150,7 +175,10 @@ impl Store {
                 return;
             }
         }
-        if self.memory.get(&object.key).await.is_some() {
+        let listed = matches!(object.trust, Trust::Checksum { .. });
+        if self.not_found.remembered(&object.key, listed)
+            || self.memory.get(&object.key).await.is_some()
+        {
             return;
         }
         match self.disk.lookup(&object.key).await {
@@ -325,7 +353,7 @@ impl Store {
                 )
             }
         };
-        match self.upstream.send(req).await {
+        match self.upstream.send_guarded(req).await {
             Ok(resp) => {
                 let len = resp
                     .headers()

@@ -93,6 +93,8 @@ struct State {
     assets: HashMap<String, Bytes>,
     symbols: Bytes,
     symbols_etag: String,
+    /// `Cache-Control` sent with `symbols.zip` (none by default, like mooncakes.io).
+    symbols_cache_control: Option<String>,
     next_file: u64,
 }
 
@@ -124,6 +126,7 @@ impl Registry {
                 assets: HashMap::new(),
                 symbols,
                 symbols_etag,
+                symbols_cache_control: None,
                 next_file: 0,
             }),
         };
@@ -279,6 +282,16 @@ impl Registry {
         (state.symbols.clone(), state.symbols_etag.clone())
     }
 
+    /// Sends `Cache-Control: <value>` with `symbols.zip` from now on (`None`: no header).
+    pub fn set_symbols_cache_control(&self, value: Option<&str>) {
+        self.lock_state().symbols_cache_control = value.map(str::to_string);
+    }
+
+    /// The `Cache-Control` value sent with `symbols.zip`, if any.
+    pub fn symbols_cache_control(&self) -> Option<String> {
+        self.lock_state().symbols_cache_control.clone()
+    }
+
     /// The index repository (a work tree with `.git`).
     pub fn git_dir(&self) -> PathBuf {
         self.root.path().join("git").join("index")
@@ -412,7 +425,7 @@ fn deps_object(deps: &[(&str, &str)]) -> String {
 }
 
 /// A small deflated zip with fixed timestamps (same input, same bytes).
-fn zip_of(files: &[(&str, &[u8])]) -> Bytes {
+pub fn zip_of(files: &[(&str, &[u8])]) -> Bytes {
     let mut writer = ZipWriter::new(Cursor::new(Vec::new()));
     let options = SimpleFileOptions::default()
         .compression_method(CompressionMethod::Deflated)

@@ -59,6 +59,9 @@ pub enum Fault {
     SlowArchives { chunk: usize, interval: Duration },
     /// Answer every request with this status and a short text body.
     Status(u16),
+    /// `symbols.zip` (unconditional 200s): the full `Content-Length`, about half
+    /// of the body, then the body breaks off.
+    TruncateSymbols,
 }
 
 /// One request as the server saw it, before answering.
@@ -393,7 +396,7 @@ async fn handle(
         return archive(&shared, segment, &fault, kill).await;
     }
     if path == "/symbols.zip" {
-        return symbols(&shared, &req);
+        return symbols(&shared, &req, fault == Fault::TruncateSymbols);
     }
     if let Some(asset) = path.strip_prefix("/assets/") {
         return asset_response(&shared, asset);
@@ -512,7 +515,7 @@ struct Sending {
 }
 
 /// `GET /symbols.zip` with a strong ETag; `If-None-Match` -> 304.
-fn symbols(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+fn symbols(shared: &Shared, req: &Request<Incoming>, truncate: bool) -> Response<Body> {
     let (bytes, etag) = shared.registry.symbols();
     let matches = req
         .headers()
@@ -522,11 +525,33 @@ fn symbols(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag);
-    let builder = Response::builder().header(ETAG, &etag);
+    let mut builder = Response::builder().header(ETAG, &etag);
+    if let Some(cc) = shared.registry.symbols_cache_control() {
+        builder = builder.header(hyper::header::CACHE_CONTROL, cc);
+    }
     let response = if matches {
         builder
             .status(StatusCode::NOT_MODIFIED)
             .body(Empty::new().map_err(|never| match never {}).boxed())
+    } else if truncate {
+        let half = bytes.slice(..bytes.len() / 2);
+        let cut = io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "injected fault: symbols.zip truncated",
+        );
+        // Let the head and the first half reach the client before the break.
+        let frames = futures_util::StreamExt::chain(
+            stream::iter([Ok(Frame::data(half))]),
+            stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(cut)
+            }),
+        );
+        builder
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, "application/zip")
+            .header(CONTENT_LENGTH, bytes.len())
+            .body(StreamBody::new(frames).boxed())
     } else {
         builder
             .status(StatusCode::OK)

@@ -1,0 +1,635 @@
+//! Mutable resources (`symbols.zip`; the rule is general, keyed by upstream URL):
+//! stored with their response headers and served by RFC 9111 through
+//! http-cache-semantics, with RFC 5861 on top, which that crate does not do.
+//!
+//! - Fresh copies are served from the store. Stale ones are revalidated with the
+//!   upstream (`If-None-Match` / `If-Modified-Since`); a 304 refreshes the stored
+//!   policy without a download, a 200 replaces the copy.
+//! - stale-if-error: when the upstream fails (transport error, timeout, 5xx, broken
+//!   body) or its source is down, a copy last confirmed within
+//!   `freshness.stale_if_error` is served with a `Warning`, whatever its headers said.
+//! - stale-while-revalidate: a copy stale by less than the larger of the upstream's
+//!   directive and `freshness.stale_while_revalidate` is served at once while one
+//!   background revalidation runs.
+//! - A client's own `If-None-Match` matching the stored ETag gets a 304.
+//!
+//! Bodies are downloaded into the content store (cacache, by sha256) and committed
+//! before anyone is served from them, so a partial body is never served; the
+//! record (policy, headers, digest) is a small JSON file per URL replaced atomically.
+//! The router never sends requests with credentials here.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cacache::{Algorithm, Integrity};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::body::{self, GatewayBody};
+use crate::config::FreshnessSettings;
+use crate::passthrough::strip_hop_by_hop;
+use crate::store::disk::{Disk, Entry};
+use crate::upstream::{next_chunk, Upstream};
+
+/// Response headers never kept with a stored copy: per-message or per-user.
+const NOT_STORED: [HeaderName; 4] = [
+    header::CONTENT_LENGTH,
+    header::SET_COOKIE,
+    header::AGE,
+    header::WARNING,
+];
+
+/// What is kept about one stored response, next to its body in the content store.
+#[derive(Clone, Serialize, Deserialize)]
+struct Record {
+    url: String,
+    policy: CachePolicy,
+    /// End-to-end response headers as last confirmed by the upstream.
+    headers: Vec<(String, String)>,
+    /// `sha256-...` of the body in the content store.
+    integrity: String,
+    size: u64,
+    /// Unix milliseconds of the last 200 or 304 from the upstream.
+    validated_at: u64,
+    /// Unix milliseconds until which the copy is fresh (RFC 9111 lifetime).
+    fresh_until: u64,
+    /// The upstream's own `stale-while-revalidate`, in seconds.
+    upstream_swr: u64,
+}
+
+/// How one exchange with the upstream ended.
+enum Outcome {
+    /// The stored copy is current (304, or revalidated meanwhile by someone else).
+    Current(Record),
+    /// A new copy was downloaded and stored.
+    Replaced(Record),
+    /// An answer to hand on as it is (not storable, 4xx): nothing stored.
+    Passed(Response<GatewayBody>),
+    /// The upstream failed or is down: stale-if-error territory.
+    Failed(String),
+}
+
+/// How a stored copy is being served, for `x-cache` and `Warning`.
+#[derive(Clone, Copy)]
+enum Served {
+    Hit,
+    Revalidated,
+    Miss,
+    /// Stale, a background revalidation runs (RFC 5861 stale-while-revalidate).
+    StaleRevalidating,
+    /// Stale because the upstream failed (RFC 5861 stale-if-error).
+    StaleError,
+}
+
+pub struct MutableCache {
+    records: PathBuf,
+    content: Disk,
+    upstream: Upstream,
+    settings: FreshnessSettings,
+    /// One upstream exchange per URL at a time.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl MutableCache {
+    /// Open (creating) the store of mutable responses under `dir`.
+    pub fn open(
+        dir: &Path,
+        upstream: Upstream,
+        settings: FreshnessSettings,
+    ) -> anyhow::Result<MutableCache> {
+        let records = dir.join("records");
+        let content = dir.join("content");
+        for d in [&records, &content] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| anyhow::anyhow!("could not create {}: {e}", d.display()))?;
+        }
+        Ok(MutableCache {
+            records,
+            content: Disk::new(content),
+            upstream,
+            settings,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Answer a GET or HEAD for the mutable resource at upstream `url`.
+    pub async fn respond(
+        self: &Arc<Self>,
+        url: &str,
+        client: &HeaderMap,
+        head: bool,
+    ) -> Response<GatewayBody> {
+        let Some(stored) = self.load(url).await else {
+            return match self.exchange(url, None).await {
+                Outcome::Current(rec) | Outcome::Replaced(rec) => {
+                    self.serve(&rec, client, head, Served::Miss).await
+                }
+                Outcome::Passed(resp) => resp,
+                Outcome::Failed(error) => body::text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{url} is not stored and the upstream failed: {error}"),
+                ),
+            };
+        };
+        let now = SystemTime::now();
+        let canonical = canonical_request(url);
+        if let BeforeRequest::Fresh(_) = stored.policy.before_request(&canonical, now) {
+            return self.serve(&stored, client, head, Served::Hit).await;
+        }
+        if self.upstream.health().is_down_url(url) {
+            // Never wait on a source known to be down; a probe may go in the background.
+            self.revalidate_in_background(url);
+            return self
+                .serve_stale(&stored, client, head, "its source is down")
+                .await;
+        }
+        let stale_for = millis(now).saturating_sub(stored.fresh_until);
+        let swr = self
+            .settings
+            .stale_while_revalidate
+            .max(Duration::from_secs(stored.upstream_swr));
+        if u128::from(stale_for) < swr.as_millis() {
+            self.revalidate_in_background(url);
+            return self
+                .serve(&stored, client, head, Served::StaleRevalidating)
+                .await;
+        }
+        match self.exchange(url, Some(stored.clone())).await {
+            Outcome::Current(rec) => self.serve(&rec, client, head, Served::Revalidated).await,
+            Outcome::Replaced(rec) => self.serve(&rec, client, head, Served::Miss).await,
+            Outcome::Passed(resp) => resp,
+            Outcome::Failed(error) => self.serve_stale(&stored, client, head, &error).await,
+        }
+    }
+
+    /// stale-if-error: the stored copy if it is recent enough, else a 502.
+    async fn serve_stale(
+        &self,
+        stored: &Record,
+        client: &HeaderMap,
+        head: bool,
+        error: &str,
+    ) -> Response<GatewayBody> {
+        let confirmed_ago =
+            Duration::from_millis(millis(SystemTime::now()).saturating_sub(stored.validated_at));
+        if confirmed_ago > self.settings.stale_if_error {
+            tracing::warn!(
+                url = %stored.url, %error, confirmed_seconds_ago = confirmed_ago.as_secs(),
+                "upstream failed and the stored copy is older than stale_if_error; not served"
+            );
+            return body::text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "{} could not be revalidated ({error}) and the stored copy was last confirmed {}s ago",
+                    stored.url,
+                    confirmed_ago.as_secs()
+                ),
+            );
+        }
+        tracing::warn!(
+            url = %stored.url, %error, confirmed_seconds_ago = confirmed_ago.as_secs(),
+            "upstream unavailable; serving the stored copy (stale-if-error)"
+        );
+        self.serve(stored, client, head, Served::StaleError).await
+    }
+
+    /// One revalidation in a task of its own, unless one is already running.
+    fn revalidate_in_background(self: &Arc<Self>, url: &str) {
+        let Ok(guard) = self.lock_for(url).try_lock_owned() else {
+            return;
+        };
+        let this = self.clone();
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let Some(stored) = this.load(&url).await else {
+                return;
+            };
+            match this.exchange_locked(&url, Some(stored)).await {
+                Outcome::Failed(error) => {
+                    tracing::debug!(%url, %error, "background revalidation failed")
+                }
+                _ => tracing::debug!(%url, "background revalidation done"),
+            }
+            drop(guard);
+        });
+    }
+
+    fn lock_for(&self, url: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(url.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Talk to the upstream about `url`, one exchange per URL at a time: whoever
+    /// waited for another's exchange reuses its result.
+    async fn exchange(&self, url: &str, prior: Option<Record>) -> Outcome {
+        let lock = self.lock_for(url);
+        let _guard = lock.lock().await;
+        let now = self.load(url).await;
+        match (&prior, now) {
+            (None, Some(rec)) => return Outcome::Current(rec),
+            (Some(before), Some(rec)) if rec.validated_at > before.validated_at => {
+                return Outcome::Current(rec)
+            }
+            _ => {}
+        }
+        self.exchange_locked(url, prior).await
+    }
+
+    async fn exchange_locked(&self, url: &str, prior: Option<Record>) -> Outcome {
+        let canonical = canonical_request(url);
+        let (parts, policy) = match &prior {
+            Some(rec) => match rec.policy.before_request(&canonical, SystemTime::now()) {
+                BeforeRequest::Stale { request, .. } => (request, Some(&rec.policy)),
+                // Became fresh meanwhile (clock) or never needed: still ask, plainly.
+                BeforeRequest::Fresh(_) => (canonical.into_parts().0, None),
+            },
+            None => (canonical.into_parts().0, None),
+        };
+        let mut req = Request::from_parts(parts.clone(), body::empty());
+        // The cache's own request: never a client's credentials or cookies.
+        req.headers_mut().remove(header::AUTHORIZATION);
+        req.headers_mut().remove(header::COOKIE);
+        let resp = match self.upstream.send_guarded(req).await {
+            Ok(resp) => resp,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let status = resp.status();
+        let sent = Request::from_parts(parts, ());
+        let received_at = SystemTime::now();
+        if status.is_server_error() {
+            return Outcome::Failed(format!("upstream answered {status}"));
+        }
+        if status == StatusCode::NOT_MODIFIED {
+            let (Some(rec), Some(policy)) = (&prior, policy) else {
+                return Outcome::Failed("upstream answered 304 to an unconditional request".into());
+            };
+            return match policy.after_response(&sent, &resp, received_at) {
+                AfterResponse::NotModified(policy, parts) => {
+                    let rec = Record {
+                        headers: storable_headers(&parts.headers),
+                        upstream_swr: directive_secs(&parts.headers, "stale-while-revalidate"),
+                        fresh_until: millis(received_at)
+                            + policy.time_to_live(received_at).as_millis() as u64,
+                        validated_at: millis(received_at),
+                        policy,
+                        ..rec.clone()
+                    };
+                    if let Err(e) = self.save(&rec).await {
+                        tracing::warn!(%url, error = %e, "could not update the stored policy");
+                    }
+                    tracing::info!(%url, "revalidated: not modified");
+                    Outcome::Current(rec)
+                }
+                AfterResponse::Modified(..) => {
+                    Outcome::Failed("upstream answered 304 for a different validator".into())
+                }
+            };
+        }
+        let policy = CachePolicy::new_options(
+            &canonical_request(url),
+            &resp,
+            received_at,
+            CacheOptions {
+                shared: true,
+                ..CacheOptions::default()
+            },
+        );
+        // Vary would make the stored copy depend on headers the canonical request
+        // does not carry: never risk serving another variant.
+        let varies = resp.headers().contains_key(header::VARY);
+        let storable = status == StatusCode::OK && policy.is_storable() && !varies;
+        if !storable {
+            if matches!(status, StatusCode::NOT_FOUND | StatusCode::GONE) || status.is_success() {
+                self.forget(url).await;
+            }
+            tracing::info!(%url, %status, "upstream answer not stored; passed on");
+            let (mut parts, incoming) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert("x-cache", HeaderValue::from_static("miss"));
+            return Outcome::Passed(Response::from_parts(
+                parts,
+                self.upstream.idle_bounded(incoming),
+            ));
+        }
+        let headers = storable_headers(resp.headers());
+        let upstream_swr = directive_secs(resp.headers(), "stale-while-revalidate");
+        let (integrity, size) = match self.download(url, resp).await {
+            Ok(stored) => stored,
+            Err(e) => return Outcome::Failed(e),
+        };
+        let rec = Record {
+            url: url.to_string(),
+            headers,
+            integrity: integrity.to_string(),
+            size,
+            validated_at: millis(received_at),
+            fresh_until: millis(received_at) + policy.time_to_live(received_at).as_millis() as u64,
+            upstream_swr,
+            policy,
+        };
+        if let Err(e) = self.save(&rec).await {
+            tracing::warn!(%url, error = %e, "could not store the response record");
+        }
+        if let Some(old) = prior.filter(|old| old.integrity != rec.integrity) {
+            self.remove_content(&old.integrity).await;
+        }
+        tracing::info!(%url, bytes = size, "stored a new copy");
+        Outcome::Replaced(rec)
+    }
+
+    /// Stream the body into the content store, bounded in size and in pauses; only
+    /// a complete body (as long as announced) is committed.
+    async fn download(
+        &self,
+        url: &str,
+        resp: Response<Incoming>,
+    ) -> Result<(Integrity, u64), String> {
+        let limit = self.settings.mutable_max.as_u64();
+        let announced = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        if announced.is_some_and(|len| len > limit) {
+            return Err(format!("{url} is larger than the {limit}-byte limit"));
+        }
+        let mut opts = cacache::WriteOpts::new().algorithm(Algorithm::Sha256);
+        if let Some(len) = announced.and_then(|l| usize::try_from(l).ok()) {
+            opts = opts.size(len);
+        }
+        let mut writer = opts
+            .open_hash(self.content.dir())
+            .await
+            .map_err(|e| format!("cannot write to the store: {e}"))?;
+        let idle = self.upstream.timeouts().idle_read;
+        let mut body = resp.into_body();
+        let mut written: u64 = 0;
+        loop {
+            let chunk = match next_chunk(&mut body, idle).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => return Err(e.to_string()),
+            };
+            written += chunk.len() as u64;
+            if written > announced.unwrap_or(limit) {
+                return Err(format!(
+                    "{url}: upstream sent more than announced or allowed"
+                ));
+            }
+            writer
+                .write_all(&chunk)
+                .await
+                .map_err(|e| format!("store write failed: {e}"))?;
+        }
+        if announced.is_some_and(|len| len != written) {
+            return Err(format!("{url}: upstream body ended after {written} bytes"));
+        }
+        let integrity = writer
+            .commit()
+            .await
+            .map_err(|e| format!("store commit failed: {e}"))?;
+        Ok((integrity, written))
+    }
+
+    /// Build the answer from a stored copy; a matching `If-None-Match` gets a 304.
+    async fn serve(
+        &self,
+        rec: &Record,
+        client: &HeaderMap,
+        head: bool,
+        served: Served,
+    ) -> Response<GatewayBody> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &rec.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        let age = rec.policy.age(SystemTime::now()).as_secs();
+        headers.insert(header::AGE, HeaderValue::from(age));
+        let (cache, warning) = match served {
+            Served::Hit => ("hit", None),
+            Served::Revalidated => ("revalidated", None),
+            Served::Miss => ("miss", None),
+            Served::StaleRevalidating => ("stale", Some("110 - \"Response is Stale\"")),
+            Served::StaleError => ("stale", Some("111 - \"Revalidation Failed\"")),
+        };
+        headers.insert("x-cache", HeaderValue::from_static(cache));
+        if let Some(w) = warning {
+            headers.insert(header::WARNING, HeaderValue::from_static(w));
+        }
+        let etag = headers.get(header::ETAG).and_then(|v| v.to_str().ok());
+        if etag.is_some_and(|etag| if_none_match(client, etag)) {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            headers.remove(header::CONTENT_TYPE);
+            headers.remove(header::CONTENT_ENCODING);
+            *resp.headers_mut() = headers;
+            return resp;
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(rec.size));
+        let body = if head {
+            body::empty()
+        } else {
+            let entry = match rec.integrity.parse::<Integrity>() {
+                Ok(integrity) => Entry {
+                    integrity,
+                    size: rec.size,
+                },
+                Err(e) => return self.broken_record(rec, e.to_string()).await,
+            };
+            match self.content.stream(&entry).await {
+                Ok(body) => body,
+                Err(e) => return self.broken_record(rec, e.to_string()).await,
+            }
+        };
+        let mut resp = Response::new(body);
+        *resp.headers_mut() = headers;
+        resp
+    }
+
+    async fn broken_record(&self, rec: &Record, error: String) -> Response<GatewayBody> {
+        tracing::error!(url = %rec.url, %error, "stored copy unreadable; forgetting it");
+        self.forget(&rec.url).await;
+        body::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the stored copy of {} was unreadable; retry", rec.url),
+        )
+    }
+
+    fn record_path(&self, url: &str) -> PathBuf {
+        let name = hex::encode(Sha256::digest(url.as_bytes()));
+        self.records.join(format!("{name}.json"))
+    }
+
+    /// The record for `url`, if it and its content are both there.
+    async fn load(&self, url: &str) -> Option<Record> {
+        let path = self.record_path(url);
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        let rec: Record = match serde_json::from_slice(&bytes) {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable record; treating as a miss");
+                return None;
+            }
+        };
+        if rec.url != url {
+            return None;
+        }
+        let integrity = rec.integrity.parse::<Integrity>().ok()?;
+        if !cacache::exists(self.content.dir(), &integrity).await {
+            tracing::warn!(%url, "stored content is gone; treating as a miss");
+            return None;
+        }
+        Some(rec)
+    }
+
+    /// Replace the record atomically: a crash leaves the old one or the new one.
+    async fn save(&self, rec: &Record) -> Result<(), String> {
+        let json = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
+        let path = self.record_path(&rec.url);
+        let dir = self.records.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| e.to_string())?;
+            tmp.write_all(&json).map_err(|e| e.to_string())?;
+            tmp.as_file().sync_all().map_err(|e| e.to_string())?;
+            tmp.persist(&path).map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    async fn forget(&self, url: &str) {
+        if let Some(rec) = self.load(url).await {
+            let _ = tokio::fs::remove_file(self.record_path(url)).await;
+            self.remove_content(&rec.integrity).await;
+        }
+    }
+
+    async fn remove_content(&self, integrity: &str) {
+        if let Ok(sri) = integrity.parse::<Integrity>() {
+            if let Err(e) = cacache::remove_hash(self.content.dir(), &sri).await {
+                tracing::debug!(error = %e, "could not remove old content");
+            }
+        }
+    }
+}
+
+/// The request the cache itself makes for `url`: the same for every client.
+fn canonical_request(url: &str) -> Request<()> {
+    let mut req = Request::new(());
+    *req.uri_mut() = url.parse().unwrap_or_default();
+    req.headers_mut().insert(
+        header::USER_AGENT,
+        HeaderValue::from_static(crate::USER_AGENT),
+    );
+    req.headers_mut()
+        .insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+    req
+}
+
+fn storable_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    let mut headers = headers.clone();
+    strip_hop_by_hop(&mut headers);
+    for name in &NOT_STORED {
+        headers.remove(name);
+    }
+    headers.remove("x-cache");
+    headers
+        .iter()
+        .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
+/// `name=N` from `Cache-Control`, in seconds (0 when absent or malformed).
+fn directive_secs(headers: &HeaderMap, name: &str) -> u64 {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|d| d.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.trim().trim_matches('"').parse().ok())
+        .unwrap_or(0)
+}
+
+/// RFC 9110 §13.1.2: weak comparison; `*` matches any stored representation.
+fn if_none_match(client: &HeaderMap, etag: &str) -> bool {
+    let ours = etag.trim().trim_start_matches("W/");
+    client
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == ours)
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly_and_lists() {
+        let h = headers(&[("if-none-match", "\"a\", W/\"b\"")]);
+        assert!(if_none_match(&h, "\"b\""));
+        assert!(if_none_match(&h, "W/\"a\""));
+        assert!(!if_none_match(&h, "\"c\""));
+        assert!(if_none_match(&headers(&[("if-none-match", "*")]), "\"x\""));
+        assert!(!if_none_match(&HeaderMap::new(), "\"x\""));
+    }
+
+    #[test]
+    fn directives_are_read_from_cache_control() {
+        let h = headers(&[(
+            "cache-control",
+            "max-age=60, stale-while-revalidate=30, stale-if-error=\"9\"",
+        )]);
+        assert_eq!(directive_secs(&h, "stale-while-revalidate"), 30);
+        assert_eq!(directive_secs(&h, "stale-if-error"), 9);
+        assert_eq!(directive_secs(&h, "s-maxage"), 0);
+    }
+
+    #[test]
+    fn per_message_and_per_user_headers_are_not_stored() {
+        let h = headers(&[
+            ("etag", "\"1\""),
+            ("set-cookie", "s=1"),
+            ("content-length", "3"),
+            ("connection", "close"),
+            ("cache-control", "max-age=5"),
+        ]);
+        let kept: Vec<String> = storable_headers(&h).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(kept, ["etag", "cache-control"]);
+    }
+}

@@ -1,0 +1,350 @@
+//! Per-source circuit breaker: after `health.failures` consecutive failures
+//! (connection error, timeout, 5xx) a source is marked down for a back-off that
+//! doubles on every failed probe (capped). While it is down, upstream calls for it
+//! are refused at once, so requests the store can answer never wait on upstream
+//! timeouts; one probe at a time tests recovery once the back-off has passed.
+//!
+//! Archive fetches, index refreshes and mutable resources all go through
+//! [`Health::admit_url`] / [`Health::admit_source`] and report back with a [`Ticket`].
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::{HealthSettings, Source};
+
+/// Every source's breaker, and which URLs belong to which source.
+#[derive(Debug, Default)]
+pub struct Health {
+    breakers: Vec<Arc<Breaker>>,
+    /// URL prefixes (registry, index, archive base, symbols) and their breaker.
+    prefixes: Vec<(String, usize)>,
+}
+
+/// One source's breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    pub source: String,
+    settings: HealthSettings,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Failures since the last success.
+    failures: u32,
+    /// Set while the source is down.
+    outage: Option<Outage>,
+    /// Wall-clock time of the last change between up and down (or of the start).
+    since: SystemTime,
+    last_error: Option<(SystemTime, String)>,
+    /// A probe ticket is out; nobody else may try until it reports.
+    probing: bool,
+}
+
+#[derive(Debug)]
+struct Outage {
+    /// When the next probe may run.
+    retry_at: Instant,
+    /// The back-off that set `retry_at`; doubled on a failed probe.
+    backoff: Duration,
+}
+
+/// Why an upstream call was not even attempted.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("source `{name}` is down (for {down_for}s, last error: {last_error}); next probe in {retry_in}s")]
+pub struct Refusal {
+    /// The source's name.
+    pub name: String,
+    pub down_for: u64,
+    pub retry_in: u64,
+    pub last_error: String,
+}
+
+/// Permission to call the upstream; report how it went with [`Ticket::success`]
+/// or [`Ticket::failure`]. A probe ticket dropped without a report frees the
+/// probe slot, so an abandoned probe never blocks recovery.
+#[derive(Debug)]
+pub struct Ticket {
+    breaker: Option<Arc<Breaker>>,
+    probe: bool,
+}
+
+impl Health {
+    pub fn new(sources: &[Source], settings: &HealthSettings) -> Health {
+        let mut breakers = Vec::new();
+        let mut prefixes = Vec::new();
+        for (i, s) in sources.iter().enumerate() {
+            breakers.push(Arc::new(Breaker {
+                source: s.name.clone(),
+                settings: settings.clone(),
+                state: Mutex::new(State {
+                    failures: 0,
+                    outage: None,
+                    since: SystemTime::now(),
+                    last_error: None,
+                    probing: false,
+                }),
+            }));
+            for url in [&s.registry, &s.index, &s.archive, &s.symbols] {
+                prefixes.push((url.as_str().trim_end_matches('/').to_string(), i));
+            }
+        }
+        // Longest prefix first: `https://h/user` must win over `https://h`.
+        prefixes.sort_by_key(|(p, i)| (std::cmp::Reverse(p.len()), *i));
+        Health { breakers, prefixes }
+    }
+
+    /// The breaker of the source `url` belongs to, if any.
+    fn for_url(&self, url: &str) -> Option<&Arc<Breaker>> {
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| {
+                url.strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
+            })
+            .map(|(_, i)| &self.breakers[*i])
+    }
+
+    fn named(&self, source: &str) -> Option<&Arc<Breaker>> {
+        self.breakers.iter().find(|b| b.source == source)
+    }
+
+    /// May a request to `url` go out now? URLs of no known source always may.
+    pub fn admit_url(&self, url: &str) -> Result<Ticket, Refusal> {
+        admit(self.for_url(url))
+    }
+
+    pub fn admit_source(&self, source: &str) -> Result<Ticket, Refusal> {
+        admit(self.named(source))
+    }
+
+    /// Whether `url`'s source is down right now (no probe slot is taken).
+    pub fn is_down_url(&self, url: &str) -> bool {
+        self.for_url(url).is_some_and(|b| b.lock().outage.is_some())
+    }
+
+    pub fn is_down(&self, source: &str) -> bool {
+        self.named(source)
+            .is_some_and(|b| b.lock().outage.is_some())
+    }
+
+    /// Each source's state for `GET /-/health`, in source order.
+    pub fn report(&self) -> Vec<serde_json::Value> {
+        self.breakers.iter().map(|b| b.report()).collect()
+    }
+}
+
+fn admit(breaker: Option<&Arc<Breaker>>) -> Result<Ticket, Refusal> {
+    let Some(breaker) = breaker else {
+        return Ok(Ticket {
+            breaker: None,
+            probe: false,
+        });
+    };
+    let mut state = breaker.lock();
+    let Some(outage) = &state.outage else {
+        return Ok(Ticket {
+            breaker: Some(breaker.clone()),
+            probe: false,
+        });
+    };
+    let now = Instant::now();
+    if !state.probing && now >= outage.retry_at {
+        state.probing = true;
+        tracing::info!(source = %breaker.source, "source is down; probing whether it is back");
+        return Ok(Ticket {
+            breaker: Some(breaker.clone()),
+            probe: true,
+        });
+    }
+    Err(Refusal {
+        name: breaker.source.clone(),
+        down_for: elapsed_secs(state.since),
+        retry_in: outage.retry_at.saturating_duration_since(now).as_secs(),
+        last_error: state
+            .last_error
+            .as_ref()
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default(),
+    })
+}
+
+impl Breaker {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn success(&self, probe: bool) {
+        let mut state = self.lock();
+        state.failures = 0;
+        if probe {
+            state.probing = false;
+        }
+        if state.outage.take().is_some() {
+            let down_for = elapsed_secs(state.since);
+            state.since = SystemTime::now();
+            tracing::info!(source = %self.source, down_for_seconds = down_for, "source is up again");
+        }
+    }
+
+    fn failure(&self, probe: bool, error: &str) {
+        let mut state = self.lock();
+        state.failures = state.failures.saturating_add(1);
+        state.last_error = Some((SystemTime::now(), error.to_string()));
+        if probe {
+            state.probing = false;
+        }
+        let max = self.settings.backoff_max.max(self.settings.backoff);
+        let failures = state.failures;
+        match state.outage.as_mut() {
+            // Only a failed probe lengthens the back-off: calls admitted before the
+            // source went down may still be failing in.
+            Some(outage) if probe => {
+                outage.backoff = (outage.backoff * 2).min(max);
+                outage.retry_at = Instant::now() + outage.backoff;
+                tracing::warn!(
+                    source = %self.source, %error, next_probe_in_seconds = outage.backoff.as_secs(),
+                    "probe failed; source stays down"
+                );
+            }
+            Some(_) => {}
+            None if failures >= self.settings.failures.max(1) => {
+                let backoff = self.settings.backoff.min(max);
+                state.outage = Some(Outage {
+                    retry_at: Instant::now() + backoff,
+                    backoff,
+                });
+                state.since = SystemTime::now();
+                tracing::warn!(
+                    source = %self.source, failures, %error, next_probe_in_seconds = backoff.as_secs(),
+                    "source marked down; answering from the store without waiting for it"
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let state = self.lock();
+        let now = Instant::now();
+        serde_json::json!({
+            "state": if state.outage.is_some() { "down" } else { "up" },
+            "since": humantime::format_rfc3339_seconds(state.since).to_string(),
+            "for_seconds": elapsed_secs(state.since),
+            "consecutive_failures": state.failures,
+            "last_error": state.last_error.as_ref().map(|(_, e)| e.clone()),
+            "last_error_at": state.last_error.as_ref()
+                .map(|(at, _)| humantime::format_rfc3339_seconds(*at).to_string()),
+            "next_probe_in_seconds": state.outage.as_ref()
+                .map(|o| o.retry_at.saturating_duration_since(now).as_secs()),
+        })
+    }
+}
+
+impl Ticket {
+    /// The upstream answered (any status but 5xx).
+    pub fn success(mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.success(self.probe);
+        }
+    }
+
+    /// The upstream could not be reached, timed out or answered 5xx.
+    pub fn failure(mut self, error: &str) {
+        if let Some(b) = self.breaker.take() {
+            b.failure(self.probe, error);
+        }
+    }
+
+    /// Whether this call is the one probe of a source that is down.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(b) = self.breaker.take() {
+            if self.probe {
+                b.lock().probing = false;
+            }
+        }
+    }
+}
+
+fn elapsed_secs(since: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(since)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn health(failures: u32, backoff_ms: u64) -> Health {
+        let config = Config {
+            upstream: Some("https://registry.test".into()),
+            ..Config::default()
+        };
+        let settings = HealthSettings {
+            failures,
+            backoff: Duration::from_millis(backoff_ms),
+            backoff_max: Duration::from_millis(backoff_ms * 4),
+        };
+        Health::new(&config.sources().unwrap(), &settings)
+    }
+
+    #[test]
+    fn urls_map_to_their_source_by_whole_segments() {
+        let h = health(1, 1000);
+        assert!(h
+            .for_url("https://registry.test/user/a%2Fb%2F1.0.0.zip")
+            .is_some());
+        assert!(h.for_url("https://registry.test/symbols.zip").is_some());
+        assert!(h.for_url("https://registry.test").is_some());
+        assert!(h.for_url("https://registry.testing/x").is_none());
+        assert!(h.for_url("https://other.test/x").is_none());
+    }
+
+    #[test]
+    fn consecutive_failures_open_the_breaker_and_a_success_resets_the_count() {
+        let h = health(2, 60_000);
+        let url = "https://registry.test/symbols.zip";
+        h.admit_url(url).unwrap().failure("boom");
+        h.admit_url(url).unwrap().success();
+        h.admit_url(url).unwrap().failure("boom");
+        assert!(!h.is_down_url(url), "failures must be consecutive");
+        h.admit_url(url).unwrap().failure("boom again");
+        assert!(h.is_down_url(url));
+        let refusal = h.admit_url(url).unwrap_err();
+        assert_eq!(refusal.name, "default");
+        assert_eq!(refusal.last_error, "boom again");
+        assert_eq!(h.report()[0]["state"], "down");
+    }
+
+    #[test]
+    fn one_probe_at_a_time_and_a_failed_probe_backs_off_longer() {
+        let h = health(1, 30);
+        let url = "https://registry.test/symbols.zip";
+        h.admit_url(url).unwrap().failure("down");
+        assert!(h.admit_url(url).is_err(), "within the back-off");
+        std::thread::sleep(Duration::from_millis(40));
+        let probe = h.admit_url(url).unwrap();
+        assert!(probe.is_probe());
+        assert!(h.admit_url(url).is_err(), "a second probe while one is out");
+        probe.failure("still down");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(h.admit_url(url).is_err(), "back-off doubled to 60 ms");
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = h.admit_url(url).unwrap();
+        drop(probe); // abandoned: the slot is free again
+        let probe = h.admit_url(url).unwrap();
+        probe.success();
+        assert!(!h.is_down_url(url));
+        assert!(!h.admit_url(url).unwrap().is_probe());
+        assert_eq!(h.report()[0]["state"], "up");
+    }
+}
