@@ -39,6 +39,8 @@ pub struct Config {
     pub index: IndexSettings,
     /// Fetch an archive's dependencies (from the index) in the background when it is requested.
     pub prefetch: bool,
+    /// Never contact an upstream: index from the mirror, archives from the store.
+    pub offline: bool,
 }
 
 /// The index mirror and what is read from it.
@@ -99,6 +101,11 @@ pub struct Storage {
     pub memory_item_max: ByteSize,
     /// Largest archive the gateway will fetch and store; a larger upstream body is refused.
     pub archive_max: ByteSize,
+    /// Keep the disk store within this size (least recently used evicted first).
+    pub max_size: Option<ByteSize>,
+    /// How often the store size is checked against `max_size`.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
 }
 
 impl Default for Config {
@@ -118,6 +125,8 @@ impl Default for Config {
                 memory: ByteSize::mib(256),
                 memory_item_max: ByteSize::mib(4),
                 archive_max: ByteSize::gib(4),
+                max_size: None,
+                gc_interval: Duration::from_secs(60),
             },
             index: IndexSettings {
                 max_age: Duration::from_secs(30),
@@ -127,6 +136,7 @@ impl Default for Config {
                 prefetch_jobs: 4,
             },
             prefetch: true,
+            offline: false,
         }
     }
 }
@@ -148,6 +158,8 @@ pub struct Overrides {
     pub upstream: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline: Option<bool>,
 }
 
 impl Config {

@@ -6,13 +6,18 @@
 
 pub mod archive;
 pub mod body;
+pub mod bundle;
+pub mod cache_admin;
 pub mod config;
 pub mod index;
+pub mod offline;
 pub mod passthrough;
+pub mod progress;
 pub mod router;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod warm;
 
 /// How the gateway names itself on its own upstream fetches (forwarded requests keep
 /// the client's User-Agent).

@@ -1,12 +1,16 @@
-//! The `moonbit-registry` command line: `serve` runs the gateway.
+//! The `moonbit-registry` command line: `serve` runs the gateway; `warm`,
+//! `export`, `import`, `keygen` and `cache` prepare and look after its store
+//! (each command's logic lives in its own module).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use moonbit_registry::config::{Config, Overrides};
+use moonbit_registry::index::selection::{Pattern, Selection};
 use tracing_subscriber::EnvFilter;
 
 /// A caching gateway for the MoonBit package registry (mooncakes.io).
@@ -21,6 +25,146 @@ struct Cli {
 enum Command {
     /// Serve the registry endpoint (point MOONCAKES_REGISTRY at it).
     Serve(ServeArgs),
+    /// Refresh the index and download selected archives ahead of time.
+    Warm(WarmArgs),
+    /// Write the index and selected archives to one file for an air-gapped machine.
+    Export(ExportArgs),
+    /// Verify a bundle written by `export` and add it to the store and index mirror.
+    Import(ImportArgs),
+    /// Make an ed25519 key pair for signing bundles (FILE and FILE.pub).
+    Keygen {
+        /// Private key file to create (mode 0600); the public key goes to FILE.pub
+        #[arg(value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Look after the store: list, verify, collect garbage.
+    Cache(CacheArgs),
+}
+
+/// Where the data dir and the upstream are, for every command but `keygen`.
+#[derive(clap::Args)]
+struct Common {
+    /// Where the store lives [default: the platform cache dir; env MOONBIT_REGISTRY_DATA_DIR]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML config file [default: ./moonbit-registry.toml if present]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Registry base URL of the default source [default: https://mooncakes.io]
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Extra CA certificate (PEM) to trust for upstream TLS, on top of the system roots
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
+}
+
+impl Common {
+    fn load(self) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            data_dir: self.data_dir,
+            upstream: self.upstream,
+            upstream_ca: self.upstream_ca,
+            ..Overrides::default()
+        };
+        Config::load(self.config.as_deref(), overrides)
+    }
+}
+
+/// Which module versions to act on.
+#[derive(clap::Args)]
+struct SelectArgs {
+    /// alice/*, alice/json, alice/json@0.3.1, alice/json@^0.3
+    #[arg(value_name = "PATTERN")]
+    patterns: Vec<String>,
+    /// Only the newest selected version of each module
+    #[arg(long)]
+    latest: bool,
+    /// The dependencies of this moon.mod.json, transitively
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
+    /// Downloads at once
+    #[arg(long, value_name = "N", default_value_t = moonbit_registry::warm::DEFAULT_JOBS)]
+    jobs: usize,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> anyhow::Result<Selection> {
+        Ok(Selection {
+            patterns: self
+                .patterns
+                .iter()
+                .map(|p| Pattern::parse(p))
+                .collect::<anyhow::Result<_>>()?,
+            latest: self.latest,
+            from: self
+                .from
+                .as_deref()
+                .map(moonbit_registry::warm::check_from)
+                .transpose()?,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct WarmArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: SelectArgs,
+    /// List what would be fetched, and its size if known; download nothing
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: SelectArgs,
+    /// The bundle file to write
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Sign the bundle with this ed25519 private key (from `keygen`)
+    #[arg(long, value_name = "KEY")]
+    sign_key: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The bundle written by `export`
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Accept only bundles signed by this ed25519 public key (KEY.pub from `keygen`)
+    #[arg(long, value_name = "PUBKEY")]
+    trust_key: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Module, version, size and last use of every stored entry
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every entry; corrupt ones are reported and removed (exit status 1)
+    Verify,
+    /// Evict least recently used entries until the store fits in SIZE
+    Gc {
+        /// e.g. "2 GiB", "500MB"
+        #[arg(long, value_name = "SIZE")]
+        max_size: ByteSize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -40,6 +184,9 @@ struct ServeArgs {
     /// Extra CA certificate (PEM) to trust for upstream TLS, on top of the system roots
     #[arg(long, value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
+    /// Never contact an upstream: index from the mirror, archives from the store
+    #[arg(long)]
+    offline: bool,
 }
 
 fn main() -> ExitCode {
@@ -53,10 +200,17 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args).map(|()| true),
+        Command::Warm(args) => warm(args),
+        Command::Export(args) => export(args),
+        Command::Import(args) => import(args),
+        Command::Keygen { out } => keygen(&out),
+        Command::Cache(args) => cache(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // The command printed what failed.
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             // One line, with every cause, e.g. "could not listen on ...: Address in use".
             eprintln!("moonbit-registry: error: {e:#}");
@@ -71,8 +225,89 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         upstream: args.upstream,
         upstream_ca: args.upstream_ca,
+        offline: args.offline.then_some(true),
     };
     let config = Config::load(args.config.as_deref(), overrides)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(moonbit_registry::server::serve(config))
+}
+
+/// Run a command to its end, or stop it on Ctrl-C / SIGTERM: what was committed
+/// stays, what was in flight is dropped (nothing half-written becomes visible).
+fn interruptible(
+    work: impl std::future::Future<Output = anyhow::Result<bool>>,
+) -> anyhow::Result<bool> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = work => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; completed downloads are kept, run it again to resume"),
+            _ = term.recv() => anyhow::bail!("terminated; completed downloads are kept, run it again to resume"),
+        }
+    })
+}
+
+fn warm(args: WarmArgs) -> anyhow::Result<bool> {
+    let selection = args.select.selection()?;
+    let config = args.common.load()?;
+    interruptible(moonbit_registry::warm::run(
+        config,
+        selection,
+        args.select.jobs,
+        args.dry_run,
+    ))
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<bool> {
+    let selection = args.select.selection()?;
+    let out = moonbit_registry::bundle::export::check_out(&args.out)?;
+    let config = args.common.load()?;
+    interruptible(moonbit_registry::bundle::export::run(
+        config,
+        selection,
+        args.select.jobs,
+        &out,
+        args.sign_key.as_deref(),
+    ))
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<bool> {
+    let config = args.common.load()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(moonbit_registry::bundle::import::run(
+        config,
+        &args.file,
+        args.trust_key.as_deref(),
+    ))?;
+    Ok(true)
+}
+
+fn keygen(out: &std::path::Path) -> anyhow::Result<bool> {
+    let public = moonbit_registry::bundle::signing::keygen(out)?;
+    println!("private key: {} (keep it secret)", out.display());
+    println!(
+        "public key:  {} (give it to importers: --trust-key)",
+        public.display()
+    );
+    Ok(true)
+}
+
+fn cache(args: CacheArgs) -> anyhow::Result<bool> {
+    let config = args.common.load()?;
+    let store_dir = config.data_dir.join("store");
+    if !store_dir.is_dir() {
+        anyhow::bail!("no store at {}", store_dir.display());
+    }
+    Ok(match args.action {
+        CacheAction::List { json } => {
+            moonbit_registry::cache_admin::list(&store_dir, json);
+            true
+        }
+        CacheAction::Verify => moonbit_registry::cache_admin::verify(&store_dir) == 0,
+        CacheAction::Gc { max_size } => {
+            moonbit_registry::cache_admin::gc(&store_dir, max_size.as_u64());
+            true
+        }
+    })
 }

@@ -110,6 +110,8 @@ pub struct Gateway {
     pub store: Arc<Store>,
     pub index: Arc<Index>,
     pub prefetch: bool,
+    /// `serve --offline`: no route may reach an upstream (see `offline.rs`).
+    pub offline: bool,
 }
 
 impl Gateway {
@@ -144,6 +146,9 @@ impl Gateway {
     }
 
     async fn dispatch(&self, route: Route, req: Request<Incoming>) -> Response<GatewayBody> {
+        if self.offline && route != Route::Health {
+            return self.dispatch_offline(route, req).await;
+        }
         let head = req.method() == Method::HEAD;
         match route {
             Route::Health => body::json(

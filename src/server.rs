@@ -55,19 +55,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         &sources,
         settings,
     ));
-    index.start().await;
+    if config.offline {
+        index.start_offline().await;
+    } else {
+        index.start().await;
+    }
+    let store = Arc::new(store);
+    if let Some(max) = config.storage.max_size {
+        store.keep_within(max.as_u64(), config.storage.gc_interval);
+    }
     let gateway = Arc::new(Gateway {
         sources,
         upstream,
-        store: Arc::new(store),
+        store,
         index,
         prefetch: config.prefetch,
+        offline: config.offline,
     });
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "moonbit-registry listening");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), offline = config.offline, "moonbit-registry listening");
     for s in &gateway.sources {
         tracing::info!(
             source = %s.name, registry = %s.registry, index = %s.index,
