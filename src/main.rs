@@ -45,16 +45,16 @@ enum Command {
 #[derive(clap::Args)]
 struct Common {
     /// Where the store lives [default: the platform cache dir; env MOONBIT_REGISTRY_DATA_DIR]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// TOML config file [default: ./moonbit-registry.toml if present]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Registry base URL of the default source [default: https://mooncakes.io]
-    #[arg(long, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL")]
     upstream: Option<String>,
     /// Extra CA certificate (PEM) to trust for upstream TLS, on top of the system roots
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
 }
 

@@ -21,6 +21,8 @@ const CLOSURE_MAX: usize = 100_000;
 
 /// `(user/module, version)`.
 type NameVersion = (String, String);
+/// The selected `(name, version)`s, and `(name@version, reason)` for what is missing.
+type ManifestClosure = (Vec<NameVersion>, Vec<(String, String)>);
 
 /// What the operator asked for on the command line.
 #[derive(Debug, Clone, Default)]
@@ -175,10 +177,7 @@ impl Index {
 
     /// The dependencies of the module described by `path`, transitively, with
     /// minimal version selection; and the requirements the index cannot satisfy.
-    fn closure_of_manifest(
-        &self,
-        path: &Path,
-    ) -> anyhow::Result<(Vec<NameVersion>, Vec<(String, String)>)> {
+    fn closure_of_manifest(&self, path: &Path) -> anyhow::Result<ManifestClosure> {
         let size = std::fs::metadata(path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .len();

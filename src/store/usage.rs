@@ -31,10 +31,8 @@ pub fn touch(store_dir: &Path, sha256: &str) {
         return;
     };
     tokio::task::spawn_blocking(move || {
-        let result = std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(SystemTime::now()));
+        // Read-only open: setting times needs ownership, not write permission.
+        let result = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
         if let Err(e) = result {
             tracing::debug!(path = %path.display(), error = %e, "could not record last use");
         }
