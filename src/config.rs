@@ -47,6 +47,8 @@ pub struct Config {
     pub prefetch: bool,
     pub freshness: FreshnessSettings,
     pub health: HealthSettings,
+    /// Never contact an upstream: index from the mirror, archives from the store.
+    pub offline: bool,
 }
 
 /// Mutable resources (`symbols.zip`): RFC 9111 on top of RFC 5861, and 404 memory.
@@ -176,6 +178,11 @@ pub struct Storage {
     pub memory_item_max: ByteSize,
     /// Largest archive the gateway will fetch and store; a larger upstream body is refused.
     pub archive_max: ByteSize,
+    /// Keep the disk store within this size (least recently used evicted first).
+    pub max_size: Option<ByteSize>,
+    /// How often the store size is checked against `max_size`.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
 }
 
 impl Default for Config {
@@ -196,6 +203,8 @@ impl Default for Config {
                 memory: ByteSize::mib(256),
                 memory_item_max: ByteSize::mib(4),
                 archive_max: ByteSize::gib(4),
+                max_size: None,
+                gc_interval: Duration::from_secs(60),
             },
             index: IndexSettings {
                 max_age: Duration::from_secs(30),
@@ -223,6 +232,7 @@ impl Default for Config {
                 backoff: Duration::from_secs(5),
                 backoff_max: Duration::from_secs(300),
             },
+            offline: false,
         }
     }
 }
@@ -246,6 +256,8 @@ pub struct Overrides {
     pub upstream_ca: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline: Option<bool>,
 }
 
 impl Config {

@@ -37,6 +37,7 @@ use crate::body::{self, GatewayBody};
 use crate::config::FreshnessSettings;
 use crate::passthrough::strip_hop_by_hop;
 use crate::store::disk::{Disk, Entry};
+use crate::store::usage::InUse;
 use crate::upstream::{next_chunk, Upstream};
 
 /// Response headers never kept with a stored copy: per-message or per-user.
@@ -96,6 +97,7 @@ pub struct MutableCache {
     settings: FreshnessSettings,
     /// One upstream exchange per URL at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    in_use: InUse,
 }
 
 impl MutableCache {
@@ -117,10 +119,22 @@ impl MutableCache {
             upstream,
             settings,
             locks: Mutex::new(HashMap::new()),
+            in_use: InUse::default(),
         })
     }
 
     /// Answer a GET or HEAD for the mutable resource at upstream `url`.
+    /// The stored copy of `url`, without contacting the upstream (`serve --offline`).
+    pub async fn respond_stored(
+        &self,
+        url: &str,
+        client: &HeaderMap,
+        head: bool,
+    ) -> Option<Response<GatewayBody>> {
+        let rec = self.load(url).await?;
+        Some(self.serve(&rec, client, head, Served::Hit).await)
+    }
+
     pub async fn respond(
         self: &Arc<Self>,
         url: &str,
@@ -454,7 +468,9 @@ impl MutableCache {
                 },
                 Err(e) => return self.broken_record(rec, e.to_string()).await,
             };
-            match self.content.stream(&entry).await {
+            // Nothing collects garbage in this store; the hold only satisfies the stream's contract.
+            let hold = self.in_use.hold(&entry.sha256());
+            match self.content.stream(&rec.url, &entry, hold).await {
                 Ok(body) => body,
                 Err(e) => return self.broken_record(rec, e.to_string()).await,
             }

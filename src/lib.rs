@@ -8,12 +8,16 @@
 
 pub mod archive;
 pub mod body;
+pub mod bundle;
+pub mod cache_admin;
 pub mod config;
 pub mod freshness;
 pub mod health;
 pub mod index;
 pub mod intercept;
+pub mod offline;
 pub mod passthrough;
+pub mod progress;
 pub mod proxy;
 pub mod router;
 pub mod server;
@@ -21,6 +25,7 @@ pub mod store;
 pub mod trust;
 pub mod tunnel;
 pub mod upstream;
+pub mod warm;
 
 /// How the gateway names itself on its own upstream fetches (forwarded requests keep
 /// the client's User-Agent).

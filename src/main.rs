@@ -1,12 +1,16 @@
-//! The `moonbit-registry` command line: `serve` runs the gateway.
+//! The `moonbit-registry` command line: `serve` runs the gateway; `warm`,
+//! `export`, `import`, `keygen` and `cache` prepare and look after its store
+//! (each command's logic lives in its own module).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use moonbit_registry::config::{Config, Overrides};
+use moonbit_registry::index::selection::{Pattern, Selection};
 use moonbit_registry::server::load_ca;
 use moonbit_registry::trust::write_ca_bundle;
 use tracing_subscriber::EnvFilter;
@@ -21,16 +25,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the registry endpoint (MOONCAKES_REGISTRY=http://ADDR) and the forward
-    /// proxy (HTTPS_PROXY=http://ADDR) on one listener.
+    /// Serve the registry endpoint (point MOONCAKES_REGISTRY at it).
     Serve(ServeArgs),
+    /// Refresh the index and download selected archives ahead of time.
+    Warm(WarmArgs),
+    /// Write the index and selected archives to one file for an air-gapped machine.
+    Export(ExportArgs),
+    /// Verify a bundle written by `export` and add it to the store and index mirror.
+    Import(ImportArgs),
+    /// Make an ed25519 key pair for signing bundles (FILE and FILE.pub).
+    Keygen {
+        /// Private key file to create (mode 0600); the public key goes to FILE.pub
+        #[arg(value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Look after the store: list, verify, collect garbage.
+    Cache(CacheArgs),
     /// Print the path of the interception CA certificate (creating the CA if needed).
     Ca {
         /// Print the certificate itself (PEM) instead of its path.
         #[arg(long)]
         pem: bool,
         #[command(flatten)]
-        common: CommonArgs,
+        common: Common,
     },
     /// Print shell exports that make a CI job use the gateway as its proxy:
     /// eval "$(moonbit-registry env)"
@@ -38,34 +55,138 @@ enum Command {
         /// Proxy URL to export [default: from the listen address]
         #[arg(long, value_name = "URL")]
         proxy: Option<String>,
+        /// Address the gateway listens on [default: 127.0.0.1:8080; env MOONBIT_REGISTRY_LISTEN]
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
         #[command(flatten)]
-        common: CommonArgs,
+        common: Common,
     },
 }
 
-/// Options every subcommand that reads the configuration takes.
+/// Where the data dir and the upstream are, for every command but `keygen`.
 #[derive(clap::Args)]
-struct CommonArgs {
-    /// Where the store and the CA live [default: the platform cache dir; env MOONBIT_REGISTRY_DATA_DIR]
-    #[arg(long, value_name = "DIR")]
+struct Common {
+    /// Where the store lives [default: the platform cache dir; env MOONBIT_REGISTRY_DATA_DIR]
+    #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// TOML config file [default: ./moonbit-registry.toml if present]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address the gateway listens on [default: 127.0.0.1:8080; env MOONBIT_REGISTRY_LISTEN]
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
+    /// Registry base URL of the default source [default: https://mooncakes.io]
+    #[arg(long, global = true, value_name = "URL")]
+    upstream: Option<String>,
+    /// Extra CA certificate (PEM) to trust for upstream TLS, on top of the system roots
+    #[arg(long, global = true, value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
 }
 
-impl CommonArgs {
+impl Common {
     fn load(self) -> anyhow::Result<Config> {
         let overrides = Overrides {
-            listen: self.listen,
             data_dir: self.data_dir,
+            upstream: self.upstream,
+            upstream_ca: self.upstream_ca,
             ..Overrides::default()
         };
         Config::load(self.config.as_deref(), overrides)
     }
+}
+
+/// Which module versions to act on.
+#[derive(clap::Args)]
+struct SelectArgs {
+    /// alice/*, alice/json, alice/json@0.3.1, alice/json@^0.3
+    #[arg(value_name = "PATTERN")]
+    patterns: Vec<String>,
+    /// Only the newest selected version of each module
+    #[arg(long)]
+    latest: bool,
+    /// The dependencies of this moon.mod.json, transitively
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
+    /// Downloads at once
+    #[arg(long, value_name = "N", default_value_t = moonbit_registry::warm::DEFAULT_JOBS)]
+    jobs: usize,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> anyhow::Result<Selection> {
+        Ok(Selection {
+            patterns: self
+                .patterns
+                .iter()
+                .map(|p| Pattern::parse(p))
+                .collect::<anyhow::Result<_>>()?,
+            latest: self.latest,
+            from: self
+                .from
+                .as_deref()
+                .map(moonbit_registry::warm::check_from)
+                .transpose()?,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct WarmArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: SelectArgs,
+    /// List what would be fetched, and its size if known; download nothing
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: SelectArgs,
+    /// The bundle file to write
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Sign the bundle with this ed25519 private key (from `keygen`)
+    #[arg(long, value_name = "KEY")]
+    sign_key: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The bundle written by `export`
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Accept only bundles signed by this ed25519 public key (KEY.pub from `keygen`)
+    #[arg(long, value_name = "PUBKEY")]
+    trust_key: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Module, version, size and last use of every stored entry
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every entry; corrupt ones are reported and removed (exit status 1)
+    Verify,
+    /// Evict least recently used entries until the store fits in SIZE
+    Gc {
+        /// e.g. "2 GiB", "500MB"
+        #[arg(long, value_name = "SIZE")]
+        max_size: ByteSize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -85,6 +206,9 @@ struct ServeArgs {
     /// Extra CA certificate (PEM) to trust for upstream TLS, on top of the system roots
     #[arg(long, value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
+    /// Never contact an upstream: index from the mirror, archives from the store
+    #[arg(long)]
+    offline: bool,
     /// Also accept TLS redirected by the network (transparent gateway) on ADDR
     #[arg(long, value_name = "ADDR")]
     transparent_listen: Option<SocketAddr>,
@@ -101,12 +225,23 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Ca { pem, common } => ca(pem, common),
-        Command::Env { proxy, common } => env(proxy, common),
+        Command::Serve(args) => serve(args).map(|()| true),
+        Command::Warm(args) => warm(args),
+        Command::Export(args) => export(args),
+        Command::Import(args) => import(args),
+        Command::Keygen { out } => keygen(&out),
+        Command::Cache(args) => cache(args),
+        Command::Ca { pem, common } => ca(pem, common).map(|()| true),
+        Command::Env {
+            proxy,
+            listen,
+            common,
+        } => env(proxy, listen, common).map(|()| true),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // The command printed what failed.
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             // One line, with every cause, e.g. "could not listen on ...: Address in use".
             eprintln!("moonbit-registry: error: {e:#}");
@@ -121,6 +256,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         upstream: args.upstream,
         upstream_ca: args.upstream_ca,
+        offline: args.offline.then_some(true),
         transparent_listen: args.transparent_listen,
     };
     let config = Config::load(args.config.as_deref(), overrides)?;
@@ -128,7 +264,87 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(moonbit_registry::server::serve(config))
 }
 
-fn ca(pem: bool, common: CommonArgs) -> anyhow::Result<()> {
+/// Run a command to its end, or stop it on Ctrl-C / SIGTERM: what was committed
+/// stays, what was in flight is dropped (nothing half-written becomes visible).
+fn interruptible(
+    work: impl std::future::Future<Output = anyhow::Result<bool>>,
+) -> anyhow::Result<bool> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = work => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; completed downloads are kept, run it again to resume"),
+            _ = term.recv() => anyhow::bail!("terminated; completed downloads are kept, run it again to resume"),
+        }
+    })
+}
+
+fn warm(args: WarmArgs) -> anyhow::Result<bool> {
+    let selection = args.select.selection()?;
+    let config = args.common.load()?;
+    interruptible(moonbit_registry::warm::run(
+        config,
+        selection,
+        args.select.jobs,
+        args.dry_run,
+    ))
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<bool> {
+    let selection = args.select.selection()?;
+    let out = moonbit_registry::bundle::export::check_out(&args.out)?;
+    let config = args.common.load()?;
+    interruptible(moonbit_registry::bundle::export::run(
+        config,
+        selection,
+        args.select.jobs,
+        &out,
+        args.sign_key.as_deref(),
+    ))
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<bool> {
+    let config = args.common.load()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(moonbit_registry::bundle::import::run(
+        config,
+        &args.file,
+        args.trust_key.as_deref(),
+    ))?;
+    Ok(true)
+}
+
+fn keygen(out: &std::path::Path) -> anyhow::Result<bool> {
+    let public = moonbit_registry::bundle::signing::keygen(out)?;
+    println!("private key: {} (keep it secret)", out.display());
+    println!(
+        "public key:  {} (give it to importers: --trust-key)",
+        public.display()
+    );
+    Ok(true)
+}
+
+fn cache(args: CacheArgs) -> anyhow::Result<bool> {
+    let config = args.common.load()?;
+    let store_dir = config.data_dir.join("store");
+    if !store_dir.is_dir() {
+        anyhow::bail!("no store at {}", store_dir.display());
+    }
+    Ok(match args.action {
+        CacheAction::List { json } => {
+            moonbit_registry::cache_admin::list(&store_dir, json);
+            true
+        }
+        CacheAction::Verify => moonbit_registry::cache_admin::verify(&store_dir) == 0,
+        CacheAction::Gc { max_size } => {
+            moonbit_registry::cache_admin::gc(&store_dir, max_size.as_u64());
+            true
+        }
+    })
+}
+
+fn ca(pem: bool, common: Common) -> anyhow::Result<()> {
     let config = common.load()?;
     let ca = load_ca(&config, &config.sources()?, true)?;
     if pem {
@@ -139,8 +355,11 @@ fn ca(pem: bool, common: CommonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn env(proxy: Option<String>, common: CommonArgs) -> anyhow::Result<()> {
-    let config = common.load()?;
+fn env(proxy: Option<String>, listen: Option<SocketAddr>, common: Common) -> anyhow::Result<()> {
+    let mut config = common.load()?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
     let ca = load_ca(&config, &config.sources()?, true)?;
     let bundle = config.data_dir.join("ca").join("bundle.pem");
     write_ca_bundle(&ca.files.cert, &bundle)?;

@@ -121,6 +121,8 @@ pub struct Gateway {
     pub proxy_auth: Option<String>,
     /// Mutable resources (`symbols.zip`), revalidated and served stale on failure.
     pub mutable: Arc<MutableCache>,
+    /// `serve --offline`: no route may reach an upstream (see `offline.rs`).
+    pub offline: bool,
 }
 
 /// Which way a request came in, and so which source answers for it.
@@ -199,6 +201,9 @@ impl Gateway {
         source: usize,
     ) -> Response<GatewayBody> {
         let src = &self.sources[source];
+        if self.offline && route != Route::Health {
+            return self.dispatch_offline(route, req, source).await;
+        }
         let head = req.method() == Method::HEAD;
         match route {
             Route::Health => body::json(

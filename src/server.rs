@@ -43,12 +43,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_health(health.clone());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("could not create data dir {}", config.data_dir.display()))?;
-    let limits = Limits {
-        archive_max: config.storage.archive_max.as_u64(),
-        bad_archive_ttl: config.index.bad_archive_ttl,
-        prefetch_jobs: config.index.prefetch_jobs,
-        not_found_ttl: config.freshness.not_found_ttl,
-    };
+    let limits = Limits::from_config(&config);
     let store = Store::open(&config.data_dir, &config.storage, limits, upstream.clone())?;
     let ca_bundle = match &config.upstream_ca {
         Some(ca) => {
@@ -58,19 +53,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let settings = MirrorSettings {
-        max_age: config.index.max_age,
-        retry_after: config.index.retry_after,
-        fetch_timeout: config.index.fetch_timeout,
-        ca_bundle,
-        health,
-    };
+    let settings = MirrorSettings::from_config(&config, ca_bundle, health);
     let index = Arc::new(Index::new(
         config.data_dir.join("index"),
         &sources,
         settings,
     ));
-    index.start().await;
+    if config.offline {
+        index.start_offline().await;
+    } else {
+        index.start().await;
+    }
+    let store = Arc::new(store);
+    if let Some(max) = config.storage.max_size {
+        store.keep_within(max.as_u64(), config.storage.gc_interval);
+    }
     let interceptor = if Interceptor::all_hosts(&sources).is_empty() {
         tracing::info!(
             "no source names a host to intercept; CONNECTs are tunnelled by policy only"
@@ -97,19 +94,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let gateway = Arc::new(Gateway {
         sources,
         upstream,
-        store: Arc::new(store),
+        store,
         index,
         prefetch: config.prefetch,
         interceptor,
         tunnel,
         proxy_auth: config.proxy.auth.clone(),
         mutable,
+        offline: config.offline,
     });
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "moonbit-registry listening");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), offline = config.offline, "moonbit-registry listening");
     for s in &gateway.sources {
         tracing::info!(
             source = %s.name, registry = %s.registry, index = %s.index,

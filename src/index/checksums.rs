@@ -59,6 +59,19 @@ impl Checksums {
         self.modules.get(name)?.get(version)
     }
 
+    /// Every module name, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.modules.keys().map(String::as_str)
+    }
+
+    /// Every published version of `name`.
+    pub fn versions(&self, name: &str) -> impl Iterator<Item = (&str, &Release)> {
+        self.modules
+            .get(name)
+            .into_iter()
+            .flat_map(|m| m.iter().map(|(v, r)| (v.as_str(), r)))
+    }
+
     pub fn modules(&self) -> usize {
         self.modules.len()
     }
@@ -106,9 +119,16 @@ fn parse_line(raw: &str) -> Result<(String, Release), String> {
             "checksum `{checksum}` is not 64 lowercase hex digits"
         ));
     }
-    let mut deps = Vec::new();
-    for (dep, spec) in line.deps.unwrap_or_default() {
-        // A bare version or {"version": ...}; path and git deps are not registry downloads.
+    let deps = registry_deps(line.deps.unwrap_or_default());
+    Ok((line.version, Release { checksum, deps }))
+}
+
+/// The registry dependencies of a `deps` object (an index line's or a
+/// `moon.mod.json`'s): a bare version or `{"version": ...}`; path and git
+/// dependencies are not registry downloads.
+pub fn registry_deps(deps: serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (dep, spec) in deps {
         let version = match &spec {
             serde_json::Value::String(v) => Some(v.clone()),
             serde_json::Value::Object(o) if !o.contains_key("path") && !o.contains_key("git") => o
@@ -118,10 +138,10 @@ fn parse_line(raw: &str) -> Result<(String, Release), String> {
             _ => None,
         };
         if let Some(version) = version {
-            deps.push((dep, version));
+            out.push((dep, version));
         }
     }
-    Ok((line.version, Release { checksum, deps }))
+    out
 }
 
 /// The module name of an index file path: `user/bob/lex/runtime.index` -> `bob/lex/runtime`.

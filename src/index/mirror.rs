@@ -54,6 +54,23 @@ pub struct MirrorSettings {
     pub health: Arc<Health>,
 }
 
+impl MirrorSettings {
+    /// The settings `config` asks for; `ca_bundle` when an extra upstream CA is set.
+    pub fn from_config(
+        config: &crate::config::Config,
+        ca_bundle: Option<PathBuf>,
+        health: Arc<crate::health::Health>,
+    ) -> MirrorSettings {
+        MirrorSettings {
+            max_age: config.index.max_age,
+            retry_after: config.index.retry_after,
+            fetch_timeout: config.index.fetch_timeout,
+            ca_bundle,
+            health,
+        }
+    }
+}
+
 struct RefreshState {
     /// When the last successful refresh *started*: only a refresh that started after
     /// a caller asked can have seen what was published before it asked.

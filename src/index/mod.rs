@@ -9,6 +9,8 @@
 
 pub mod checksums;
 pub mod mirror;
+pub mod offline;
+pub mod selection;
 pub mod serve;
 
 use std::path::PathBuf;

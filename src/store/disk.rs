@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::io::AsyncReadExt;
 
+use super::usage::Hold;
 use crate::body::{BoxError, GatewayBody};
 
 /// Chunk size for streaming from disk; `moon` reads in 64 KiB pieces too.
@@ -70,29 +71,70 @@ impl Disk {
             .map(Bytes::from)
     }
 
-    /// Stream an entry; the stream ends with an error instead of a clean end if the
-    /// bytes on disk no longer match their digest, so a client never sees them as complete.
-    pub async fn stream(&self, entry: &Entry) -> Result<GatewayBody, cacache::Error> {
+    /// Stream an entry. The last chunk is held back until the digest is checked:
+    /// if the bytes on disk no longer match, the transfer ends in an error (never
+    /// a clean end) and the entry is removed so the next request refetches it.
+    /// `hold` marks the content as in use until the body is dropped.
+    pub async fn stream(
+        &self,
+        key: &str,
+        entry: &Entry,
+        hold: Hold,
+    ) -> Result<GatewayBody, cacache::Error> {
         let reader = cacache::Reader::open_hash(&self.dir, entry.integrity.clone()).await?;
-        let chunks = stream::unfold(Some(reader), |state| async move {
-            let mut reader = state?;
-            let mut buf = vec![0u8; READ_CHUNK];
-            match reader.read(&mut buf).await {
-                Ok(0) => match reader.check() {
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::error!(error = %e, "stored entry is corrupt; transfer aborted");
-                        Some((Err(Box::new(e) as BoxError), None))
+        let state = Streaming {
+            reader,
+            pending: None,
+            disk: self.clone(),
+            key: key.to_string(),
+            entry: entry.clone(),
+            _hold: hold,
+        };
+        let chunks = stream::unfold(Some(state), |state| async move {
+            let mut s = state?;
+            loop {
+                let mut buf = vec![0u8; READ_CHUNK];
+                match s.reader.read(&mut buf).await {
+                    Ok(0) => {
+                        let Streaming {
+                            reader,
+                            pending,
+                            disk,
+                            key,
+                            entry,
+                            ..
+                        } = s;
+                        return match reader.check() {
+                            Ok(_) => pending.map(|last| (Ok(Frame::data(last)), None)),
+                            Err(e) => {
+                                tracing::error!(%key, sha256 = %entry.sha256(), error = %e, "stored entry is corrupt; transfer aborted, entry removed");
+                                disk.remove_corrupt(&key, &entry).await;
+                                Some((Err(Box::new(e) as BoxError), None))
+                            }
+                        };
                     }
-                },
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(Frame::data(Bytes::from(buf))), Some(reader)))
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if let Some(previous) = s.pending.replace(Bytes::from(buf)) {
+                            return Some((Ok(Frame::data(previous)), Some(s)));
+                        }
+                    }
+                    Err(e) => return Some((Err(Box::new(e) as BoxError), None)),
                 }
-                Err(e) => Some((Err(Box::new(e) as BoxError), None)),
             }
         });
         Ok(StreamBody::new(chunks).boxed_unsync())
+    }
+
+    /// Drop an entry whose bytes no longer match its digest: the index record and
+    /// the content, so a refetch writes fresh bytes.
+    pub async fn remove_corrupt(&self, key: &str, entry: &Entry) {
+        if let Err(e) = cacache::remove(&self.dir, key).await {
+            tracing::warn!(key, error = %e, "could not remove the broken entry's index record");
+        }
+        if let Err(e) = cacache::remove_hash(&self.dir, &entry.integrity).await {
+            tracing::warn!(key, error = %e, "could not remove the broken entry's content");
+        }
     }
 
     /// Start writing an entry. Nothing is visible under `key` until
@@ -108,4 +150,15 @@ impl Disk {
         }
         opts.open(&self.dir, key).await
     }
+}
+
+/// One disk read in progress: the chunk read last is `pending` until the next read
+/// shows it is not the final one, or the digest check clears it.
+struct Streaming {
+    reader: cacache::Reader,
+    pending: Option<Bytes>,
+    disk: Disk,
+    key: String,
+    entry: Entry,
+    _hold: Hold,
 }

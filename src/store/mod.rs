@@ -2,11 +2,15 @@
 //! tier, then one shared upstream fetch per key. Every answer says where it came
 //! from in `x-cache` (`hit` from the store, `miss` fetched now).
 
+pub mod ahead;
 pub mod disk;
+pub mod eviction;
 pub mod flight;
 pub mod memory;
 pub mod not_found;
+pub mod offline;
 pub mod quarantine;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,6 +66,17 @@ pub struct Limits {
     pub not_found_ttl: std::time::Duration,
 }
 
+impl Limits {
+    pub fn from_config(config: &crate::config::Config) -> Limits {
+        Limits {
+            archive_max: config.storage.archive_max.as_u64(),
+            bad_archive_ttl: config.index.bad_archive_ttl,
+            prefetch_jobs: config.index.prefetch_jobs,
+            not_found_ttl: config.freshness.not_found_ttl,
+        }
+    }
+}
+
 pub struct Store {
     disk: Disk,
     memory: Memory,
@@ -72,6 +87,8 @@ pub struct Store {
     quarantine: Quarantine,
     not_found: NotFound,
     prefetch_permits: tokio::sync::Semaphore,
+    /// Digests being streamed from disk; eviction leaves them alone.
+    in_use: usage::InUse,
 }
 
 impl Store {
@@ -82,15 +99,27 @@ impl Store {
         limits: Limits,
         upstream: Upstream,
     ) -> anyhow::Result<Store> {
-        let store_dir = data_dir.join("store");
         let spool_dir = data_dir.join("spool");
-        std::fs::create_dir_all(&store_dir)
-            .with_context(|| format!("could not create store at {}", store_dir.display()))?;
         // Spool files only live as long as a fetch; any left over are from a crash.
         if spool_dir.exists() {
             std::fs::remove_dir_all(&spool_dir)
                 .with_context(|| format!("could not clear {}", spool_dir.display()))?;
         }
+        Store::open_with_spool(data_dir, spool_dir, storage, limits, upstream)
+    }
+
+    /// Open the store with downloads spooled in `spool_dir`, which is left as it is:
+    /// for commands (`warm`, `export`) that may run beside a `serve` on the same data dir.
+    pub fn open_with_spool(
+        data_dir: &Path,
+        spool_dir: PathBuf,
+        storage: &Storage,
+        limits: Limits,
+        upstream: Upstream,
+    ) -> anyhow::Result<Store> {
+        let store_dir = data_dir.join("store");
+        std::fs::create_dir_all(&store_dir)
+            .with_context(|| format!("could not create store at {}", store_dir.display()))?;
         std::fs::create_dir_all(&spool_dir)
             .with_context(|| format!("could not create {}", spool_dir.display()))?;
         Ok(Store {
@@ -103,6 +132,7 @@ impl Store {
             not_found: NotFound::new(limits.not_found_ttl),
             prefetch_permits: tokio::sync::Semaphore::new(limits.prefetch_jobs.max(1)),
             limits,
+            in_use: usage::InUse::default(),
         })
     }
 
@@ -147,6 +177,7 @@ impl Store {
             .filter(|h| object.accepts(&h.sha256))
         {
             let len = hot.bytes.len() as u64;
+            usage::touch(self.disk.dir(), &hot.sha256);
             let body = if head {
                 body::empty()
             } else {
@@ -204,6 +235,7 @@ impl Store {
             tracing::warn!(key = %object.key, stored = %sha, "stored copy no longer matches the index; refetching");
             return None;
         }
+        usage::touch(self.disk.dir(), &sha);
         if head {
             return Some(object_response(
                 object,
@@ -226,7 +258,8 @@ impl Store {
                 Err(e) => return self.drop_corrupt(object, &entry, e).await,
             }
         } else {
-            match self.disk.stream(&entry).await {
+            let hold = self.in_use.hold(&sha);
+            match self.disk.stream(&object.key, &entry, hold).await {
                 Ok(body) => body,
                 Err(e) => return self.drop_corrupt(object, &entry, e).await,
             }
@@ -249,9 +282,7 @@ impl Store {
         error: cacache::Error,
     ) -> Option<Response<GatewayBody>> {
         tracing::error!(key = %object.key, sha256 = %entry.sha256(), %error, "stored entry unreadable; removing it and refetching");
-        if let Err(e) = cacache::remove(self.disk.dir(), &object.key).await {
-            tracing::warn!(key = %object.key, error = %e, "could not remove the broken entry");
-        }
+        self.disk.remove_corrupt(&object.key, entry).await;
         None
     }
 

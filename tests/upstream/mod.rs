@@ -6,6 +6,7 @@
 // Each test file uses a different part of the harness (and of the re-exports).
 #![allow(dead_code, unused_imports)]
 
+pub mod admin;
 mod cgi;
 pub mod clients;
 pub mod gateway;

@@ -1,0 +1,346 @@
+//! `moonbit-registry export --out FILE [selection]`: warm the selection, then
+//! write the bundle (see the [module docs](super)) to a temporary file beside
+//! `FILE` and rename it into place, so `FILE` is either complete or absent.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{bail, Context};
+use bytesize::ByteSize;
+use sha2::{Digest, Sha256};
+
+use super::{archive_member, signing, ArchiveEntry, Manifest, Member, FORMAT};
+use super::{INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
+use crate::config::Config;
+use crate::index::selection::Selection;
+use crate::index::Expectation;
+use crate::store::ahead::Ahead;
+use crate::store::offline::SYMBOLS_KEY;
+use crate::store::{usage, Object, Trust};
+use crate::warm::{self, Workspace};
+
+/// Run `export`. Returns whether everything selected went into the bundle.
+pub async fn run(
+    config: Config,
+    selection: Selection,
+    jobs: usize,
+    out: &Path,
+    sign_key: Option<&Path>,
+) -> anyhow::Result<bool> {
+    if selection.patterns.is_empty() && selection.from.is_none() {
+        bail!("nothing selected: give patterns and/or --from moon.mod.json");
+    }
+    if let Some(key) = sign_key {
+        // Fail before any download if the key is unusable.
+        signing::sign(b"check", key)?;
+    }
+    let ws = Workspace::open(config)?;
+    ws.refresh().await?;
+    let chosen = ws.index.select(&selection)?;
+    let primary = &ws.sources[0];
+    if let Some((key, _)) = chosen
+        .archives
+        .iter()
+        .find(|(_, e)| !matches!(e, Expectation::Known { source: 0, .. }))
+    {
+        bail!(
+            "{} is only in the index of another source than `{}`; a bundle carries one source's index",
+            warm::label(key),
+            primary.name
+        );
+    }
+    let started = std::time::Instant::now();
+    let summary = warm::fetch_all(&ws, &chosen, jobs, "export").await;
+    summary.print("export", started.elapsed());
+    if !summary.failed.is_empty() {
+        eprintln!(
+            "export: not written: {} selected archives are missing",
+            summary.failed.len()
+        );
+        return Ok(false);
+    }
+
+    let mut archives = Vec::new();
+    for (key, expectation) in &chosen.archives {
+        let Expectation::Known { checksum, .. } = expectation else {
+            continue;
+        };
+        let object = ws
+            .object(key, expectation)
+            .context("archive vanished from the index")?;
+        ws.store
+            .stored_size(&object)
+            .await
+            .with_context(|| format!("{} is no longer in the store", warm::label(key)))?;
+        // The content file's length: the store record says 0 when the length was unknown.
+        let size = usage::content_path(ws.store.disk().dir(), checksum)
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .with_context(|| format!("{} is no longer in the store", warm::label(key)))?;
+        archives.push(ArchiveEntry {
+            module: key.name(),
+            version: key.version.clone(),
+            sha256: checksum.clone(),
+            size,
+            source: primary.name.clone(),
+        });
+    }
+
+    let scratch =
+        tempfile::tempdir_in(&ws.config.data_dir).context("scratch dir for the export")?;
+    let mirror = &ws.index.mirrors()[0];
+    let index_file = scratch.path().join(INDEX_BUNDLE);
+    let index_commit = git_bundle(mirror.dir(), &index_file).await?;
+
+    // The latest stored symbols.zip, or the source's current one (moon update asks for it).
+    let symbols_object = Object {
+        key: SYMBOLS_KEY.into(),
+        urls: vec![primary.symbols.to_string()],
+        content_type: "application/zip",
+        trust: Trust::Complete,
+    };
+    let symbols = match ws.store.fetch_ahead(symbols_object, |_| {}).await {
+        Ahead::Present { .. } | Ahead::Fetched { .. } => {
+            let file = scratch.path().join(SYMBOLS);
+            match cacache::copy(ws.store.disk().dir(), SYMBOLS_KEY, &file).await {
+                Ok(_) => Some(file),
+                Err(e) => {
+                    eprintln!("warning: stored symbols.zip unreadable, not exported: {e}");
+                    None
+                }
+            }
+        }
+        Ahead::Failed(reason) => {
+            eprintln!(
+                "warning: no symbols.zip stored and none fetched ({reason}); the bundle has none"
+            );
+            None
+        }
+    };
+
+    let store_dir = ws.store.disk().dir().to_path_buf();
+    let out_path = out.to_path_buf();
+    let source = primary.name.clone();
+    let signing_key = sign_key.map(Path::to_path_buf);
+    let written = tokio::task::spawn_blocking(move || {
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            source,
+            index_commit,
+            index: member_of(&index_file)?,
+            symbols: symbols.as_deref().map(member_of).transpose()?,
+            archives,
+        };
+        write_tar(
+            &out_path,
+            &manifest,
+            &index_file,
+            symbols.as_deref(),
+            &store_dir,
+            signing_key.as_deref(),
+        )?;
+        Ok::<_, anyhow::Error>(manifest)
+    })
+    .await
+    .context("export task failed")??;
+    let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "export: wrote {} ({}): {} archives, index commit {}, symbols.zip {}{}",
+        out.display(),
+        ByteSize(size),
+        written.archives.len(),
+        written.index_commit,
+        if written.symbols.is_some() {
+            "included"
+        } else {
+            "absent"
+        },
+        if sign_key.is_some() { ", signed" } else { "" },
+    );
+    Ok(true)
+}
+
+/// `git bundle create` of the mirror's HEAD and branch; returns the commit it holds.
+async fn git_bundle(mirror: &Path, file: &Path) -> anyhow::Result<String> {
+    let git = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.arg("--git-dir")
+            .arg(mirror)
+            .args(args)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    };
+    let branch = git(&["symbolic-ref", "--quiet", "HEAD"])
+        .output()
+        .await
+        .context("cannot run git")?;
+    let branch = String::from_utf8_lossy(&branch.stdout).trim().to_string();
+    if branch.is_empty() {
+        bail!(
+            "the index mirror {} has no branch at HEAD; refresh it first",
+            mirror.display()
+        );
+    }
+    let out = git(&["bundle", "create", "--quiet"])
+        .arg(file)
+        .args(["HEAD", &branch])
+        .output()
+        .await
+        .context("cannot run git")?;
+    if !out.status.success() {
+        bail!(
+            "git bundle create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let heads = tokio::process::Command::new("git")
+        .args(["bundle", "list-heads"])
+        .arg(file)
+        .arg("HEAD")
+        .output()
+        .await
+        .context("cannot run git")?;
+    let text = String::from_utf8_lossy(&heads.stdout);
+    let commit = text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if commit.len() < 40 {
+        bail!("git bundle of {} holds no HEAD", mirror.display());
+    }
+    Ok(commit)
+}
+
+fn member_of(path: &Path) -> anyhow::Result<Member> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    Ok(Member {
+        sha256: hex::encode(hasher.finalize()),
+        size,
+    })
+}
+
+/// Write the tar to a temp file beside `out`, then rename it into place.
+fn write_tar(
+    out: &Path,
+    manifest: &Manifest,
+    index_file: &Path,
+    symbols: Option<&Path>,
+    store_dir: &Path,
+    sign_key: Option<&Path>,
+) -> anyhow::Result<()> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".export-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(tmp.as_file()));
+    let manifest_bytes = serde_json::to_vec_pretty(manifest)?;
+    append(
+        &mut tar,
+        MANIFEST,
+        manifest_bytes.len() as u64,
+        &manifest_bytes[..],
+    )?;
+    if let Some(key) = sign_key {
+        let sig = signing::sign(&manifest_bytes, key)?;
+        append(&mut tar, SIGNATURE, sig.len() as u64, &sig[..])?;
+    }
+    let index = std::fs::File::open(index_file)?;
+    append(&mut tar, INDEX_BUNDLE, manifest.index.size, index)?;
+    if let (Some(path), Some(member)) = (symbols, &manifest.symbols) {
+        append(
+            &mut tar,
+            super::SYMBOLS,
+            member.size,
+            std::fs::File::open(path)?,
+        )?;
+    }
+    let mut done = std::collections::HashSet::new();
+    for entry in &manifest.archives {
+        if !done.insert(entry.sha256.clone()) {
+            continue;
+        }
+        let integrity = cacache::Integrity::from_hex(&entry.sha256, cacache::Algorithm::Sha256)
+            .with_context(|| format!("bad digest {}", entry.sha256))?;
+        let reader = cacache::SyncReader::open_hash(store_dir, integrity).with_context(|| {
+            format!(
+                "cannot read {}@{} from the store",
+                entry.module, entry.version
+            )
+        })?;
+        let mut checked = Checked {
+            inner: reader,
+            hasher: Sha256::new(),
+        };
+        append(
+            &mut tar,
+            &archive_member(&entry.sha256),
+            entry.size,
+            &mut checked,
+        )?;
+        // The stored bytes are re-hashed on the way out: a corrupt store entry never
+        // ends up in a bundle (the import would refuse it anyway).
+        if hex::encode(checked.hasher.finalize()) != entry.sha256 {
+            bail!(
+                "{}@{} is corrupt in the store; run `moonbit-registry cache verify`, then export again",
+                entry.module,
+                entry.version
+            );
+        }
+    }
+    let mut writer = tar.into_inner().context("finishing the tar")?;
+    writer.flush()?;
+    drop(writer);
+    tmp.as_file().sync_all()?;
+    tmp.persist(out)
+        .with_context(|| format!("cannot move the bundle into {}", out.display()))?;
+    Ok(())
+}
+
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    size: u64,
+    data: impl Read,
+) -> anyhow::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, name, data)
+        .with_context(|| format!("writing {name} into the bundle"))
+}
+
+/// Hashes what passes through.
+struct Checked<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Where `--out` points, checked up front.
+pub fn check_out(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_dir() {
+        bail!("--out {} is a directory; give a file name", path.display());
+    }
+    Ok(path.to_path_buf())
+}

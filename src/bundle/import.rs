@@ -1,0 +1,463 @@
+//! `moonbit-registry import FILE`: unpack a bundle into a staging dir inside the
+//! data dir, verify every member (sizes, digests, the signature when a trust key
+//! is given, the git bundle, and every archive against the index it carries),
+//! and only then add the archives to the store and the index to the mirror.
+//! A damaged or tampered bundle is refused with the reason, and nothing from it
+//! is imported.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bytesize::ByteSize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::{is_sha256, signing, Manifest, Member, FORMAT};
+use super::{ARCHIVES_DIR, INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
+use crate::config::Config;
+use crate::health::Health;
+use crate::index::mirror::{Mirror, MirrorSettings};
+use crate::index::Index;
+use crate::store::offline::SYMBOLS_KEY;
+
+/// Bounds on what a bundle member may be; a bundle is hostile input.
+const MANIFEST_MAX: u64 = 64 << 20;
+const SIGNATURE_MAX: u64 = 4096;
+const INDEX_MAX: u64 = 4 << 30;
+const SYMBOLS_MAX: u64 = 1 << 30;
+const MEMBERS_MAX: usize = 1_000_000;
+
+/// A member unpacked into the staging dir, with what it really hashes to.
+struct Staged {
+    path: PathBuf,
+    member: Member,
+}
+
+/// Run `import`.
+pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyhow::Result<()> {
+    let trusted = trust_key.map(signing::trusted_key).transpose()?;
+    let sources = config.sources()?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("could not create data dir {}", data_dir.display()))?;
+    let bundle = std::fs::File::open(file)
+        .with_context(|| format!("cannot open bundle {}", file.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".import-")
+        .tempdir_in(&data_dir)
+        .with_context(|| format!("cannot create a staging dir in {}", data_dir.display()))?;
+    let archive_max = config.storage.archive_max.as_u64();
+    let stage_dir = staging.path().to_path_buf();
+    let staged = tokio::task::spawn_blocking(move || unpack(bundle, &stage_dir, archive_max))
+        .await
+        .context("unpacking task failed")?
+        .with_context(|| format!("refused {}", file.display()))?;
+
+    let checked = verify(&staged, staging.path(), trusted.as_ref(), &config)
+        .await
+        .with_context(|| format!("refused {}", file.display()))?;
+    let Verified {
+        manifest,
+        index_repo,
+    } = checked;
+
+    // Everything checked: now, and only now, change the data dir.
+    let store_dir = data_dir.join("store");
+    std::fs::create_dir_all(&store_dir)?;
+    let mut added = 0usize;
+    let mut bytes = 0u64;
+    for entry in &manifest.archives {
+        let key = format!("archive/{}/{}", entry.module, entry.version);
+        if let Ok(Some(meta)) = cacache::metadata(&store_dir, &key).await {
+            if meta.integrity.to_hex().1 == entry.sha256
+                && cacache::exists(&store_dir, &meta.integrity).await
+            {
+                continue;
+            }
+        }
+        let staged_file = &staged[&entry.member()].path;
+        commit_file(&store_dir, &key, staged_file, &entry.sha256, entry.size).await?;
+        added += 1;
+        bytes += entry.size;
+    }
+    if let Some(symbols) = &manifest.symbols {
+        commit_file(
+            &store_dir,
+            SYMBOLS_KEY,
+            &staged[SYMBOLS].path,
+            &symbols.sha256,
+            symbols.size,
+        )
+        .await?;
+    }
+    let target = mirror_dir(&config, &sources, &manifest.source);
+    let index_note = update_mirror(&index_repo, &target, &manifest.index_commit).await?;
+    println!(
+        "import: {} archives added ({}), {} already present, index {}, symbols.zip {}",
+        added,
+        ByteSize(bytes),
+        manifest.archives.len() - added,
+        index_note,
+        if manifest.symbols.is_some() {
+            "stored"
+        } else {
+            "not in the bundle"
+        }
+    );
+    Ok(())
+}
+
+/// Read the tar, writing each allowed member to the staging dir while hashing it.
+fn unpack(
+    bundle: std::fs::File,
+    dir: &Path,
+    archive_max: u64,
+) -> anyhow::Result<HashMap<String, Staged>> {
+    let mut tar = tar::Archive::new(std::io::BufReader::new(bundle));
+    let mut staged = HashMap::new();
+    std::fs::create_dir_all(dir.join(ARCHIVES_DIR))?;
+    for entry in tar.entries().context("not a bundle (unreadable tar)")? {
+        let mut entry = entry.context("damaged bundle (unreadable tar entry)")?;
+        if staged.len() >= MEMBERS_MAX {
+            bail!("more than {MEMBERS_MAX} members");
+        }
+        let name = entry
+            .path()
+            .context("member with an unreadable name")?
+            .to_string_lossy()
+            .to_string();
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            bail!("member `{name}` is not a regular file");
+        }
+        let limit = match name.as_str() {
+            MANIFEST => MANIFEST_MAX,
+            SIGNATURE => SIGNATURE_MAX,
+            INDEX_BUNDLE => INDEX_MAX,
+            SYMBOLS => SYMBOLS_MAX,
+            other => match other
+                .strip_prefix(ARCHIVES_DIR)
+                .and_then(|n| n.strip_suffix(".zip"))
+            {
+                Some(sha) if is_sha256(sha) => archive_max,
+                _ => bail!("unexpected member `{name}`"),
+            },
+        };
+        let size = entry.header().size().context("member with a bad size")?;
+        if size > limit {
+            bail!("member `{name}` is {size} bytes, more than the {limit} allowed");
+        }
+        if staged.contains_key(&name) {
+            bail!("member `{name}` appears twice");
+        }
+        let path = dir.join(&name);
+        let mut out = std::fs::File::create(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .with_context(|| format!("damaged bundle: member `{name}` is cut short"))?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if written > limit {
+                bail!("member `{name}` is longer than {limit} bytes");
+            }
+            hasher.update(&buf[..n]);
+            std::io::Write::write_all(&mut out, &buf[..n])?;
+        }
+        let member = Member {
+            sha256: hex::encode(hasher.finalize()),
+            size: written,
+        };
+        staged.insert(name, Staged { path, member });
+    }
+    Ok(staged)
+}
+
+struct Verified {
+    manifest: Manifest,
+    /// The staging bare repo holding the bundle's index.
+    index_repo: PathBuf,
+}
+
+async fn verify(
+    staged: &HashMap<String, Staged>,
+    dir: &Path,
+    trusted: Option<&ed25519_dalek::VerifyingKey>,
+    config: &Config,
+) -> anyhow::Result<Verified> {
+    let manifest_file = staged
+        .get(MANIFEST)
+        .context("no manifest.json: not a bundle")?;
+    let manifest_bytes = std::fs::read(&manifest_file.path)?;
+    if let Some(key) = trusted {
+        let sig = staged
+            .get(SIGNATURE)
+            .context("the bundle is not signed, and a trust key is configured")?;
+        signing::verify(&manifest_bytes, &std::fs::read(&sig.path)?, key)?;
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&manifest_bytes).context("manifest.json is not a valid manifest")?;
+    if manifest.format != FORMAT {
+        bail!("bundle format `{}` is not `{FORMAT}`", manifest.format);
+    }
+    let check = |name: &str, expected: &Member| -> anyhow::Result<()> {
+        let got = staged
+            .get(name)
+            .with_context(|| format!("`{name}` is listed but missing"))?;
+        if got.member != *expected {
+            bail!(
+                "`{name}` is damaged: the manifest says sha256 {} ({} bytes), the file has {} ({} bytes)",
+                expected.sha256, expected.size, got.member.sha256, got.member.size
+            );
+        }
+        Ok(())
+    };
+    check(INDEX_BUNDLE, &manifest.index)?;
+    match &manifest.symbols {
+        Some(symbols) => check(SYMBOLS, symbols)?,
+        None if staged.contains_key(SYMBOLS) => bail!("`{SYMBOLS}` is not listed in the manifest"),
+        None => {}
+    }
+    let mut listed = HashSet::new();
+    for entry in &manifest.archives {
+        if !is_sha256(&entry.sha256) {
+            bail!(
+                "{}@{}: `{}` is not a sha256",
+                entry.module,
+                entry.version,
+                entry.sha256
+            );
+        }
+        let expected = Member {
+            sha256: entry.sha256.clone(),
+            size: entry.size,
+        };
+        check(&entry.member(), &expected)
+            .with_context(|| format!("archive {}@{}", entry.module, entry.version))?;
+        listed.insert(entry.member());
+    }
+    if let Some(extra) = staged
+        .keys()
+        .find(|k| k.starts_with(ARCHIVES_DIR) && !listed.contains(*k))
+    {
+        bail!("`{extra}` is not listed in the manifest");
+    }
+
+    // The index: a well-formed git bundle whose HEAD is the manifest's commit...
+    let repo = dir.join("index.git");
+    git(None, &["init", "--quiet", "--bare"], Some(&repo)).await?;
+    let bundle = staged[INDEX_BUNDLE].path.to_string_lossy().to_string();
+    git(
+        Some(&repo),
+        &[
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            &bundle,
+            "+HEAD:refs/heads/main",
+        ],
+        None,
+    )
+    .await
+    .context("index.bundle is not a usable git bundle")?;
+    git(
+        Some(&repo),
+        &["symbolic-ref", "HEAD", "refs/heads/main"],
+        None,
+    )
+    .await?;
+    let head = git(Some(&repo), &["rev-parse", "HEAD"], None).await?;
+    if head.trim() != manifest.index_commit {
+        bail!(
+            "index.bundle holds commit {}, the manifest says {}",
+            head.trim(),
+            manifest.index_commit
+        );
+    }
+    // ...that vouches for every archive, exactly as `serve` would check it.
+    let settings =
+        MirrorSettings::from_config(config, None, Arc::new(Health::new(&[], &config.health)));
+    let mirror = Mirror::new(&manifest.source, "", repo.clone(), settings);
+    mirror
+        .load()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the bundle's index: {e}"))?;
+    let snapshot = mirror.snapshot();
+    for entry in &manifest.archives {
+        match snapshot.checksums.get(&entry.module, &entry.version) {
+            Some(release) if release.checksum == entry.sha256 => {}
+            Some(release) => bail!(
+                "archive {}@{}: the bundle's index says sha256 {}, the archive is {}",
+                entry.module,
+                entry.version,
+                release.checksum,
+                entry.sha256
+            ),
+            None => bail!(
+                "archive {}@{} is not in the bundle's index",
+                entry.module,
+                entry.version
+            ),
+        }
+    }
+    Ok(Verified {
+        manifest,
+        index_repo: repo,
+    })
+}
+
+/// Copy a verified file into the store under `key`; cacache checks the digest
+/// again on commit, and nothing is visible before it.
+async fn commit_file(
+    store_dir: &Path,
+    key: &str,
+    file: &Path,
+    sha256: &str,
+    size: u64,
+) -> anyhow::Result<()> {
+    let integrity = cacache::Integrity::from_hex(sha256, cacache::Algorithm::Sha256)
+        .with_context(|| format!("bad digest {sha256}"))?;
+    let mut writer = cacache::WriteOpts::new()
+        .algorithm(cacache::Algorithm::Sha256)
+        .size(usize::try_from(size)?)
+        .integrity(integrity)
+        .open(store_dir, key)
+        .await
+        .with_context(|| format!("cannot write {key} to the store"))?;
+    let mut input = tokio::fs::File::open(file).await?;
+    tokio::io::copy(&mut input, &mut writer)
+        .await
+        .with_context(|| format!("cannot write {key} to the store"))?;
+    writer.flush().await?;
+    writer
+        .commit()
+        .await
+        .with_context(|| format!("cannot commit {key} to the store"))?;
+    Ok(())
+}
+
+/// The mirror the bundle's index goes to: the source of that name, else the first.
+fn mirror_dir(config: &Config, sources: &[crate::config::Source], name: &str) -> PathBuf {
+    let settings =
+        MirrorSettings::from_config(config, None, Arc::new(Health::new(sources, &config.health)));
+    let index = Index::new(config.data_dir.join("index"), sources, settings);
+    let mirror = index
+        .mirrors()
+        .iter()
+        .find(|m| m.source == name)
+        .unwrap_or(&index.mirrors()[0]);
+    mirror.dir().to_path_buf()
+}
+
+/// Bring the mirror at `target` to the bundle's commit: created if absent,
+/// fast-forwarded if behind, left alone if it already contains the commit.
+async fn update_mirror(staged: &Path, target: &Path, commit: &str) -> anyhow::Result<String> {
+    let staged_str = staged.to_string_lossy().to_string();
+    let exists = target.join("HEAD").is_file() && target.join("objects").is_dir();
+    if !exists {
+        let parent = target.parent().unwrap_or(Path::new("."));
+        tokio::fs::create_dir_all(parent).await?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".clone-")
+            .tempdir_in(parent)?;
+        let repo = tmp.path().join("repo.git");
+        let repo_str = repo.to_string_lossy().to_string();
+        git(
+            None,
+            &["clone", "--mirror", "--quiet", &staged_str, &repo_str],
+            None,
+        )
+        .await?;
+        if target.exists() {
+            let _ = tokio::fs::remove_dir_all(target).await;
+        }
+        tokio::fs::rename(&repo, target)
+            .await
+            .with_context(|| format!("cannot move the index mirror into {}", target.display()))?;
+        return Ok(format!(
+            "mirror created at {}",
+            &commit[..12.min(commit.len())]
+        ));
+    }
+    git(
+        Some(target),
+        &[
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            &staged_str,
+            "+HEAD:refs/moonbit-registry/import",
+        ],
+        None,
+    )
+    .await?;
+    let branch = git(Some(target), &["symbolic-ref", "HEAD"], None).await?;
+    let branch = branch.trim().to_string();
+    let contains = git(
+        Some(target),
+        &["merge-base", "--is-ancestor", commit, "HEAD"],
+        None,
+    )
+    .await
+    .is_ok();
+    let note = if contains {
+        "already at or past the bundle's commit".to_string()
+    } else {
+        let fast_forward = git(
+            Some(target),
+            &["merge-base", "--is-ancestor", "HEAD", commit],
+            None,
+        )
+        .await
+        .is_ok();
+        if !fast_forward {
+            eprintln!(
+                "warning: the mirror's history and the bundle's diverge; taking the bundle's"
+            );
+        }
+        git(Some(target), &["update-ref", &branch, commit], None).await?;
+        format!("mirror moved to {}", &commit[..12.min(commit.len())])
+    };
+    git(
+        Some(target),
+        &["update-ref", "-d", "refs/moonbit-registry/import"],
+        None,
+    )
+    .await?;
+    Ok(note)
+}
+
+/// Run git (with `--git-dir` when given, and an optional trailing path argument).
+async fn git(git_dir: Option<&Path>, args: &[&str], path: Option<&Path>) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::new("git");
+    if let Some(dir) = git_dir {
+        cmd.arg("--git-dir").arg(dir);
+    }
+    cmd.args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_DIR")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(path) = path {
+        cmd.arg(path);
+    }
+    let out = cmd.output().await.context("cannot run git")?;
+    if !out.status.success() {
+        bail!(
+            "git {} failed: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

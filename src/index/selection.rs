@@ -1,0 +1,285 @@
+//! Which module versions `warm` and `export` act on, chosen from the index:
+//! patterns (`alice/*`, `alice/json`, `alice/json@0.3.1`, `alice/json@^0.3`),
+//! `--latest`, and the dependency closure of a `moon.mod.json`, resolved by
+//! minimal version selection as `moon` does (every module reachable from the
+//! root's requirements, at the highest version any of them requires).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use semver::{Version, VersionReq};
+
+use super::checksums::registry_deps;
+use super::{Expectation, Index};
+use crate::archive::ArchiveKey;
+
+/// A `moon.mod.json` larger than this is not a manifest.
+const MOD_JSON_MAX: u64 = 1 << 20;
+/// Bound on the closure of one `--from` (the whole public index has ~7k versions).
+const CLOSURE_MAX: usize = 100_000;
+
+/// `(user/module, version)`.
+type NameVersion = (String, String);
+/// The selected `(name, version)`s, and `(name@version, reason)` for what is missing.
+type ManifestClosure = (Vec<NameVersion>, Vec<(String, String)>);
+
+/// What the operator asked for on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub patterns: Vec<Pattern>,
+    /// Keep only the newest selected version of each module.
+    pub latest: bool,
+    /// A `moon.mod.json` whose dependency closure is selected.
+    pub from: Option<PathBuf>,
+}
+
+/// One `user/module[@version]` pattern.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pattern {
+    /// A module name, or a prefix when `prefix` is set (`alice/*` -> `alice/`).
+    pub name: String,
+    pub prefix: bool,
+    pub version: VersionMatch,
+}
+
+/// The version part of a pattern.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VersionMatch {
+    /// No `@`: every version.
+    Any,
+    /// `@0.3.1` (also `@0.2.0+build7`): exactly that version string.
+    Exact(String),
+    /// `@^0.3`, `@>=1, <2`: a semver requirement.
+    Req(VersionReq),
+}
+
+impl Pattern {
+    pub fn parse(raw: &str) -> anyhow::Result<Pattern> {
+        let (name, version) = match raw.split_once('@') {
+            Some((n, v)) => (n, Some(v.trim())),
+            None => (raw, None),
+        };
+        let version = match version {
+            None => VersionMatch::Any,
+            Some(v) if Version::parse(v).is_ok() => VersionMatch::Exact(v.to_string()),
+            Some(v) => VersionMatch::Req(VersionReq::parse(v).with_context(|| {
+                format!("`{raw}`: `{v}` is neither a version nor a version requirement")
+            })?),
+        };
+        let (name, prefix) = match name.strip_suffix('*') {
+            Some(p) => (p, true),
+            None => (name, false),
+        };
+        if name.contains('*') || (!prefix && !name.contains('/')) || name.is_empty() {
+            bail!("`{raw}` is not a pattern like alice/*, alice/json, alice/json@0.3.1 or alice/json@^0.3");
+        }
+        Ok(Pattern {
+            name: name.to_string(),
+            prefix,
+            version,
+        })
+    }
+
+    fn matches_name(&self, name: &str) -> bool {
+        if self.prefix {
+            name.starts_with(&self.name)
+        } else {
+            name == self.name
+        }
+    }
+
+    fn matches_version(&self, version: &str) -> bool {
+        match &self.version {
+            VersionMatch::Any => true,
+            VersionMatch::Exact(v) => v == version,
+            VersionMatch::Req(req) => Version::parse(version).is_ok_and(|v| req.matches(&v)),
+        }
+    }
+}
+
+/// The outcome of a selection: what to act on, and what was asked for but is not
+/// in the index.
+#[derive(Debug, Default)]
+pub struct Chosen {
+    pub archives: Vec<(ArchiveKey, Expectation)>,
+    /// `name@version` (or a pattern) with the reason, e.g. a dependency missing from the index.
+    pub missing: Vec<(String, String)>,
+}
+
+impl Index {
+    /// Resolve `selection` against the current mirrors (no refresh here).
+    pub fn select(&self, selection: &Selection) -> anyhow::Result<Chosen> {
+        let mut picked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut missing = Vec::new();
+        for pattern in &selection.patterns {
+            let mut matched = false;
+            for m in &self.mirrors {
+                let snapshot = m.snapshot();
+                for name in snapshot.checksums.names() {
+                    if !pattern.matches_name(name) {
+                        continue;
+                    }
+                    for (version, _) in snapshot.checksums.versions(name) {
+                        if pattern.matches_version(version) {
+                            matched = true;
+                            picked
+                                .entry(name.to_string())
+                                .or_default()
+                                .insert(version.to_string());
+                        }
+                    }
+                }
+            }
+            if !matched {
+                missing.push((
+                    pattern_text(pattern),
+                    "no such module or version in the index".into(),
+                ));
+            }
+        }
+        if let Some(path) = &selection.from {
+            let (closure, absent) = self.closure_of_manifest(path)?;
+            for (name, version) in closure {
+                picked.entry(name).or_default().insert(version);
+            }
+            missing.extend(absent);
+        }
+        if selection.latest {
+            for versions in picked.values_mut() {
+                if let Some(newest) = versions.iter().max_by(|a, b| compare(a, b)).cloned() {
+                    *versions = BTreeSet::from([newest]);
+                }
+            }
+        }
+        let mut archives = Vec::new();
+        for (name, versions) in picked {
+            let Some((user, module)) = name.split_once('/') else {
+                continue;
+            };
+            for version in versions {
+                let key = ArchiveKey {
+                    user: user.to_string(),
+                    module: module.to_string(),
+                    version,
+                };
+                match self.lookup(&key) {
+                    Some(expectation) => archives.push((key, expectation)),
+                    None => missing.push((
+                        format!("{}@{}", key.name(), key.version),
+                        "not in the index".into(),
+                    )),
+                }
+            }
+        }
+        Ok(Chosen { archives, missing })
+    }
+
+    /// The dependencies of the module described by `path`, transitively, with
+    /// minimal version selection; and the requirements the index cannot satisfy.
+    fn closure_of_manifest(&self, path: &Path) -> anyhow::Result<ManifestClosure> {
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        if size > MOD_JSON_MAX {
+            bail!(
+                "{} is larger than {MOD_JSON_MAX} bytes; not a moon.mod.json",
+                path.display()
+            );
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let manifest: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let deps = match manifest.get("deps") {
+            None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+            Some(serde_json::Value::Object(o)) => o.clone(),
+            Some(_) => bail!("{}: `deps` is not an object", path.display()),
+        };
+        // Every (module, version) reachable through any required version; the
+        // build list then takes, per module, the highest of them (as Go and moon do).
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        let mut queue: VecDeque<(String, String)> = registry_deps(deps).into_iter().collect();
+        let mut highest: BTreeMap<String, String> = BTreeMap::new();
+        let mut missing = Vec::new();
+        while let Some((name, version)) = queue.pop_front() {
+            if !seen.insert((name.clone(), version.clone())) {
+                continue;
+            }
+            if seen.len() > CLOSURE_MAX {
+                bail!(
+                    "the dependency graph of {} has more than {CLOSURE_MAX} versions",
+                    path.display()
+                );
+            }
+            let Some(release) = self.release(&name, &version) else {
+                missing.push((
+                    format!("{name}@{version}"),
+                    "dependency not in the index".into(),
+                ));
+                continue;
+            };
+            match highest.get(&name) {
+                Some(h) if compare(h, &version).is_ge() => {}
+                _ => {
+                    highest.insert(name.clone(), version.clone());
+                }
+            }
+            queue.extend(release.deps);
+        }
+        Ok((highest.into_iter().collect(), missing))
+    }
+
+    /// The release `name@version` from the first source whose index lists it.
+    fn release(&self, name: &str, version: &str) -> Option<super::checksums::Release> {
+        self.mirrors
+            .iter()
+            .find_map(|m| m.snapshot().checksums.get(name, version).cloned())
+    }
+}
+
+fn pattern_text(p: &Pattern) -> String {
+    let star = if p.prefix { "*" } else { "" };
+    match &p.version {
+        VersionMatch::Any => format!("{}{star}", p.name),
+        VersionMatch::Exact(v) => format!("{}{star}@{v}", p.name),
+        VersionMatch::Req(r) => format!("{}{star}@{r}", p.name),
+    }
+}
+
+/// Semver order; strings that are not semver sort before those that are.
+fn compare(a: &str, b: &str) -> std::cmp::Ordering {
+    match (Version::parse(a), Version::parse(b)) {
+        (Ok(a), Ok(b)) => a.cmp(&b),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Less,
+        (Err(_), Err(_)) => a.cmp(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_parse() {
+        let p = Pattern::parse("alice/*").unwrap();
+        assert!(p.prefix && p.matches_name("alice/json") && !p.matches_name("bob/x"));
+        let p = Pattern::parse("alice/json@0.3.1").unwrap();
+        assert_eq!(p.version, VersionMatch::Exact("0.3.1".into()));
+        assert!(p.matches_version("0.3.1") && !p.matches_version("0.3.2"));
+        let p = Pattern::parse("alice/json@^0.3").unwrap();
+        assert!(p.matches_version("0.3.9") && !p.matches_version("0.4.0"));
+        let p = Pattern::parse("bob/lex/runtime@0.2.0+build7").unwrap();
+        assert!(p.matches_version("0.2.0+build7"));
+        for bad in ["alice", "a*b/c", "alice/json@not a version", "*"] {
+            assert!(Pattern::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn semver_order() {
+        assert!(compare("0.10.0", "0.9.0").is_gt());
+        assert!(compare("1.0.0", "1.0.0-rc.1").is_gt());
+    }
+}

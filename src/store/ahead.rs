@@ -1,0 +1,83 @@
+//! Fetching ahead of time (`warm`, `export`): the same single-flight,
+//! verify-then-commit path a client's request takes, awaited to its end and
+//! reported as an outcome instead of a response.
+
+use std::sync::Arc;
+
+use super::flight::FlightState;
+use super::{Object, Store, Trust};
+
+/// How fetching one object ahead of time ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ahead {
+    /// Already in the store with the expected digest; nothing was downloaded.
+    Present { size: u64 },
+    /// Downloaded, verified and committed now.
+    Fetched { size: u64 },
+    /// Not stored; the reason says why (upstream status, mismatch, unreachable...).
+    Failed(String),
+}
+
+impl Store {
+    /// Make sure `object` is in the store, downloading it if needed. `progress` is
+    /// called with the bytes received so far while a download runs.
+    pub async fn fetch_ahead(
+        self: &Arc<Self>,
+        object: Object,
+        mut progress: impl FnMut(u64),
+    ) -> Ahead {
+        if let Some(size) = self.stored_size(&object).await {
+            return Ahead::Present { size };
+        }
+        if let Trust::Checksum { refreshes, .. } = &object.trust {
+            if let Some(bad) = self.quarantine.get(&object.key, *refreshes) {
+                return Ahead::Failed(format!(
+                    "the upstream copy failed verification: the index says sha256 {}, the upstream sent {}",
+                    bad.expected, bad.actual
+                ));
+            }
+        }
+        let mut rx = self.flights.join(self, &object);
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                FlightState::Connecting => {}
+                FlightState::Streaming { written, .. } => progress(written),
+                FlightState::Complete { len, .. } => {
+                    progress(len);
+                    return match self.stored_size(&object).await {
+                        Some(size) => Ahead::Fetched { size },
+                        None => Ahead::Failed(
+                            "downloaded but could not be written to the store (see the log)".into(),
+                        ),
+                    };
+                }
+                // Another process or flight committed it meanwhile.
+                FlightState::Stored => {
+                    return match self.stored_size(&object).await {
+                        Some(size) => Ahead::Present { size },
+                        None => Ahead::Failed("stored by another fetch, then gone".into()),
+                    }
+                }
+                FlightState::Broken { reason, .. } => return Ahead::Failed(reason.to_string()),
+                FlightState::Refused { status, .. } => {
+                    return Ahead::Failed(format!("the upstream answered {status}"))
+                }
+                FlightState::Unreachable(reason) => {
+                    return Ahead::Failed(format!("no source could be reached: {reason}"))
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Ahead::Failed("the fetch ended without an answer".into());
+            }
+        }
+    }
+
+    /// Size of the stored copy of `object`, if there is one it accepts.
+    pub async fn stored_size(&self, object: &Object) -> Option<u64> {
+        match self.disk.lookup(&object.key).await {
+            Ok(Some(entry)) if object.accepts(&entry.sha256()) => Some(entry.size),
+            _ => None,
+        }
+    }
+}

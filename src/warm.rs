@@ -1,0 +1,357 @@
+//! `moonbit-registry warm`: refresh the index mirror, select module versions
+//! (patterns, `--latest`, `--from moon.mod.json`) and download every selected
+//! archive that is not stored yet, through the same fetch-verify-commit path as
+//! `serve`, `--jobs` at a time.
+//!
+//! Safe to interrupt (cacache commits atomically; an unfinished download leaves
+//! nothing visible) and to rerun (what is stored is skipped), and safe beside a
+//! running `serve` on the same data dir (downloads spool in a directory of their
+//! own, never in `serve`'s).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytesize::ByteSize;
+use http::{header, Method, Request};
+
+use crate::archive::ArchiveKey;
+use crate::body;
+use crate::config::{join, Config, Source};
+use crate::health::Health;
+use crate::index::mirror::{Freshness, MirrorSettings};
+use crate::index::selection::{Chosen, Selection};
+use crate::index::{Expectation, Index};
+use crate::progress::Progress;
+use crate::store::ahead::Ahead;
+use crate::store::{Limits, Object, Store, Trust};
+use crate::trust::write_ca_bundle;
+use crate::upstream::Upstream;
+
+/// Archives downloaded at once unless `--jobs` says otherwise.
+pub const DEFAULT_JOBS: usize = 8;
+/// Prefix of the per-process spool directories in the data dir.
+const SPOOL_PREFIX: &str = ".spool-";
+
+/// The store, index and upstream client of a data dir, opened by a command
+/// rather than by `serve`.
+pub struct Workspace {
+    pub config: Config,
+    pub sources: Vec<Source>,
+    pub upstream: Upstream,
+    pub store: Arc<Store>,
+    pub index: Arc<Index>,
+    /// Spool files and the git CA bundle of this process; removed when it ends.
+    _scratch: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn open(config: Config) -> anyhow::Result<Workspace> {
+        let sources = config.sources()?;
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("could not create data dir {}", data_dir.display()))?;
+        sweep_dead_spools(data_dir);
+        let scratch = tempfile::Builder::new()
+            .prefix(&format!("{SPOOL_PREFIX}{}-", std::process::id()))
+            .tempdir_in(data_dir)
+            .with_context(|| format!("could not create a spool dir in {}", data_dir.display()))?;
+        let upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?;
+        let limits = Limits::from_config(&config);
+        // No hot tier: nothing here is served twice.
+        let mut storage = config.storage.clone();
+        storage.memory = ByteSize(0);
+        let store = Store::open_with_spool(
+            data_dir,
+            scratch.path().join("spool"),
+            &storage,
+            limits,
+            upstream.clone(),
+        )?;
+        let ca_bundle = match &config.upstream_ca {
+            Some(ca) => {
+                let bundle = scratch.path().join("upstream-ca-bundle.pem");
+                write_ca_bundle(ca, &bundle)?;
+                Some(bundle)
+            }
+            None => None,
+        };
+        let health = Arc::new(Health::new(&sources, &config.health));
+        let settings = MirrorSettings::from_config(&config, ca_bundle, health);
+        let index = Arc::new(Index::new(data_dir.join("index"), &sources, settings));
+        Ok(Workspace {
+            sources,
+            upstream,
+            store: Arc::new(store),
+            index,
+            config,
+            _scratch: scratch,
+        })
+    }
+
+    /// Read the mirrors, then refresh them from the upstream. A failed refresh of
+    /// an existing mirror is a warning (its last state is used); with no mirror at
+    /// all there is nothing to select from.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        for m in self.index.mirrors() {
+            if let Err(error) = m.load().await {
+                tracing::warn!(source = %m.source, %error, "existing index mirror unreadable");
+            }
+        }
+        for (source, freshness) in self.index.refresh_all(true).await {
+            match freshness {
+                Freshness::Fresh => {}
+                Freshness::Stale { error, .. } => {
+                    eprintln!("warning: index of source `{source}` not refreshed, using the mirror as it is: {error}")
+                }
+                Freshness::Missing { error } => {
+                    bail!("no index mirror of source `{source}` and the upstream index could not be cloned: {error}")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What to fetch for `key`, verified against the index.
+    pub fn object(&self, key: &ArchiveKey, expectation: &Expectation) -> Option<Object> {
+        let Expectation::Known { source, checksum } = expectation else {
+            return None;
+        };
+        Some(Object {
+            key: key.store_key(),
+            urls: vec![join(&self.sources[*source].archive, &key.upstream_path())],
+            content_type: "application/zip",
+            trust: Trust::Checksum {
+                label: label(key),
+                expected: checksum.clone(),
+                refreshes: self.index.refreshes(),
+            },
+        })
+    }
+}
+
+/// `user/module@version`, as people write it.
+pub fn label(key: &ArchiveKey) -> String {
+    format!("{}@{}", key.name(), key.version)
+}
+
+/// Spool dirs of processes that are gone (killed mid-download) are removed.
+fn sweep_dead_spools(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(SPOOL_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        // Only where liveness can be checked cheaply; elsewhere leftovers stay.
+        if Path::new("/proc/self").exists() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// How a run ended, per archive.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub fetched: Vec<(String, u64)>,
+    pub present: Vec<(String, u64)>,
+    pub failed: Vec<(String, String)>,
+}
+
+impl Summary {
+    pub fn print(&self, what: &str, elapsed: Duration) {
+        let bytes = |items: &[(String, u64)]| ByteSize(items.iter().map(|(_, s)| s).sum());
+        println!(
+            "{what}: {} fetched ({}), {} already present ({}), {} failed, in {:.1}s",
+            self.fetched.len(),
+            bytes(&self.fetched),
+            self.present.len(),
+            bytes(&self.present),
+            self.failed.len(),
+            elapsed.as_secs_f64()
+        );
+        for (name, reason) in &self.failed {
+            println!("failed: {name}: {reason}");
+        }
+    }
+}
+
+/// Make sure every chosen archive is stored. Missing selections count as failures.
+pub async fn fetch_all(
+    ws: &Workspace,
+    chosen: &Chosen,
+    jobs: usize,
+    verb: &'static str,
+) -> Summary {
+    let mut summary = Summary::default();
+    for (name, reason) in &chosen.missing {
+        summary.failed.push((name.clone(), reason.clone()));
+    }
+    let progress = Arc::new(Progress::new(verb, chosen.archives.len() as u64));
+    for (name, reason) in &chosen.missing {
+        progress.item(0, &format!("failed {name}: {reason}"));
+    }
+    let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let moved = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (key, expectation) in &chosen.archives {
+        let name = label(key);
+        let Some(object) = ws.object(key, expectation) else {
+            summary.failed.push((name, "not in the index".into()));
+            continue;
+        };
+        let (store, permits, moved, done, progress) = (
+            ws.store.clone(),
+            permits.clone(),
+            moved.clone(),
+            done.clone(),
+            progress.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let mut seen = 0u64;
+            let outcome = store
+                .fetch_ahead(object, |written| {
+                    let total = moved.fetch_add(written.saturating_sub(seen), Ordering::Relaxed)
+                        + written.saturating_sub(seen);
+                    seen = written;
+                    progress.bytes(total);
+                })
+                .await;
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            let line = match &outcome {
+                Ahead::Fetched { size } => format!("fetched {name} ({})", ByteSize(*size)),
+                Ahead::Present { size } => format!("present {name} ({})", ByteSize(*size)),
+                Ahead::Failed(reason) => format!("failed {name}: {reason}"),
+            };
+            progress.item(n, &line);
+            (name, outcome)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Ahead::Fetched { size })) => summary.fetched.push((name, size)),
+            Ok((name, Ahead::Present { size })) => summary.present.push((name, size)),
+            Ok((name, Ahead::Failed(reason))) => summary.failed.push((name, reason)),
+            Err(e) => summary
+                .failed
+                .push(("?".into(), format!("task failed: {e}"))),
+        }
+    }
+    progress.finish();
+    for list in [&mut summary.fetched, &mut summary.present] {
+        list.sort();
+    }
+    summary
+}
+
+/// `--dry-run`: what would be fetched, with sizes from a HEAD request where the
+/// upstream gives one.
+pub async fn dry_run(ws: &Workspace, chosen: &Chosen, jobs: usize) -> bool {
+    let mut to_fetch = Vec::new();
+    let mut present = 0usize;
+    for (key, expectation) in &chosen.archives {
+        let Some(object) = ws.object(key, expectation) else {
+            continue;
+        };
+        if ws.store.stored_size(&object).await.is_some() {
+            present += 1;
+        } else {
+            to_fetch.push((label(key), object.urls[0].clone()));
+        }
+    }
+    let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (_, url)) in to_fetch.iter().enumerate() {
+        let (upstream, url, permits) = (ws.upstream.clone(), url.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            (i, head_size(&upstream, &url).await)
+        });
+    }
+    let mut sizes = vec![None; to_fetch.len()];
+    while let Some(Ok((i, size))) = tasks.join_next().await {
+        sizes[i] = size;
+    }
+    for ((name, _), size) in to_fetch.iter().zip(&sizes) {
+        match size {
+            Some(s) => println!("would fetch {name} ({})", ByteSize(*s)),
+            None => println!("would fetch {name} (size unknown)"),
+        }
+    }
+    for (name, reason) in &chosen.missing {
+        println!("missing {name}: {reason}");
+    }
+    let known: u64 = sizes.iter().flatten().sum();
+    let unknown = sizes.iter().filter(|s| s.is_none()).count();
+    let unknown = if unknown > 0 {
+        format!(", {unknown} of unknown size")
+    } else {
+        String::new()
+    };
+    println!(
+        "dry run: {} to fetch ({}{unknown}), {present} already present, {} missing",
+        to_fetch.len(),
+        ByteSize(known),
+        chosen.missing.len()
+    );
+    chosen.missing.is_empty()
+}
+
+async fn head_size(upstream: &Upstream, url: &str) -> Option<u64> {
+    let req = Request::builder()
+        .method(Method::HEAD)
+        .uri(url)
+        .header(header::USER_AGENT, crate::USER_AGENT)
+        .body(body::empty())
+        .ok()?;
+    let resp = upstream.send(req).await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The `warm` command: returns whether everything selected is now stored.
+pub async fn run(
+    config: Config,
+    selection: Selection,
+    jobs: usize,
+    dry: bool,
+) -> anyhow::Result<bool> {
+    if selection.patterns.is_empty() && selection.from.is_none() {
+        bail!("nothing selected: give patterns (alice/json, alice/*, alice/json@^0.3) and/or --from moon.mod.json");
+    }
+    let ws = Workspace::open(config)?;
+    ws.refresh().await?;
+    let chosen = ws.index.select(&selection)?;
+    if dry {
+        return Ok(dry_run(&ws, &chosen, jobs).await);
+    }
+    let started = std::time::Instant::now();
+    let summary = fetch_all(&ws, &chosen, jobs, "warm").await;
+    summary.print("warm", started.elapsed());
+    Ok(summary.failed.is_empty())
+}
+
+/// Where a `--from` path points, checked up front for a clear error.
+pub fn check_from(path: &Path) -> anyhow::Result<PathBuf> {
+    if !path.is_file() {
+        bail!(
+            "{} is not a file (expected a moon.mod.json)",
+            path.display()
+        );
+    }
+    Ok(path.to_path_buf())
+}
