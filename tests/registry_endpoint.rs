@@ -202,6 +202,31 @@ async fn a_body_cut_short_is_never_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_without_content_length_is_stored_with_its_length() {
+    let (s, (json, big)) = setup_with(|r| {
+        (
+            r.publish("alice/json", "0.1.0", &[]),
+            r.publish_sized("alice/big", "1.0.0", 1 << 20),
+        )
+    })
+    .await;
+    s.upstream.set_fault(Fault::ChunkedArchives);
+    let tmp = tempfile::tempdir().unwrap();
+    for p in [&json, &big] {
+        for expect in ["x-cache: miss", "x-cache: hit"] {
+            let (out, body, head) = fetch(&s.gateway, &p.segment, &tmp.path().join("c"));
+            ok(&out, "download of a chunked archive");
+            assert!(head.contains(expect), "{head}");
+            assert_eq!(sha256_hex(&body), p.checksum);
+            if expect == "x-cache: hit" {
+                let want = format!("content-length: {}", p.size);
+                assert!(head.contains(&want), "{head}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn not_found_is_passed_on_and_not_stored() {
     let (s, _) = setup_with(|_| ()).await;
     let tmp = tempfile::tempdir().unwrap();

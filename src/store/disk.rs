@@ -137,6 +137,21 @@ impl Disk {
         }
     }
 
+    /// Store the file at `path` (`size` bytes) under `key`, atomically.
+    pub async fn commit_file(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+    ) -> Result<Integrity, cacache::Error> {
+        let mut writer = self.writer(key, Some(size)).await?;
+        let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
+        tokio::io::copy(&mut file, &mut writer)
+            .await
+            .map_err(io_error)?;
+        writer.commit().await
+    }
+
     /// Start writing an entry. Nothing is visible under `key` until
     /// [`cacache::Writer::commit`]; dropping the writer discards the temp file.
     pub async fn writer(
@@ -161,4 +176,8 @@ struct Streaming {
     key: String,
     entry: Entry,
     _hold: Hold,
+}
+
+fn io_error(e: std::io::Error) -> cacache::Error {
+    cacache::Error::IoError(e, "copying a spooled body into the store".into())
 }

@@ -207,8 +207,11 @@ async fn run(
     let spool = Arc::new(path);
     let mut file = tokio::fs::File::from_std(file);
     let keep = object.trust != Trust::Unverified;
+    // Without a Content-Length the store's record would carry no size, so such a
+    // body is committed from the spool file once its length is known (below).
+    let tee = keep && len.is_some();
     let mut writer = match store.disk.writer(&object.key, len).await {
-        Ok(w) if keep => Some(w),
+        Ok(w) if tee => Some(w),
         Ok(_) => None,
         Err(e) => {
             // The client still gets its bytes; only the caching is lost.
@@ -292,6 +295,11 @@ async fn run(
             return Err(fail(format!(
                 "{label}: the index says sha256 {expected}, the upstream sent {actual}"
             )));
+        }
+    }
+    if keep && !tee {
+        if let Err(e) = store.disk.commit_file(&object.key, &spool, written).await {
+            tracing::warn!(key = %object.key, error = %e, "store commit failed; served without caching");
         }
     }
     if let Some(w) = writer {

@@ -59,6 +59,8 @@ pub enum Fault {
     SlowArchives { chunk: usize, interval: Duration },
     /// Answer every request with this status and a short text body.
     Status(u16),
+    /// Archive responses without `Content-Length` (chunked over HTTP/1.1).
+    ChunkedArchives,
     /// `symbols.zip` (unconditional 200s): the full `Content-Length`, about half
     /// of the body, then the body breaks off.
     TruncateSymbols,
@@ -487,11 +489,13 @@ async fn archive(
         st.sent += n as u64;
         Some((Ok(Frame::data(data)), Some(st)))
     });
-    Response::builder()
+    let mut resp = Response::builder()
         .status(StatusCode::OK)
-        .header(CONTENT_TYPE, "application/zip")
-        .header(CONTENT_LENGTH, archive.size)
-        .body(StreamBody::new(body).boxed())
+        .header(CONTENT_TYPE, "application/zip");
+    if *fault != Fault::ChunkedArchives {
+        resp = resp.header(CONTENT_LENGTH, archive.size);
+    }
+    resp.body(StreamBody::new(body).boxed())
         .unwrap_or_else(|e| text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")))
 }
 
