@@ -178,12 +178,7 @@ impl Gateway {
 
     /// Classify and answer an origin-form request (the one code path for every door).
     pub async fn route(&self, req: Request<Incoming>, door: Door) -> Response<GatewayBody> {
-        let target = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
+        let target = path_and_query(&req);
         let credentials = req.headers().contains_key(header::AUTHORIZATION)
             || req.headers().contains_key(header::COOKIE);
         let route = classify(req.method(), &target, credentials);
@@ -285,12 +280,7 @@ impl Gateway {
                 }
             }
             Route::Pass => {
-                let target = req
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/")
-                    .to_string();
+                let target = path_and_query(&req);
                 let url = join(
                     &src.registry,
                     &format!("/{}", target.trim_start_matches('/')),
@@ -353,6 +343,14 @@ impl Gateway {
             tokio::spawn(async move { store.prefetch(object).await });
         }
     }
+}
+
+fn path_and_query(req: &Request<Incoming>) -> String {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string()
 }
 
 fn log_request(

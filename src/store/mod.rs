@@ -170,6 +170,22 @@ impl Store {
                 return refuse_mismatch(&bad);
             }
         }
+        if let Some(resp) = self.serve_held(&object, head).await {
+            return resp;
+        }
+        if head {
+            return self.head_upstream(&object).await;
+        }
+        let rx = self.flights.join(self, &object);
+        self.await_flight(&object, rx).await
+    }
+
+    /// Answer from the memory tier, else the disk tier; `None` if neither holds it.
+    pub(crate) async fn serve_held(
+        &self,
+        object: &Object,
+        head: bool,
+    ) -> Option<Response<GatewayBody>> {
         if let Some(hot) = self
             .memory
             .get(&object.key)
@@ -183,16 +199,15 @@ impl Store {
             } else {
                 body::full(hot.bytes)
             };
-            return object_response(&object, Some(len), Some(&hot.sha256), "hit", body);
+            return Some(object_response(
+                object,
+                Some(len),
+                Some(&hot.sha256),
+                "hit",
+                body,
+            ));
         }
-        if let Some(resp) = self.serve_stored(&object, head).await {
-            return resp;
-        }
-        if head {
-            return self.head_upstream(&object).await;
-        }
-        let rx = self.flights.join(self, &object);
-        self.await_flight(&object, rx).await
+        self.serve_stored(object, head).await
     }
 
     /// Fetch `object` into the store in the background unless it is there already;
