@@ -61,6 +61,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Internal: git's uploadpack.packObjectsHook, run by the index mirror.
+    #[command(name = "pack-objects-cache", hide = true)]
+    PackObjectsCache {
+        dir: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
 }
 
 /// Where the data dir and the upstream are, for every command but `keygen`.
@@ -225,6 +232,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::PackObjectsCache { dir, command } => {
+            return moonbit_registry::index::pack_cache::run(&dir, &command)
+        }
         Command::Serve(args) => serve(args).map(|()| true),
         Command::Warm(args) => warm(args),
         Command::Export(args) => export(args),

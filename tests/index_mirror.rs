@@ -393,3 +393,40 @@ async fn moon_works_from_the_mirror_and_store_with_the_upstream_down() {
     let stderr = run_moon("upstream-down");
     assert!(stderr.contains("Registry index"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_clones_share_one_pack_computation() {
+    let (s, _) = setup_with(|r| {
+        for i in 0..20 {
+            r.publish(&format!("alice/m{i}"), "0.1.0", &[]);
+        }
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = s.gateway.data_dir.join("index").join(".pack-cache");
+    let packs = || {
+        std::fs::read_dir(&cache)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    for i in 0..3 {
+        let dir = work.path().join(format!("c{i}"));
+        ok(
+            &clone_index(&s.gateway, &dir, "2", &["--depth", "1"]),
+            "shallow clone",
+        );
+        assert!(read(&dir, "user/alice/m19.index").contains("0.1.0"));
+        // The first clone computed and kept the pack; the others replayed it.
+        assert_eq!(packs(), 1, "clone {i}");
+    }
+    // Another shape of request (a full clone) is its own entry, and works too.
+    ok(
+        &clone_index(&s.gateway, &work.path().join("full"), "2", &[]),
+        "full clone",
+    );
+    assert_eq!(packs(), 2);
+}

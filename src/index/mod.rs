@@ -10,6 +10,7 @@
 pub mod checksums;
 pub mod mirror;
 pub mod offline;
+pub mod pack_cache;
 pub mod selection;
 pub mod serve;
 

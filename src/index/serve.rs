@@ -14,7 +14,11 @@ use hyper::body::{Frame, Incoming};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
+use super::pack_cache;
 use crate::body::{self, BoxError, GatewayBody};
+
+/// Where computed packs are kept, under the mirrors' root.
+const PACK_CACHE_DIR: &str = ".pack-cache";
 
 /// git writes a few hundred bytes of CGI headers; anything past this is broken.
 const CGI_HEADER_MAX: usize = 16 * 1024;
@@ -56,6 +60,10 @@ pub async fn upload_pack(
         .kill_on_drop(true);
     if let Some(home) = std::env::var_os("HOME") {
         cmd.env("HOME", home);
+    }
+    // Identical clones (same tip, same depth) share one pack computation.
+    if let Ok(exe) = std::env::current_exe() {
+        pack_cache::configure(&mut cmd, &exe, &root.join(PACK_CACHE_DIR));
     }
     for (header, var) in [
         ("content-type", "CONTENT_TYPE"),
