@@ -275,10 +275,11 @@ impl MutableCache {
         // The cache's own request: never a client's credentials or cookies.
         req.headers_mut().remove(header::AUTHORIZATION);
         req.headers_mut().remove(header::COOKIE);
-        let resp = match self.upstream.send_guarded(req).await {
+        let mut resp = match self.upstream.send_guarded(req).await {
             Ok(resp) => resp,
             Err(e) => return Outcome::Failed(e.to_string()),
         };
+        clamp_age(resp.headers_mut());
         let status = resp.status();
         let sent = Request::from_parts(parts, ());
         let received_at = SystemTime::now();
@@ -295,7 +296,7 @@ impl MutableCache {
                         headers: storable_headers(&parts.headers),
                         upstream_swr: directive_secs(&parts.headers, "stale-while-revalidate"),
                         fresh_until: millis(received_at)
-                            + policy.time_to_live(received_at).as_millis() as u64,
+                            .saturating_add(duration_millis(policy.time_to_live(received_at))),
                         validated_at: millis(received_at),
                         policy,
                         ..rec.clone()
@@ -351,7 +352,8 @@ impl MutableCache {
             integrity: integrity.to_string(),
             size,
             validated_at: millis(received_at),
-            fresh_until: millis(received_at) + policy.time_to_live(received_at).as_millis() as u64,
+            fresh_until: millis(received_at)
+                .saturating_add(duration_millis(policy.time_to_live(received_at))),
             upstream_swr,
             policy,
         };
@@ -607,6 +609,33 @@ fn millis(t: SystemTime) -> u64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn absurd_ages_cannot_overflow_the_policy() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AGE,
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        clamp_age(&mut h);
+        assert_eq!(h.get(header::AGE).unwrap(), "315360000");
+        h.insert(header::AGE, HeaderValue::from_static("soon"));
+        clamp_age(&mut h);
+        assert!(h.get(header::AGE).is_none());
+        let req = http::Request::get("https://r/symbols.zip")
+            .body(())
+            .unwrap();
+        let mut resp = http::Response::builder()
+            .header(header::AGE, "18446744073709551615")
+            .header(header::CACHE_CONTROL, "max-age=18446744073709551615")
+            .body(())
+            .unwrap();
+        clamp_age(resp.headers_mut());
+        let policy =
+            CachePolicy::new_options(&req, &resp, SystemTime::now(), CacheOptions::default());
+        let _ = policy.time_to_live(SystemTime::now());
+        let _ = policy.age(SystemTime::now());
+    }
+
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (n, v) in pairs {
@@ -647,5 +676,31 @@ mod tests {
         ]);
         let kept: Vec<String> = storable_headers(&h).into_iter().map(|(n, _)| n).collect();
         assert_eq!(kept, ["etag", "cache-control"]);
+    }
+}
+
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// An `Age` the upstream may send is clamped to ten years (dropped if unreadable):
+/// http-cache-semantics adds it to other durations, which must not overflow.
+fn clamp_age(headers: &mut HeaderMap) {
+    const MAX_AGE: u64 = 10 * 365 * 24 * 3600;
+    let Some(value) = headers.get(header::AGE) else {
+        return;
+    };
+    match value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(age) if age <= MAX_AGE => {}
+        Some(_) => {
+            headers.insert(header::AGE, HeaderValue::from(MAX_AGE));
+        }
+        None => {
+            headers.remove(header::AGE);
+        }
     }
 }

@@ -67,7 +67,7 @@ impl Gateway {
                 };
                 self.store.respond_offline(object, head).await
             }
-            Route::Index(rest) => self.index.handle_offline(req, &rest).await,
+            Route::Index(rest) => self.index.handle_offline(source, req, &rest).await,
             Route::Refuse(status, reason) => body::text(status, reason),
             Route::IndexRefresh | Route::Symbols | Route::Pass | Route::Health => body::text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -144,7 +144,8 @@ impl Gateway {
         let (method, target) = (req.method().clone(), req.uri().to_string());
         let resp = if req.method() == Method::CONNECT {
             proxy::connect(self.clone(), req).await
-        } else if req.uri().authority().is_some() {
+        } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
+            // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
             proxy::absolute(self.clone(), req).await
         } else {
             self.route(req, Door::Endpoint).await

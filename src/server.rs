@@ -65,8 +65,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         index.start().await;
     }
     let store = Arc::new(store);
-    if let Some(max) = config.storage.max_size {
-        store.keep_within(max.as_u64(), config.storage.gc_interval);
+    match config.storage.max_size {
+        // Offline, nothing evicted could be fetched again.
+        Some(_) if config.offline => {
+            tracing::warn!("storage.max_size is not enforced while offline")
+        }
+        Some(max) => store.keep_within(max.as_u64(), config.storage.gc_interval),
+        None => {}
     }
     let interceptor = if Interceptor::all_hosts(&sources).is_empty() {
         tracing::info!(

@@ -211,15 +211,21 @@ impl Mirror {
             Ok(()) => {
                 state.last_ok = Some(started);
                 state.last_error = None;
-                self.refreshes.fetch_add(1, Ordering::Relaxed);
                 *self.refreshed_at.write().unwrap_or_else(|p| p.into_inner()) =
                     Some(SystemTime::now());
                 match self.reload().await {
-                    Ok(changed) => tracing::info!(
-                        source = %self.source, ms = started.elapsed().as_millis() as u64,
-                        commit = %self.snapshot().commit.as_deref().unwrap_or("-"), changed,
-                        "index mirror refreshed"
-                    ),
+                    Ok(changed) => {
+                        // What counts as "an index refresh" for remembered verdicts: a
+                        // new tip, or one asked for; not every max_age poll.
+                        if changed || force {
+                            self.refreshes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::info!(
+                            source = %self.source, ms = started.elapsed().as_millis() as u64,
+                            commit = %self.snapshot().commit.as_deref().unwrap_or("-"), changed,
+                            "index mirror refreshed"
+                        )
+                    }
                     Err(e) => {
                         tracing::error!(source = %self.source, error = %e, "index mirror unreadable after refresh")
                     }

@@ -30,10 +30,11 @@ impl Index {
     /// Answer a client's index request from the primary mirror as it is.
     pub async fn handle_offline(
         &self,
+        position: usize,
         req: Request<Incoming>,
         rest: &str,
     ) -> Response<GatewayBody> {
-        let mirror = &self.mirrors[0];
+        let mirror = &self.mirrors[position];
         if !mirror.exists() {
             return body::text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -26,7 +26,12 @@ pub async fn peek_server_name(
         // rustls parses a copy; the socket still holds every byte.
         let mut acceptor = rustls::server::Acceptor::default();
         let mut reader = &buf[..n];
-        acceptor.read_tls(&mut reader).map_err(|e| e.to_string())?;
+        // One read_tls takes at most 4 KiB; large ClientHellos need several.
+        while !reader.is_empty() {
+            if acceptor.read_tls(&mut reader).map_err(|e| e.to_string())? == 0 {
+                break;
+            }
+        }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
                 return Ok(accepted.client_hello().server_name().map(str::to_string))

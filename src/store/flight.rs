@@ -74,16 +74,19 @@ pub struct Flights {
 impl Flights {
     /// Join the fetch for `object`, starting it if there is none.
     pub fn join(&self, store: &Arc<Store>, object: &Object) -> watch::Receiver<FlightState> {
+        // Keyed by what the fetch will be checked against too: a client that expects
+        // a digest never shares a fetch made under weaker (or other) expectations.
+        let flight = flight_key(object);
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = live.get(&object.key) {
+        if let Some(rx) = live.get(&flight) {
             return rx.clone();
         }
         let (tx, rx) = watch::channel(FlightState::Connecting);
-        live.insert(object.key.clone(), rx.clone());
+        live.insert(flight.clone(), rx.clone());
         drop(live);
         let landing = Landing {
             store: store.clone(),
-            key: object.key.clone(),
+            key: flight,
         };
         tokio::spawn(fetch(store.clone(), object.clone(), tx, landing));
         rx
@@ -130,6 +133,14 @@ impl Drop for Landing {
     }
 }
 
+fn flight_key(object: &Object) -> String {
+    match &object.trust {
+        Trust::Checksum { expected, .. } => format!("{}#{expected}", object.key),
+        Trust::Complete => format!("{}#complete", object.key),
+        Trust::Unverified => format!("{}#unverified", object.key),
+    }
+}
+
 async fn fetch(
     store: Arc<Store>,
     object: Object,
@@ -139,9 +150,11 @@ async fn fetch(
     let started = Instant::now();
     // Closes the race with a flight that committed between our caller's store lookup
     // and our registration: without it, that object would be fetched twice.
-    if let Ok(Some(_)) = store.disk.lookup(&object.key).await {
-        tx.send_replace(FlightState::Stored);
-        return;
+    if let Ok(Some(entry)) = store.disk.lookup(&object.key).await {
+        if object.accepts(&entry.sha256()) {
+            tx.send_replace(FlightState::Stored);
+            return;
+        }
     }
     let final_state = match run(&store, &object, &tx).await {
         Ok(state) => state,
@@ -193,6 +206,15 @@ async fn run(
         });
     }
     let len = content_length(resp.headers());
+    // An HTTP/1.1 body with neither length nor chunking ends when the connection
+    // closes, so a cut looks like a clean end: keep it only if a digest vouches for it.
+    let delimited = len.is_some()
+        || resp.version() == http::Version::HTTP_2
+        || resp
+            .headers()
+            .get(http::header::TRANSFER_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let limit = store.limits.archive_max;
     if len.is_some_and(|len| len > limit) {
         return Err(broken(
@@ -206,7 +228,11 @@ async fn run(
     let (file, path) = spool.into_parts();
     let spool = Arc::new(path);
     let mut file = tokio::fs::File::from_std(file);
-    let keep = object.trust != Trust::Unverified;
+    let keep = match object.trust {
+        Trust::Checksum { .. } => true,
+        Trust::Complete => delimited,
+        Trust::Unverified => false,
+    };
     // Without a Content-Length the store's record would carry no size, so such a
     // body is committed from the spool file once its length is known (below).
     let tee = keep && len.is_some();

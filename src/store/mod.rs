@@ -87,6 +87,7 @@ pub struct Store {
     quarantine: Quarantine,
     not_found: NotFound,
     prefetch_permits: tokio::sync::Semaphore,
+    prefetch_pending: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Digests being streamed from disk; eviction leaves them alone.
     in_use: usage::InUse,
 }
@@ -131,6 +132,7 @@ impl Store {
             quarantine: Quarantine::new(limits.bad_archive_ttl),
             not_found: NotFound::new(limits.not_found_ttl),
             prefetch_permits: tokio::sync::Semaphore::new(limits.prefetch_jobs.max(1)),
+            prefetch_pending: Default::default(),
             limits,
             in_use: usage::InUse::default(),
         })
@@ -165,13 +167,14 @@ impl Store {
         if let Some(resp) = self.remembered_not_found(&object.key, listed) {
             return resp;
         }
+        // A good copy held here wins over a remembered bad upstream copy.
+        if let Some(resp) = self.serve_held(&object, head).await {
+            return resp;
+        }
         if let Trust::Checksum { refreshes, .. } = &object.trust {
             if let Some(bad) = self.quarantine.get(&object.key, *refreshes) {
                 return refuse_mismatch(&bad);
             }
-        }
-        if let Some(resp) = self.serve_held(&object, head).await {
-            return resp;
         }
         if head {
             return self.head_upstream(&object).await;
@@ -213,9 +216,7 @@ impl Store {
     /// Fetch `object` into the store in the background unless it is there already;
     /// at most `prefetch_jobs` at a time. Never blocks a client's request.
     pub async fn prefetch(self: &Arc<Self>, object: Object) {
-        let Ok(_permit) = self.prefetch_permits.acquire().await else {
-            return;
-        };
+        // Cheap checks first, so a closure that is mostly present costs no queueing.
         if let Trust::Checksum { refreshes, .. } = &object.trust {
             if self.quarantine.get(&object.key, *refreshes).is_some() {
                 return;
@@ -227,10 +228,18 @@ impl Store {
         {
             return;
         }
-        match self.disk.lookup(&object.key).await {
-            Ok(Some(entry)) if object.accepts(&entry.sha256()) => return,
-            _ => {}
+        if let Ok(Some(entry)) = self.disk.lookup(&object.key).await {
+            if object.accepts(&entry.sha256()) {
+                return;
+            }
         }
+        // One queued prefetch per key, however many requests name it as a dependency.
+        let Some(_pending) = PendingPrefetch::claim(self, &object.key) else {
+            return;
+        };
+        let Ok(_permit) = self.prefetch_permits.acquire().await else {
+            return;
+        };
         tracing::debug!(key = %object.key, "prefetching");
         Flights::settle(self.flights.join(self, &object)).await;
     }
@@ -288,17 +297,32 @@ impl Store {
         ))
     }
 
-    /// An entry that cannot be read back intact is removed, so this request and the
-    /// next ones fetch it again instead of failing forever.
+    /// An entry whose bytes no longer match their digest is removed, so this request
+    /// and the next ones fetch it again instead of failing forever. Any other read
+    /// error (e.g. too many open files) keeps the entry and answers 503.
     async fn drop_corrupt(
         &self,
         object: &Object,
         entry: &Entry,
         error: cacache::Error,
     ) -> Option<Response<GatewayBody>> {
-        tracing::error!(key = %object.key, sha256 = %entry.sha256(), %error, "stored entry unreadable; removing it and refetching");
-        self.disk.remove_corrupt(&object.key, entry).await;
-        None
+        match error {
+            cacache::Error::IntegrityError(_) | cacache::Error::SizeMismatch(..) => {
+                tracing::error!(key = %object.key, sha256 = %entry.sha256(), %error, "stored entry is corrupt; removing it and refetching");
+                self.disk.remove_corrupt(&object.key, entry).await;
+                None
+            }
+            // Evicted between lookup and read: simply a miss.
+            cacache::Error::EntryNotFound(..) => None,
+            cacache::Error::IoError(ref e, _) if e.kind() == std::io::ErrorKind::NotFound => None,
+            other => {
+                tracing::error!(key = %object.key, error = %other, "store read failed");
+                Some(body::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the store could not read {}: {other}", object.key),
+                ))
+            }
+        }
     }
 
     async fn await_flight(
@@ -411,6 +435,36 @@ impl Store {
             }
             Err(e) => body::text(StatusCode::BAD_GATEWAY, e.to_string()),
         }
+    }
+}
+
+/// A key queued for prefetching; unqueued on drop, however the prefetch ends.
+struct PendingPrefetch<'a> {
+    store: &'a Store,
+    key: String,
+}
+
+impl<'a> PendingPrefetch<'a> {
+    fn claim(store: &'a Store, key: &str) -> Option<PendingPrefetch<'a>> {
+        let mut pending = store
+            .prefetch_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.insert(key.to_string()).then(|| PendingPrefetch {
+            store,
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for PendingPrefetch<'_> {
+    fn drop(&mut self) {
+        let mut pending = self
+            .store
+            .prefetch_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.remove(&self.key);
     }
 }
 
