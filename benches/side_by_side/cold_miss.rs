@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::side_by_side::client::{fresh_client, timed_get, Timing};
 use crate::side_by_side::fixtures::COLD_SIZE;
-use crate::side_by_side::report::{Better, Row};
+use crate::side_by_side::report::{self, Better, Row};
 use crate::side_by_side::{instances, Bench};
 use crate::upstream::{Fault, Published};
 
@@ -22,6 +22,11 @@ pub async fn run(b: &mut Bench) {
     let fast = b.fixtures.cold.clone();
     let (g, d) = measure(b, &client, &gw.url(), &fast).await;
     push(b, "cold miss 1 MiB", &g, &d);
+    b.notes.push(format!(
+        "cold miss 1 MiB: the gateway's own upstream fetch (spool + store + verify, from its log) \
+         took {:.1} ms (median)",
+        report::median(&fetch_ms(&gw.gateway.log(), "archive/bench/cold/"))
+    ));
 
     b.upstream.set_fault(Fault::SlowArchives {
         chunk: SLOW_CHUNK,
@@ -41,8 +46,8 @@ pub async fn run(b: &mut Bench) {
         "slow upstream: the gateway's first body byte came before half the upstream's \
          transfer time in {early} of {} runs (first byte {:.0} ms, upstream total {:.0} ms, medians)",
         g.len(),
-        crate::side_by_side::report::median(&g.iter().map(|t| t.first_byte_ms).collect::<Vec<_>>()),
-        crate::side_by_side::report::median(&d.iter().map(|t| t.total_ms).collect::<Vec<_>>()),
+        report::median(&g.iter().map(|t| t.first_byte_ms).collect::<Vec<_>>()),
+        report::median(&d.iter().map(|t| t.total_ms).collect::<Vec<_>>()),
     ));
     assert_eq!(
         early,
@@ -77,8 +82,11 @@ async fn measure(
     (g, d)
 }
 
+/// Reads one number out of a transfer's timing.
+type Metric = fn(&Timing) -> f64;
+
 fn push(b: &mut Bench, scenario: &str, g: &[Timing], d: &[Timing]) {
-    let metrics: [(&str, fn(&Timing) -> f64); 3] = [
+    let metrics: [(&str, Metric); 3] = [
         ("response head", |t| t.head_ms),
         ("first body byte", |t| t.first_byte_ms),
         ("total", |t| t.total_ms),
@@ -94,4 +102,17 @@ fn push(b: &mut Bench, scenario: &str, g: &[Timing], d: &[Timing]) {
             peer_name: "upstream direct (TLS)".into(),
         });
     }
+}
+
+/// `ms=` of every "fetched from upstream" log line for keys starting with `prefix`.
+fn fetch_ms(log: &str, prefix: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("fetched from upstream") && l.contains(&format!("key={prefix}")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("ms="))?
+                .parse()
+                .ok()
+        })
+        .collect()
 }

@@ -82,6 +82,9 @@ pub fn publish(registry: &Registry, runs: usize, huge: bool) -> Fixtures {
     let stampede = many("bench/stampede", runs * 2);
     let huge = huge.then(|| registry.publish_sized("bench/huge", "1.0.0", HUGE_SIZE));
     let (app, app_deps) = module_tree(registry);
+    // A served index is packed (gc'd) like any maintained git server's; thousands of
+    // loose objects would make every direct clone pay for compressing them afresh.
+    registry.git(&["repack", "-a", "-d", "-q"]);
     Fixtures {
         hot,
         cold,

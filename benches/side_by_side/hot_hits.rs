@@ -8,6 +8,9 @@ use crate::side_by_side::{instances, load, Bench};
 
 const CONNECTIONS: u32 = 64;
 
+/// Reads one number out of a wrk result.
+type Metric = fn(&load::Load) -> f64;
+
 pub async fn run(b: &mut Bench) {
     let gw = instances::start(&b.upstream, instances::BASE_CONFIG).await;
     let root = tempfile::tempdir().expect("static root");
@@ -58,7 +61,7 @@ pub async fn run(b: &mut Bench) {
         }
         let scenario = format!("hot hit {label}, {CONNECTIONS} conns");
         for (peer, name) in [(1, servers[1].0), (2, servers[2].0)] {
-            let metrics: [(&str, &'static str, Better, fn(&load::Load) -> f64); 3] = [
+            let metrics: [(&str, &'static str, Better, Metric); 3] = [
                 ("req/s", "req/s", Better::Higher, |l| l.requests_per_sec),
                 ("p50 latency", "ms", Better::Lower, |l| l.p50_ms),
                 ("p99 latency", "ms", Better::Lower, |l| l.p99_ms),
