@@ -605,6 +605,32 @@ fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// An `Age` the upstream may send is clamped to ten years (dropped if unreadable):
+/// http-cache-semantics adds it to other durations, which must not overflow.
+fn clamp_age(headers: &mut HeaderMap) {
+    const MAX_AGE: u64 = 10 * 365 * 24 * 3600;
+    let Some(value) = headers.get(header::AGE) else {
+        return;
+    };
+    match value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(age) if age <= MAX_AGE => {}
+        Some(_) => {
+            headers.insert(header::AGE, HeaderValue::from(MAX_AGE));
+        }
+        None => {
+            headers.remove(header::AGE);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,31 +702,5 @@ mod tests {
         ]);
         let kept: Vec<String> = storable_headers(&h).into_iter().map(|(n, _)| n).collect();
         assert_eq!(kept, ["etag", "cache-control"]);
-    }
-}
-
-fn duration_millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// An `Age` the upstream may send is clamped to ten years (dropped if unreadable):
-/// http-cache-semantics adds it to other durations, which must not overflow.
-fn clamp_age(headers: &mut HeaderMap) {
-    const MAX_AGE: u64 = 10 * 365 * 24 * 3600;
-    let Some(value) = headers.get(header::AGE) else {
-        return;
-    };
-    match value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        Some(age) if age <= MAX_AGE => {}
-        Some(_) => {
-            headers.insert(header::AGE, HeaderValue::from(MAX_AGE));
-        }
-        None => {
-            headers.remove(header::AGE);
-        }
     }
 }

@@ -1,0 +1,114 @@
+//! Scenario 4 (and issue 4): `git clone --depth 1` of a realistic index through the
+//! gateway (answered from its mirror) against straight from the upstream's
+//! `git http-backend`, one clone alone and 16 at once.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use crate::side_by_side::report::{Better, Row};
+use crate::side_by_side::{instances, Bench};
+use crate::upstream::clients;
+
+pub async fn run(b: &mut Bench) {
+    let gw = instances::start(&b.upstream, instances::BASE_CONFIG).await;
+    let through = format!("{}/git/index", gw.url());
+    let direct = b.upstream.index_url();
+    let work = tempfile::tempdir().expect("clone dir");
+    let home = work.path().join("home");
+    std::fs::create_dir_all(&home).expect("git home");
+    let expected = b.fixtures.index_files;
+    let mut n = 0;
+    let mut clones = |url: &str, count: usize| -> f64 {
+        n += 1;
+        let dirs: Vec<_> = (0..count)
+            .map(|i| work.path().join(format!("run{n}-{i}")))
+            .collect();
+        let started = Instant::now();
+        let children: Vec<Child> = dirs
+            .iter()
+            .map(|dir| clone(&home, &b.upstream.ca_pem, url, dir))
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("wait for git clone");
+            assert!(
+                out.status.success(),
+                "git clone {url} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        for dir in &dirs {
+            let files = count_index_files(&dir.join("user"));
+            assert!(
+                files >= expected,
+                "{url}: clone has {files} index files, expected {expected}+"
+            );
+            std::fs::remove_dir_all(dir).expect("remove clone");
+        }
+        ms
+    };
+    for count in [1, 16] {
+        let (mut g, mut d) = (Vec::new(), Vec::new());
+        for round in 0..b.rounds {
+            if round % 2 == 0 {
+                g.push(clones(&through, count));
+                d.push(clones(&direct, count));
+            } else {
+                d.push(clones(&direct, count));
+                g.push(clones(&through, count));
+            }
+        }
+        b.rows.push(Row {
+            scenario: format!(
+                "index clone --depth 1 ({} files, {:.1} MiB)",
+                b.fixtures.index_files,
+                b.fixtures.index_bytes as f64 / (1 << 20) as f64
+            ),
+            metric: format!("{count} concurrent"),
+            unit: "ms",
+            better: Better::Lower,
+            gateway: g,
+            peer: d,
+            peer_name: "git http-backend direct (TLS)".into(),
+        });
+    }
+    drop(gw);
+}
+
+/// `git clone --depth 1 --single-branch --no-tags URL DIR` as moon runs it, isolated
+/// from this machine's git config, trusting the test CA for the direct clone.
+fn clone(home: &Path, ca_pem: &Path, url: &str, dir: &Path) -> Child {
+    let mut cmd: Command = clients::git_trusting(home, ca_pem);
+    cmd.args([
+        "clone",
+        "--quiet",
+        "--depth",
+        "1",
+        "--single-branch",
+        "--no-tags",
+        url,
+    ])
+    .arg(dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap_or_else(|e| panic!("cannot run git: {e}"))
+}
+
+fn count_index_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                count_index_files(&path)
+            } else {
+                usize::from(path.extension().is_some_and(|x| x == "index"))
+            }
+        })
+        .sum()
+}
