@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::Method;
 use http_body_util::BodyExt;
 use moonbit_registry::archive::ArchiveKey;
-use moonbit_registry::config::{Config, Storage};
+use moonbit_registry::config::Config;
 use moonbit_registry::router::{classify, Route};
 use moonbit_registry::store::disk::Disk;
 use moonbit_registry::store::memory::{Hot, Memory};
@@ -60,20 +60,16 @@ fn routing(c: &mut Criterion) {
 /// (below it) a memory tier for it.
 async fn store_with_archive(dir: &std::path::Path, in_memory: bool) -> (Arc<Store>, Object) {
     let bytes = vec![7u8; 64 * 1024];
-    let storage = Storage {
-        memory: ByteSize::mib(64),
-        memory_item_max: if in_memory {
-            ByteSize::mib(4)
-        } else {
-            ByteSize::kib(1)
-        },
-        archive_max: ByteSize::gib(1),
+    let mut config = Config::default();
+    config.storage.memory = ByteSize::mib(64);
+    config.storage.memory_item_max = if in_memory {
+        ByteSize::mib(4)
+    } else {
+        ByteSize::kib(1)
     };
-    let limits = Limits {
-        archive_max: storage.archive_max.as_u64(),
-        bad_archive_ttl: Duration::from_secs(60),
-        prefetch_jobs: 1,
-    };
+    config.storage.archive_max = ByteSize::gib(1);
+    let storage = config.storage.clone();
+    let limits = Limits::from_config(&config);
     let upstream = Upstream::new(None, Config::default().timeouts).expect("upstream client");
     let store = Arc::new(Store::open(dir, &storage, limits, upstream).expect("open store"));
     let key = "archive/moonbitlang/core/0.1.0".to_string();
