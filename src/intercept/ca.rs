@@ -47,6 +47,8 @@ impl Ca {
         match (files.cert.exists(), files.key.exists()) {
             (true, true) => Ca::load(files),
             (false, false) if create => Ca::create(files, hosts),
+            // Another process may be between writing the key and the certificate.
+            (false, true) if create => Ca::load_when_complete(files),
             (false, false) => bail!(
                 "CA certificate {} and key {} do not exist",
                 files.cert.display(),
@@ -58,6 +60,21 @@ impl Ca {
                 files.key.display()
             ),
         }
+    }
+
+    /// Another process is creating this CA: wait (briefly) for its certificate.
+    fn load_when_complete(files: &CaFiles) -> anyhow::Result<Ca> {
+        for _ in 0..100 {
+            if files.cert.exists() {
+                return Ca::load(files);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        bail!(
+            "{} exists without {}: another process died creating the CA; remove both to make a new one",
+            files.key.display(),
+            files.cert.display()
+        )
     }
 
     fn load(files: &CaFiles) -> anyhow::Result<Ca> {
@@ -115,8 +132,28 @@ impl Ca {
         let dir = files.cert.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)
             .with_context(|| format!("could not create {}", dir.display()))?;
-        write_private(&files.key, key.serialize_pem().as_bytes())?;
-        write_atomic(&files.cert, cert.pem().as_bytes())?;
+        // The key goes first, created 0600 under a unique temp name and never over an
+        // existing one: a concurrent start that lost the race loads the winner's CA.
+        let key_file = temp_with(dir, key.serialize_pem().as_bytes())?;
+        if let Err(e) = key_file.persist_noclobber(&files.key) {
+            if e.error.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e.error)
+                    .with_context(|| format!("could not write {}", files.key.display()));
+            }
+            return Ca::load_when_complete(files);
+        }
+        let cert_file = temp_with(dir, cert.pem().as_bytes())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = cert_file
+                .as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644));
+        }
+        cert_file
+            .persist(&files.cert)
+            .map_err(|e| e.error)
+            .with_context(|| format!("could not write {}", files.cert.display()))?;
         tracing::info!(cert = %files.cert.display(), hosts = ?hosts, "created the interception CA");
         Ok(Ca {
             files: files.clone(),
@@ -158,31 +195,15 @@ fn permitted_dns_subtrees(der: &CertificateDer<'_>) -> anyhow::Result<Option<Vec
         }))
 }
 
-/// Write a secret: created with mode 0600 before any byte is in it.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// A temp file in `dir` (mode 0600, as tempfile creates them) holding `bytes`, synced.
+fn temp_with(dir: &Path, bytes: &[u8]) -> anyhow::Result<tempfile::NamedTempFile> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(&tmp)
-        .with_context(|| format!("could not create {}", tmp.display()))?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("could not create a file in {}", dir.display()))?;
     file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .with_context(|| format!("could not write {}", path.display()))
-}
-
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .with_context(|| format!("could not write {}", path.display()))
+        .and_then(|_| file.as_file().sync_all())
+        .with_context(|| format!("could not write in {}", dir.display()))?;
+    Ok(file)
 }
 
 #[cfg(test)]
