@@ -123,7 +123,6 @@ impl MutableCache {
         })
     }
 
-    /// Answer a GET or HEAD for the mutable resource at upstream `url`.
     /// The stored copy of `url`, without contacting the upstream (`serve --offline`).
     pub async fn respond_stored(
         &self,
@@ -135,6 +134,7 @@ impl MutableCache {
         Some(self.serve(&rec, client, head, Served::Hit).await)
     }
 
+    /// Answer a GET or HEAD for the mutable resource at upstream `url`.
     pub async fn respond(
         self: &Arc<Self>,
         url: &str,
@@ -247,18 +247,29 @@ impl MutableCache {
 
     /// Talk to the upstream about `url`, one exchange per URL at a time: whoever
     /// waited for another's exchange reuses its result.
+    /// Bounded as a whole (waiting included): a trickling upstream turns into a
+    /// failure, so the stale copy is served before `moon`'s own 30 s run out.
     async fn exchange(&self, url: &str, prior: Option<Record>) -> Outcome {
-        let lock = self.lock_for(url);
-        let _guard = lock.lock().await;
-        let now = self.load(url).await;
-        match (&prior, now) {
-            (None, Some(rec)) => return Outcome::Current(rec),
-            (Some(before), Some(rec)) if rec.validated_at > before.validated_at => {
-                return Outcome::Current(rec)
+        let limit = self.upstream.timeouts().response;
+        let exchange = async {
+            let lock = self.lock_for(url);
+            let _guard = lock.lock().await;
+            let now = self.load(url).await;
+            match (&prior, now) {
+                (None, Some(rec)) => return Outcome::Current(rec),
+                (Some(before), Some(rec)) if rec.validated_at > before.validated_at => {
+                    return Outcome::Current(rec)
+                }
+                _ => {}
             }
-            _ => {}
+            self.exchange_locked(url, prior.clone()).await
+        };
+        match tokio::time::timeout(limit, exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Failed(format!(
+                "no complete answer from the upstream within {limit:?}"
+            )),
         }
-        self.exchange_locked(url, prior).await
     }
 
     async fn exchange_locked(&self, url: &str, prior: Option<Record>) -> Outcome {

@@ -3,6 +3,7 @@
 //! like registry traffic; other `CONNECT`s and plain-HTTP absolute-form requests
 //! are tunnelled or forwarded untouched, or refused, by the tunnel policy.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -142,10 +143,77 @@ pub async fn absolute(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response
         return gateway.route(req, Door::Intercepted { source }).await;
     }
     let port = uri.port_u16().unwrap_or(80);
-    if let Err(reason) = gateway.tunnel.admit(&host, port).await {
-        tracing::info!(%host, port, %reason, "proxy request refused");
-        return body::text(StatusCode::FORBIDDEN, reason);
+    let addrs = match gateway.tunnel.admit(&host, port).await {
+        Ok(addrs) => addrs,
+        Err(reason) => {
+            tracing::info!(%host, port, %reason, "proxy request refused");
+            return body::text(StatusCode::FORBIDDEN, reason);
+        }
+    };
+    forward_to(&gateway, req, &addrs).await
+}
+
+/// Forward a plain-HTTP request over a connection to the addresses the policy
+/// admitted: resolving the name again could give another (e.g. a metadata) address.
+async fn forward_to(
+    gateway: &Gateway,
+    req: Request<Incoming>,
+    addrs: &[SocketAddr],
+) -> Response<GatewayBody> {
+    let stream = match tunnel::connect(addrs).await {
+        Ok(stream) => stream,
+        Err(e) => return body::text(StatusCode::BAD_GATEWAY, format!("cannot connect: {e}")),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            return body::text(
+                StatusCode::BAD_GATEWAY,
+                format!("HTTP handshake failed: {e}"),
+            )
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "forwarded connection ended with an error");
+        }
+    });
+    let (mut parts, incoming) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    passthrough::strip_hop_by_hop(&mut parts.headers);
+    if let Ok(host) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, host);
     }
-    let target = uri.to_string();
-    passthrough::forward(&gateway.upstream, req, &target).await
+    // The origin server gets origin-form.
+    let origin_form = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = match origin_form.parse() {
+        Ok(uri) => uri,
+        Err(_) => return body::text(StatusCode::BAD_REQUEST, "bad request target"),
+    };
+    let out = Request::from_parts(parts, incoming);
+    let timeout = gateway.upstream.timeouts().response;
+    match tokio::time::timeout(timeout, sender.send_request(out)).await {
+        Ok(Ok(resp)) => {
+            let (mut parts, incoming) = resp.into_parts();
+            passthrough::strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert("x-cache", HeaderValue::from_static("bypass"));
+            Response::from_parts(parts, gateway.upstream.idle_bounded(incoming))
+        }
+        Ok(Err(e)) => body::text(StatusCode::BAD_GATEWAY, format!("forwarding failed: {e}")),
+        Err(_) => body::text(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer within {timeout:?}"),
+        ),
+    }
 }

@@ -40,7 +40,12 @@ pub enum Expectation {
 pub struct Index {
     root: PathBuf,
     mirrors: Vec<Arc<Mirror>>,
+    /// Bounds the git processes serving clients at once.
+    git_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Clones and fetches served at once; the rest wait (bounded) for a slot.
+const GIT_SLOTS: usize = 32;
 
 impl Index {
     pub fn new(root: PathBuf, sources: &[Source], settings: MirrorSettings) -> Index {
@@ -56,7 +61,11 @@ impl Index {
                 ))
             })
             .collect();
-        Index { root, mirrors }
+        Index {
+            root,
+            mirrors,
+            git_slots: Arc::new(tokio::sync::Semaphore::new(GIT_SLOTS)),
+        }
     }
 
     pub fn mirrors(&self) -> &[Arc<Mirror>] {
@@ -131,7 +140,7 @@ impl Index {
             }
         }
         let repo = repo_name(&mirror.source);
-        serve::upload_pack(&self.root, &repo, rest, req).await
+        serve::upload_pack(&self.root, &repo, rest, req, &self.git_slots).await
     }
 
     /// The checksum the index holds for `key`, refreshing once if no source knows it

@@ -41,7 +41,14 @@ impl Index {
                 "the gateway is offline and has no index mirror (import a bundle first)",
             );
         }
-        serve::upload_pack(&self.root, &repo_name(&mirror.source), rest, req).await
+        serve::upload_pack(
+            &self.root,
+            &repo_name(&mirror.source),
+            rest,
+            req,
+            &self.git_slots,
+        )
+        .await
     }
 
     /// What the mirrors say about `key`, without refreshing.

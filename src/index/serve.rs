@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use futures_util::stream;
@@ -13,6 +14,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::pack_cache;
 use crate::body::{self, BoxError, GatewayBody};
@@ -22,6 +24,8 @@ const PACK_CACHE_DIR: &str = ".pack-cache";
 
 /// git writes a few hundred bytes of CGI headers; anything past this is broken.
 const CGI_HEADER_MAX: usize = 16 * 1024;
+/// How long a request waits for a free git slot before a 503.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Bound on how long git may take before it starts answering.
 const CGI_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -32,7 +36,18 @@ pub async fn upload_pack(
     repo: &str,
     rest: &str,
     req: Request<Incoming>,
+    slots: &Arc<Semaphore>,
 ) -> Response<GatewayBody> {
+    // Held until the response body is done (or dropped with it).
+    let slot = match tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        _ => {
+            return body::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many index clones in progress; retry shortly",
+            )
+        }
+    };
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != "info/refs" && path != "git-upload-pack" {
         // Dumb-protocol paths (objects/..., HEAD) are not served: moon needs smart HTTP.
@@ -120,7 +135,12 @@ pub async fn upload_pack(
             )
         }
     };
-    let body = stream::unfold(Some(CgiOutput { stdout, child }), |state| async move {
+    let output = CgiOutput {
+        stdout,
+        child,
+        _slot: slot,
+    };
+    let body = stream::unfold(Some(output), |state| async move {
         let mut out = state?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
         match out.stdout.read_buf(&mut buf).await {
@@ -146,6 +166,7 @@ pub async fn upload_pack(
 struct CgiOutput {
     stdout: BufReader<ChildStdout>,
     child: Child,
+    _slot: OwnedSemaphorePermit,
 }
 
 async fn read_cgi_head(
