@@ -222,12 +222,17 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    // Log lines are written by a background thread: a request never waits on stderr
+    // (but lines are not dropped when it falls behind).
+    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("moonbit_registry=info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::stream;
+use futures_util::{stream, FutureExt};
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -30,7 +30,9 @@ use crate::body::{BoxError, GatewayBody};
 use crate::upstream::{collect_limited, next_chunk};
 
 /// Bytes a reader takes from the spool file at a time.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
+/// Most bytes gathered from the upstream before one write to spool and store.
+const WRITE_BATCH: usize = 256 * 1024;
 /// Error pages from the upstream are handed on, but only this much of them.
 const REFUSAL_BODY_MAX: usize = 64 * 1024;
 
@@ -258,12 +260,33 @@ async fn run(
     let mut body: Incoming = resp.into_body();
     let mut written: u64 = 0;
     let fail = |reason: String| broken(Some(spool.clone()), reason);
-    loop {
-        let chunk = match next_chunk(&mut body, idle).await {
+    let mut ended = false;
+    while !ended {
+        let first = match next_chunk(&mut body, idle).await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => break,
             Err(e) => return Err(fail(e.to_string())),
         };
+        // Take whatever else has already arrived, up to a batch: one spool write and
+        // one store write per batch instead of per 16 KiB frame, without ever waiting
+        // for more (the first bytes still go out at once).
+        let mut batch = BytesMut::from(&first[..]);
+        while batch.len() < WRITE_BATCH {
+            match body.frame().now_or_never() {
+                Some(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        batch.extend_from_slice(&data);
+                    }
+                }
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                Some(Some(Err(e))) => return Err(fail(format!("upstream body broke off: {e}"))),
+                None => break,
+            }
+        }
+        let chunk = batch.freeze();
         let now = written + chunk.len() as u64;
         if now > len.unwrap_or(limit) {
             return Err(fail(format!(
