@@ -25,11 +25,27 @@ pub fn content_path(store_dir: &Path, sha256: &str) -> Option<PathBuf> {
     )
 }
 
+/// A content file's last use is recorded at most this often: eviction needs
+/// minutes of precision, and a hot hit must not cost a file-system call each time.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Mark the content `sha256` as used now (off the async threads; best effort).
 pub fn touch(store_dir: &Path, sha256: &str) {
     let Some(path) = content_path(store_dir, sha256) else {
         return;
     };
+    // One table per process: paths are unique across stores.
+    static RECENT: std::sync::OnceLock<moka::sync::Cache<PathBuf, ()>> = std::sync::OnceLock::new();
+    let recent = RECENT.get_or_init(|| {
+        moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(TOUCH_EVERY)
+            .build()
+    });
+    if recent.contains_key(&path) {
+        return;
+    }
+    recent.insert(path.clone(), ());
     tokio::task::spawn_blocking(move || {
         // Read-only open: setting times needs ownership, not write permission.
         let result = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
