@@ -135,6 +135,8 @@ pub struct IndexSettings {
     pub bad_archive_ttl: Duration,
     /// Dependencies prefetched at once.
     pub prefetch_jobs: usize,
+    /// Keep the packs computed for clients, so identical clones share one computation.
+    pub pack_cache: bool,
 }
 
 /// One `[[sources]]` table: a registry and, optionally, where its parts live if not
@@ -212,6 +214,7 @@ impl Default for Config {
                 fetch_timeout: Duration::from_secs(300),
                 bad_archive_ttl: Duration::from_secs(300),
                 prefetch_jobs: 4,
+                pack_cache: true,
             },
             proxy: ProxySettings {
                 tunnel: TunnelSetting::Mode(TunnelMode::Auto),

@@ -13,6 +13,10 @@ use crate::upstream::clients;
 pub async fn run(b: &mut Bench) {
     let gw = instances::start(&b.upstream, instances::BASE_CONFIG).await;
     let through = format!("{}/git/index", gw.url());
+    // The same gateway without its pack cache, to show what the cache is worth.
+    let plain_config = format!("{}pack_cache = false\n", instances::BASE_CONFIG);
+    let plain = instances::start(&b.upstream, &plain_config).await;
+    let uncached = format!("{}/git/index", plain.url());
     let direct = b.upstream.index_url();
     let work = tempfile::tempdir().expect("clone dir");
     let home = work.path().join("home");
@@ -49,12 +53,14 @@ pub async fn run(b: &mut Bench) {
         ms
     };
     for count in [1, 16] {
-        let (mut g, mut d) = (Vec::new(), Vec::new());
+        let (mut g, mut d, mut u) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..b.rounds {
             if round % 2 == 0 {
                 g.push(clones(&through, count));
                 d.push(clones(&direct, count));
+                u.push(clones(&uncached, count));
             } else {
+                u.push(clones(&uncached, count));
                 d.push(clones(&direct, count));
                 g.push(clones(&through, count));
             }
@@ -68,12 +74,22 @@ pub async fn run(b: &mut Bench) {
             metric: format!("{count} concurrent"),
             unit: "ms",
             better: Better::Lower,
-            gateway: g,
+            gateway: g.clone(),
             peer: d,
             peer_name: "git http-backend direct (TLS)".into(),
         });
+        b.rows.push(Row {
+            scenario: "index clone --depth 1, pack cache".into(),
+            metric: format!("{count} concurrent"),
+            unit: "ms",
+            better: Better::Lower,
+            gateway: g,
+            peer: u,
+            peer_name: "same gateway, pack_cache = false".into(),
+        });
     }
     drop(gw);
+    drop(plain);
 }
 
 /// `git clone --depth 1 --single-branch --no-tags URL DIR` as moon runs it, isolated

@@ -52,6 +52,8 @@ pub struct MirrorSettings {
     pub ca_bundle: Option<PathBuf>,
     /// Circuit breakers: no fetch is tried while the source is down.
     pub health: Arc<Health>,
+    /// Share computed packs between identical clones (see `pack_cache`).
+    pub pack_cache: bool,
 }
 
 impl MirrorSettings {
@@ -67,6 +69,7 @@ impl MirrorSettings {
             fetch_timeout: config.index.fetch_timeout,
             ca_bundle,
             health,
+            pack_cache: config.index.pack_cache,
         }
     }
 }

@@ -40,6 +40,8 @@ pub enum Expectation {
 pub struct Index {
     root: PathBuf,
     mirrors: Vec<Arc<Mirror>>,
+    /// Where computed packs are shared between clients, if they are.
+    pack_cache: Option<PathBuf>,
     /// Bounds the git processes serving clients at once.
     git_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -49,6 +51,7 @@ const GIT_SLOTS: usize = 32;
 
 impl Index {
     pub fn new(root: PathBuf, sources: &[Source], settings: MirrorSettings) -> Index {
+        let pack_cache = settings.pack_cache.then(|| root.join(".pack-cache"));
         let mirrors = sources
             .iter()
             .map(|s| {
@@ -64,6 +67,7 @@ impl Index {
         Index {
             root,
             mirrors,
+            pack_cache,
             git_slots: Arc::new(tokio::sync::Semaphore::new(GIT_SLOTS)),
         }
     }
@@ -140,7 +144,15 @@ impl Index {
             }
         }
         let repo = repo_name(&mirror.source);
-        serve::upload_pack(&self.root, &repo, rest, req, &self.git_slots).await
+        serve::upload_pack(
+            &self.root,
+            &repo,
+            rest,
+            req,
+            &self.git_slots,
+            self.pack_cache.as_deref(),
+        )
+        .await
     }
 
     /// The checksum the index holds for `key`, refreshing once if no source knows it

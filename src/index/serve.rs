@@ -19,9 +19,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::pack_cache;
 use crate::body::{self, BoxError, GatewayBody};
 
-/// Where computed packs are kept, under the mirrors' root.
-const PACK_CACHE_DIR: &str = ".pack-cache";
-
 /// git writes a few hundred bytes of CGI headers; anything past this is broken.
 const CGI_HEADER_MAX: usize = 16 * 1024;
 /// How long a request waits for a free git slot before a 503.
@@ -37,6 +34,7 @@ pub async fn upload_pack(
     rest: &str,
     req: Request<Incoming>,
     slots: &Arc<Semaphore>,
+    pack_cache: Option<&Path>,
 ) -> Response<GatewayBody> {
     // Held until the response body is done (or dropped with it).
     let slot = match tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned()).await {
@@ -77,8 +75,8 @@ pub async fn upload_pack(
         cmd.env("HOME", home);
     }
     // Identical clones (same tip, same depth) share one pack computation.
-    if let Ok(exe) = std::env::current_exe() {
-        pack_cache::configure(&mut cmd, &exe, &root.join(PACK_CACHE_DIR));
+    if let (Some(dir), Ok(exe)) = (pack_cache, std::env::current_exe()) {
+        pack_cache::configure(&mut cmd, &exe, dir);
     }
     for (header, var) in [
         ("content-type", "CONTENT_TYPE"),
