@@ -430,3 +430,38 @@ async fn identical_clones_share_one_pack_computation() {
     );
     assert_eq!(packs(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_upstream_delays_a_clone_by_seconds_at_most() {
+    // Default fetch timeout (minutes): only the bounded wait keeps the clone quick.
+    let (s, _) = setup_configured("[index]\nmax_age = \"0s\"\n", |r| {
+        r.publish("alice/json", "0.1.0", &[])
+    })
+    .await;
+    eventually("the mirror exists", || {
+        s.gateway.log().contains("index mirror refreshed")
+    })
+    .await;
+    s.upstream
+        .set_fault(Fault::DelayEach(Duration::from_secs(60)));
+    let work = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    ok(
+        &clone_index(&s.gateway, &work.path().join("c"), "2", &["--depth", "1"]),
+        "clone while the upstream hangs",
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the clone waited {took:?} on a hanging upstream"
+    );
+    assert!(read(&work.path().join("c"), "user/alice/json.index").contains("0.1.0"));
+    assert!(
+        s.gateway
+            .log()
+            .contains("refresh continues in the background"),
+        "{}",
+        s.gateway.log()
+    );
+    s.upstream.stop().await;
+}

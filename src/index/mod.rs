@@ -46,6 +46,10 @@ pub struct Index {
     git_slots: Arc<tokio::sync::Semaphore>,
 }
 
+/// Longest a clone waits for a refresh of an existing mirror before it is served
+/// what the mirror holds.
+const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Clones and fetches served at once; the rest wait (bounded) for a slot.
 const GIT_SLOTS: usize = 32;
 
@@ -119,6 +123,24 @@ impl Index {
             Freshness::Stale {
                 age: mirror.age(),
                 error: format!("source `{}` is down", mirror.source),
+            }
+        } else if advertisement && mirror.exists() {
+            // A slow upstream must not hold a clone for long: past REFRESH_WAIT the
+            // current mirror is served and the refresh finishes in the background.
+            let refresh = {
+                let mirror = mirror.clone();
+                tokio::spawn(async move { mirror.ensure_fresh().await })
+            };
+            match tokio::time::timeout(REFRESH_WAIT, refresh).await {
+                Ok(Ok(freshness)) => freshness,
+                Ok(Err(e)) => Freshness::Stale {
+                    age: mirror.age(),
+                    error: format!("refresh task failed: {e}"),
+                },
+                Err(_) => Freshness::Stale {
+                    age: mirror.age(),
+                    error: format!("upstream index did not answer within {REFRESH_WAIT:?}; refresh continues in the background"),
+                },
             }
         } else if advertisement {
             mirror.ensure_fresh().await
