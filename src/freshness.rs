@@ -250,7 +250,9 @@ impl MutableCache {
     /// Bounded as a whole (waiting included): a trickling upstream turns into a
     /// failure, so the stale copy is served before `moon`'s own 30 s run out.
     async fn exchange(&self, url: &str, prior: Option<Record>) -> Outcome {
-        let limit = self.upstream.timeouts().response;
+        // Twice the head timeout: the upstream client's own timeout must fire first
+        // (and count against the source's breaker); this one only bounds the rest.
+        let limit = self.upstream.timeouts().response * 2;
         let exchange = async {
             let lock = self.lock_for(url);
             let _guard = lock.lock().await;

@@ -177,6 +177,11 @@ impl Mirror {
         });
     }
 
+    /// Make sure a refresh that started at or after `t` has run (sharing one if it has).
+    pub async fn refresh_started_after(&self, t: Instant) -> Freshness {
+        self.refresh_since(Some(t), false).await
+    }
+
     /// Refresh now unless a refresh finished after this call was made. With
     /// `force`, a recent failure does not hold the attempt back.
     pub async fn refresh_now(&self, force: bool) -> Freshness {

@@ -40,11 +40,17 @@ pub enum Expectation {
 pub struct Index {
     root: PathBuf,
     mirrors: Vec<Arc<Mirror>>,
+    /// When the next refresh for an unknown archive may start.
+    unknown_refresh_at: std::sync::Mutex<tokio::time::Instant>,
     /// Where computed packs are shared between clients, if they are.
     pack_cache: Option<PathBuf>,
     /// Bounds the git processes serving clients at once.
     git_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Refreshes triggered by requests for archives the index does not know start at
+/// most this often.
+const UNKNOWN_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Longest a clone waits for a refresh of an existing mirror before it is served
 /// what the mirror holds.
@@ -72,6 +78,7 @@ impl Index {
             root,
             mirrors,
             pack_cache,
+            unknown_refresh_at: std::sync::Mutex::new(tokio::time::Instant::now()),
             git_slots: Arc::new(tokio::sync::Semaphore::new(GIT_SLOTS)),
         }
     }
@@ -183,9 +190,24 @@ impl Index {
         if let Some(known) = self.lookup(key) {
             return known;
         }
+        // Requests for unknown archives cannot make the gateway hammer the upstream:
+        // such refreshes start at most once per UNKNOWN_REFRESH_EVERY (a caller waits
+        // for the next slot, and callers waiting together share one refresh).
+        let slot = {
+            let mut scheduled = self
+                .unknown_refresh_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            if *scheduled <= now {
+                *scheduled = now.max(*scheduled + UNKNOWN_REFRESH_EVERY);
+            }
+            *scheduled
+        };
+        tokio::time::sleep_until(slot).await;
         // A source that is down is not waited for (its probe may be running).
         for m in self.mirrors.iter().filter(|m| !m.source_down()) {
-            m.refresh_now(false).await;
+            m.refresh_started_after(slot.into_std()).await;
         }
         self.lookup(key).unwrap_or(Expectation::Unknown)
     }
