@@ -337,7 +337,22 @@ impl MutableCache {
         // Vary would make the stored copy depend on headers the canonical request
         // does not carry: never risk serving another variant.
         let varies = resp.headers().contains_key(header::VARY);
-        let storable = status == StatusCode::OK && policy.is_storable() && !varies;
+        // Too large for the store, or ended only by the connection closing (a cut
+        // would look complete): handed on, not kept.
+        let announced = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        let too_large = announced.is_some_and(|len| len > self.settings.mutable_max.as_u64());
+        let delimited = announced.is_some()
+            || resp.version() == http::Version::HTTP_2
+            || resp
+                .headers()
+                .get(header::TRANSFER_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let storable =
+            status == StatusCode::OK && policy.is_storable() && !varies && !too_large && delimited;
         if !storable {
             if matches!(status, StatusCode::NOT_FOUND | StatusCode::GONE) || status.is_success() {
                 self.forget(url).await;

@@ -478,3 +478,21 @@ fn symbols_present(home: &Path) -> bool {
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn responses_over_the_size_limit_are_passed_through_not_refused() {
+    let (s, _) = setup_configured("[freshness]\nmutable_max = \"16 B\"\n", |r| {
+        r.set_symbols(symbols_v(1));
+        r.set_symbols_cache_control(Some("max-age=600"));
+    })
+    .await;
+    let (v1, _) = s.registry.symbols();
+    assert!(v1.len() > 16);
+    for _ in 0..2 {
+        let got = get(&s.gateway, "/symbols.zip", &[]);
+        assert_eq!(got.status, "200", "{}", got.head);
+        assert_eq!(got.body, v1);
+    }
+    // Not stored, so each request went upstream.
+    assert_eq!(symbols_requests(&s).len(), 2);
+}
