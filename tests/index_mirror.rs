@@ -30,6 +30,19 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A gateway refreshing its mirror on every clone, started and mirrored.
+async fn mirrored_with_max_age_zero() -> upstream::scenario::Setup {
+    let (s, _) = setup_configured("[index]\nmax_age = \"0s\"\n", |r| {
+        r.publish("alice/json", "0.1.0", &[])
+    })
+    .await;
+    eventually("the mirror exists", || {
+        s.gateway.log().contains("index mirror refreshed")
+    })
+    .await;
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clones_and_pulls_are_answered_from_the_mirror() {
     let (s, _) = setup_with(|r| r.publish("alice/json", "0.1.0", &[])).await;
@@ -102,14 +115,7 @@ async fn an_old_mirror_is_refreshed_before_it_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_clones_share_one_refresh() {
-    let (s, _) = setup_configured("[index]\nmax_age = \"0s\"\n", |r| {
-        r.publish("alice/json", "0.1.0", &[])
-    })
-    .await;
-    eventually("the mirror exists", || {
-        s.gateway.log().contains("index mirror refreshed")
-    })
-    .await;
+    let s = mirrored_with_max_age_zero().await;
     s.upstream.clear_requests();
     // Slow upstream answers keep the refresh open while all clones arrive.
     s.upstream
@@ -434,14 +440,7 @@ async fn identical_clones_share_one_pack_computation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hanging_upstream_delays_a_clone_by_seconds_at_most() {
     // Default fetch timeout (minutes): only the bounded wait keeps the clone quick.
-    let (s, _) = setup_configured("[index]\nmax_age = \"0s\"\n", |r| {
-        r.publish("alice/json", "0.1.0", &[])
-    })
-    .await;
-    eventually("the mirror exists", || {
-        s.gateway.log().contains("index mirror refreshed")
-    })
-    .await;
+    let s = mirrored_with_max_age_zero().await;
     s.upstream
         .set_fault(Fault::DelayEach(Duration::from_secs(60)));
     let work = tempfile::tempdir().unwrap();

@@ -204,44 +204,29 @@ async fn proxy_authentication_is_required_when_configured() {
     let url = format!("https://download.mooncakes.io/user/{}.zip", json.segment);
     let ca = ca.to_str().unwrap();
     let p = proxy(&s.gateway);
-    let out = curl(&[
-        "--proxy",
-        &p,
-        "--cacert",
-        ca,
-        "-w",
-        "%{http_connect}",
-        "-o",
-        "/dev/null",
-        &url,
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "407");
-    let out = curl(&[
-        "--proxy",
-        &p,
-        "--proxy-user",
-        "ci:wrong",
-        "--cacert",
-        ca,
-        "-w",
-        "%{http_connect}",
-        "-o",
-        "/dev/null",
-        &url,
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "407");
-    let out = curl(&[
-        "--proxy",
-        &p,
-        "--proxy-user",
-        "ci:s3cret",
-        "--cacert",
-        ca,
-        "-f",
-        "-o",
-        "/dev/null",
-        &url,
-    ]);
+    // curl through the proxy with `credentials` (if any): the CONNECT status and curl's output.
+    let connect = |credentials: Option<&str>| {
+        let mut args = vec![
+            "--proxy",
+            &p,
+            "--cacert",
+            ca,
+            "-w",
+            "%{http_connect}",
+            "-o",
+            "/dev/null",
+        ];
+        if let Some(c) = credentials {
+            args.extend(["--proxy-user", c]);
+        }
+        args.push(&url);
+        let out = curl(&args);
+        (String::from_utf8_lossy(&out.stdout).to_string(), out)
+    };
+    assert_eq!(connect(None).0, "407");
+    assert_eq!(connect(Some("ci:wrong")).0, "407");
+    let (code, out) = connect(Some("ci:s3cret"));
+    assert_eq!(code, "200");
     ok(&out, "download with proxy credentials");
 }
 
