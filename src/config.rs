@@ -487,6 +487,29 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_config() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## Configuration")
+            .expect("a Configuration section");
+        let block = readme[start..]
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block");
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(block))
+            .extract()
+            .unwrap_or_else(|e| panic!("README example: {e}"));
+        let sources = config.sources().unwrap();
+        assert_eq!(sources[0].name, "internal");
+        assert_eq!(
+            sources[1].intercept_hosts,
+            ["mooncakes.io", "download.mooncakes.io"]
+        );
+    }
+
+    #[test]
     fn bad_urls_are_refused_with_the_source_name() {
         let c = Config {
             upstream: Some("ftp://x".into()),
