@@ -38,7 +38,7 @@ use crate::config::FreshnessSettings;
 use crate::passthrough::strip_hop_by_hop;
 use crate::store::disk::{Disk, Entry};
 use crate::store::usage::InUse;
-use crate::upstream::{next_chunk, Upstream};
+use crate::upstream::{body_is_delimited, content_length, next_chunk, Upstream};
 
 /// Response headers never kept with a stored copy: per-message or per-user.
 const NOT_STORED: [HeaderName; 4] = [
@@ -339,18 +339,9 @@ impl MutableCache {
         let varies = resp.headers().contains_key(header::VARY);
         // Too large for the store, or ended only by the connection closing (a cut
         // would look complete): handed on, not kept.
-        let announced = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-        let too_large = announced.is_some_and(|len| len > self.settings.mutable_max.as_u64());
-        let delimited = announced.is_some()
-            || resp.version() == http::Version::HTTP_2
-            || resp
-                .headers()
-                .get(header::TRANSFER_ENCODING)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let too_large = content_length(resp.headers())
+            .is_some_and(|len| len > self.settings.mutable_max.as_u64());
+        let delimited = body_is_delimited(&resp);
         let storable =
             status == StatusCode::OK && policy.is_storable() && !varies && !too_large && delimited;
         if !storable {
@@ -403,10 +394,7 @@ impl MutableCache {
         resp: Response<Incoming>,
     ) -> Result<(Integrity, u64), String> {
         let limit = self.settings.mutable_max.as_u64();
-        let announced = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        let announced = content_length(resp.headers());
         if announced.is_some_and(|len| len > limit) {
             return Err(format!("{url} is larger than the {limit}-byte limit"));
         }

@@ -174,6 +174,30 @@ impl Upstream {
     }
 }
 
+/// The length a message announces in `Content-Length`, if it is a valid number.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether a cut in this response's body would show as an error. An HTTP/1.1 body
+/// with neither a length nor chunking ends when the connection closes, so a cut
+/// looks like a clean end: such a body must not be kept unless a digest vouches for it.
+pub fn body_is_delimited<B>(resp: &Response<B>) -> bool {
+    content_length(resp.headers()).is_some()
+        || resp.version() == http::Version::HTTP_2
+        || resp
+            .headers()
+            .get(http::header::TRANSFER_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+}
+
 /// Read the next data chunk of an upstream body, bounded by `idle`. Trailers are skipped.
 pub async fn next_chunk(
     body: &mut Incoming,

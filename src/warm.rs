@@ -315,12 +315,7 @@ async fn head_size(upstream: &Upstream, url: &str) -> Option<u64> {
     if !resp.status().is_success() {
         return None;
     }
-    resp.headers()
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    crate::upstream::content_length(resp.headers())
 }
 
 /// The `warm` command: returns whether everything selected is now stored.

@@ -27,7 +27,7 @@ use super::memory::Hot;
 use super::quarantine::Mismatch;
 use super::{Object, Store, Trust};
 use crate::body::{BoxError, GatewayBody};
-use crate::upstream::{collect_limited, next_chunk};
+use crate::upstream::{body_is_delimited, collect_limited, content_length, next_chunk};
 
 /// Bytes a reader takes from the spool file at a time.
 const READ_CHUNK: usize = 256 * 1024;
@@ -208,15 +208,7 @@ async fn run(
         });
     }
     let len = content_length(resp.headers());
-    // An HTTP/1.1 body with neither length nor chunking ends when the connection
-    // closes, so a cut looks like a clean end: keep it only if a digest vouches for it.
-    let delimited = len.is_some()
-        || resp.version() == http::Version::HTTP_2
-        || resp
-            .headers()
-            .get(http::header::TRANSFER_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let delimited = body_is_delimited(&resp);
     let limit = store.limits.archive_max;
     if len.is_some_and(|len| len > limit) {
         return Err(broken(
@@ -402,16 +394,6 @@ fn broken(spool: Option<Arc<TempPath>>, reason: String) -> FlightState {
         spool,
         reason: reason.into(),
     }
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// A body that follows the spool file as the fetch fills it, ending cleanly only

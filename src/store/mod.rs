@@ -425,10 +425,7 @@ impl Store {
         };
         match self.upstream.send_guarded(req).await {
             Ok(resp) => {
-                let len = resp
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let len = crate::upstream::content_length(resp.headers());
                 let mut out = object_response(object, len, None, "miss", body::empty());
                 *out.status_mut() = resp.status();
                 out
