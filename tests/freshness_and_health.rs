@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use upstream::clients::sha256_hex;
-use upstream::scenario::{curl, fetch, moon, moon_bin, ok, refresh_index, setup_configured};
+use upstream::scenario::{
+    curl, fetch, moon, moon_bin, moon_project, ok, refresh_index, setup_configured,
+};
 use upstream::Fault;
 
 /// One response as curl saw it.
@@ -420,12 +422,7 @@ backoff = "60s"
     let run_moon = |round: &str| -> (Duration, String) {
         let home = work.path().join(format!("home-{round}"));
         let cwd = work.path().join(format!("work-{round}"));
-        std::fs::create_dir_all(&cwd).unwrap();
-        ok(
-            &moon(&bin, &home, &cwd, &gw, &["new", "proj", "--user", "tester"]),
-            "moon new",
-        );
-        let proj = cwd.join("proj");
+        let proj = moon_project(&bin, &home, &cwd, &gw);
         let started = Instant::now();
         let update = moon(&bin, &home, &proj, &gw, &["update"]);
         ok(&update, &format!("moon update ({round})"));

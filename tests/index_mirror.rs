@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use upstream::clients::sha256_hex;
 use upstream::scenario::{
-    clone_index, curl, fetch, git, moon, moon_bin, ok, refresh_index, setup_configured, setup_with,
+    clone_index, curl, fetch, fetch_miss_then_hit, git, moon, moon_bin, moon_project, ok,
+    refresh_index, setup_configured, setup_with,
 };
 use upstream::Fault;
 
@@ -254,12 +255,7 @@ async fn an_archive_that_disagrees_with_the_index_is_refused() {
     // Fixed upstream + index refresh: the good copy is fetched, verified, stored.
     s.registry.set_archive_bytes(&json.key, json.zip.clone());
     refresh_index(&s.gateway);
-    for expect in ["x-cache: miss", "x-cache: hit"] {
-        let (out, body, head) = fetch(&s.gateway, &json.segment, &tmp.path().join("b"));
-        ok(&out, "download after the fix");
-        assert!(head.contains(expect), "{head}");
-        assert_eq!(sha256_hex(&body), json.checksum);
-    }
+    fetch_miss_then_hit(&s.gateway, &json, "download after the fix");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -271,13 +267,7 @@ async fn a_freshly_published_archive_triggers_one_index_refresh() {
     .await;
     let fresh = s.registry.publish("alice/fresh", "1.0.0", &[]);
     s.upstream.clear_requests();
-    let tmp = tempfile::tempdir().unwrap();
-    for expect in ["x-cache: miss", "x-cache: hit"] {
-        let (out, body, head) = fetch(&s.gateway, &fresh.segment, &tmp.path().join("f"));
-        ok(&out, "download of a just-published archive");
-        assert!(head.contains(expect), "{head}");
-        assert_eq!(sha256_hex(&body), fresh.checksum);
-    }
+    fetch_miss_then_hit(&s.gateway, &fresh, "download of a just-published archive");
     assert_eq!(
         s.upstream.count("GET", "/git/index/info/refs"),
         1,
@@ -300,14 +290,8 @@ async fn malformed_index_lines_are_skipped() {
         (v1, r.publish("alice/json", "0.2.0", &[]))
     })
     .await;
-    let tmp = tempfile::tempdir().unwrap();
     for p in [&v1, &v2] {
-        for expect in ["x-cache: miss", "x-cache: hit"] {
-            let (out, body, head) = fetch(&s.gateway, &p.segment, &tmp.path().join("x"));
-            ok(&out, "download next to malformed lines");
-            assert!(head.contains(expect), "{head}");
-            assert_eq!(sha256_hex(&body), p.checksum);
-        }
+        fetch_miss_then_hit(&s.gateway, p, "download next to malformed lines");
     }
     let log = s.gateway.log();
     assert!(log.contains("skipping malformed index line"), "{log}");
@@ -374,12 +358,8 @@ async fn moon_works_from_the_mirror_and_store_with_the_upstream_down() {
     let run_moon = |round: &str| {
         let home = work.path().join(format!("home-{round}"));
         let cwd = work.path().join(format!("work-{round}"));
-        std::fs::create_dir_all(&cwd).unwrap();
-        ok(
-            &moon(&bin, &home, &cwd, &gw, &["new", "proj", "--user", "tester"]),
-            "moon new",
-        );
-        let out = moon(&bin, &home, &cwd.join("proj"), &gw, &["add", "alice/app"]);
+        let proj = moon_project(&bin, &home, &cwd, &gw);
+        let out = moon(&bin, &home, &proj, &gw, &["add", "alice/app"]);
         ok(&out, &format!("moon add ({round})"));
         for dir in ["alice/app", "bob/lex+runtime", "alice/core"] {
             assert!(

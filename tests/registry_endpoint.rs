@@ -7,7 +7,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use upstream::clients::sha256_hex;
-use upstream::scenario::{curl, fetch, git, moon, moon_bin, ok, refresh_index, run, setup_with};
+use upstream::scenario::{
+    curl, fetch, fetch_miss_then_hit, git, moon, moon_bin, moon_project, ok, refresh_index, run,
+    setup_with,
+};
 use upstream::{Fault, Gateway};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -211,18 +214,10 @@ async fn a_body_without_content_length_is_stored_with_its_length() {
     })
     .await;
     s.upstream.set_fault(Fault::ChunkedArchives);
-    let tmp = tempfile::tempdir().unwrap();
     for p in [&json, &big] {
-        for expect in ["x-cache: miss", "x-cache: hit"] {
-            let (out, body, head) = fetch(&s.gateway, &p.segment, &tmp.path().join("c"));
-            ok(&out, "download of a chunked archive");
-            assert!(head.contains(expect), "{head}");
-            assert_eq!(sha256_hex(&body), p.checksum);
-            if expect == "x-cache: hit" {
-                let want = format!("content-length: {}", p.size);
-                assert!(head.contains(&want), "{head}");
-            }
-        }
+        let hit = fetch_miss_then_hit(&s.gateway, p, "download of a chunked archive");
+        let want = format!("content-length: {}", p.size);
+        assert!(hit.contains(&want), "{hit}");
     }
 }
 
@@ -416,11 +411,7 @@ async fn moon_update_and_add_through_the_gateway() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("Warning"), "moon update warned: {stderr}");
 
-        ok(
-            &moon(&bin, &home, &cwd, &gw, &["new", "proj", "--user", "tester"]),
-            "moon new",
-        );
-        let proj = cwd.join("proj");
+        let proj = moon_project(&bin, &home, &cwd, &gw);
         let out = moon(&bin, &home, &proj, &gw, &["add", "alice/app"]);
         ok(&out, "moon add");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -116,6 +116,38 @@ pub fn fetch(gw: &Gateway, segment: &str, out_file: &Path) -> (Output, Vec<u8>, 
     (out, body, head.to_ascii_lowercase())
 }
 
+/// Download `p` twice through the gateway: the first answer fetched upstream
+/// (`x-cache: miss`), the second from the store (`hit`), both with the index's
+/// sha256. Returns the second answer's (lower-case) head.
+pub fn fetch_miss_then_hit(gw: &Gateway, p: &super::Published, what: &str) -> String {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut head = String::new();
+    for expect in ["x-cache: miss", "x-cache: hit"] {
+        let (out, body, h) = fetch(gw, &p.segment, &tmp.path().join("archive.zip"));
+        ok(&out, what);
+        assert!(h.contains(expect), "{what}: expected {expect}: {h}");
+        assert_eq!(super::clients::sha256_hex(&body), p.checksum, "{what}");
+        head = h;
+    }
+    head
+}
+
+/// `moon new proj` in `cwd`; returns the project directory.
+pub fn moon_project(bin: &Path, home: &Path, cwd: &Path, registry: &str) -> PathBuf {
+    std::fs::create_dir_all(cwd).expect("work dir");
+    ok(
+        &moon(
+            bin,
+            home,
+            cwd,
+            registry,
+            &["new", "proj", "--user", "tester"],
+        ),
+        "moon new",
+    );
+    cwd.join("proj")
+}
+
 /// The real client, `moon`, through the gateway: found via `MOON_BIN` or `PATH`.
 pub fn moon_bin() -> Option<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("MOON_BIN") {
