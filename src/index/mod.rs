@@ -43,7 +43,7 @@ pub struct Index {
     /// When the next refresh for an unknown archive may start.
     unknown_refresh_at: std::sync::Mutex<tokio::time::Instant>,
     /// Where computed packs are shared between clients, if they are.
-    pack_cache: Option<PathBuf>,
+    pack_cache: Option<pack_cache::Hook>,
     /// Bounds the git processes serving clients at once.
     git_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -61,7 +61,10 @@ const GIT_SLOTS: usize = 32;
 
 impl Index {
     pub fn new(root: PathBuf, sources: &[Source], settings: MirrorSettings) -> Index {
-        let pack_cache = settings.pack_cache.then(|| root.join(".pack-cache"));
+        let pack_cache = settings
+            .pack_cache
+            .then(|| pack_cache::Hook::new(&root.join(".pack-cache")))
+            .flatten();
         let mirrors = sources
             .iter()
             .map(|s| {
@@ -179,7 +182,7 @@ impl Index {
             rest,
             req,
             &self.git_slots,
-            self.pack_cache.as_deref(),
+            self.pack_cache.as_ref(),
         )
         .await
     }

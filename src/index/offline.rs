@@ -47,7 +47,7 @@ impl Index {
             rest,
             req,
             &self.git_slots,
-            self.pack_cache.as_deref(),
+            self.pack_cache.as_ref(),
         )
         .await
     }

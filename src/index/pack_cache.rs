@@ -25,16 +25,26 @@ const KEEP: usize = 32;
 /// How long a waiter waits for another process computing the same pack.
 const WAIT_MAX: Duration = Duration::from_secs(300);
 
-/// Configure `cmd` (a `git http-backend` or `git upload-pack`) to use the cache in `dir`.
-pub fn configure(cmd: &mut tokio::process::Command, exe: &Path, dir: &Path) {
-    let hook = format!(
-        "{} pack-objects-cache {}",
-        shell_quote(&exe.to_string_lossy()),
-        shell_quote(&dir.to_string_lossy())
-    );
-    cmd.env("GIT_CONFIG_COUNT", "1")
-        .env("GIT_CONFIG_KEY_0", "uploadpack.packObjectsHook")
-        .env("GIT_CONFIG_VALUE_0", hook);
+/// The hook command line, worked out once (it names this binary and the cache dir).
+pub struct Hook(String);
+
+impl Hook {
+    /// A hook keeping packs in `dir`; `None` if this binary's path is unknown.
+    pub fn new(dir: &Path) -> Option<Hook> {
+        let exe = std::env::current_exe().ok()?;
+        Some(Hook(format!(
+            "{} pack-objects-cache {}",
+            shell_quote(&exe.to_string_lossy()),
+            shell_quote(&dir.to_string_lossy())
+        )))
+    }
+
+    /// Configure `cmd` (a `git http-backend` or `git upload-pack`) to use the cache.
+    pub fn configure(&self, cmd: &mut tokio::process::Command) {
+        cmd.env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "uploadpack.packObjectsHook")
+            .env("GIT_CONFIG_VALUE_0", &self.0);
+    }
 }
 
 fn shell_quote(s: &str) -> String {

@@ -34,7 +34,7 @@ pub async fn upload_pack(
     rest: &str,
     req: Request<Incoming>,
     slots: &Arc<Semaphore>,
-    pack_cache: Option<&Path>,
+    pack_cache: Option<&pack_cache::Hook>,
 ) -> Response<GatewayBody> {
     // Held until the response body is done (or dropped with it).
     let slot = match tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned()).await {
@@ -75,8 +75,8 @@ pub async fn upload_pack(
         cmd.env("HOME", home);
     }
     // Identical clones (same tip, same depth) share one pack computation.
-    if let (Some(dir), Ok(exe)) = (pack_cache, std::env::current_exe()) {
-        pack_cache::configure(&mut cmd, &exe, dir);
+    if let Some(hook) = pack_cache {
+        hook.configure(&mut cmd);
     }
     for (header, var) in [
         ("content-type", "CONTENT_TYPE"),
