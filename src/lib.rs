@@ -8,13 +8,14 @@
 
 pub mod archive;
 pub mod body;
+pub mod breaker;
 pub mod bundle;
+pub mod ca_bundle;
 pub mod cache_admin;
 pub mod config;
-pub mod freshness;
-pub mod health;
 pub mod index;
 pub mod intercept;
+pub mod mutable_cache;
 pub mod offline;
 pub mod passthrough;
 pub mod progress;
@@ -22,7 +23,6 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod store;
-pub mod trust;
 pub mod tunnel;
 pub mod upstream;
 pub mod warm;

@@ -9,10 +9,10 @@ use std::process::ExitCode;
 
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
+use moonbit_registry::ca_bundle::write_ca_bundle;
 use moonbit_registry::config::{Config, Overrides};
 use moonbit_registry::index::selection::{Pattern, Selection};
 use moonbit_registry::server::load_ca;
-use moonbit_registry::trust::write_ca_bundle;
 use tracing_subscriber::EnvFilter;
 
 /// A caching gateway for the MoonBit package registry (mooncakes.io).

@@ -13,17 +13,17 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::breaker::Breakers;
+use crate::ca_bundle::write_ca_bundle;
 use crate::config::{Config, Source};
-use crate::freshness::MutableCache;
-use crate::health::Health;
 use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
 use crate::intercept::ca::{Ca, CaFiles};
 use crate::intercept::Interceptor;
 use crate::intercept::{sni, tls};
+use crate::mutable_cache::MutableCache;
 use crate::router::Gateway;
 use crate::store::{Limits, Store};
-use crate::trust::write_ca_bundle;
 use crate::tunnel;
 use crate::tunnel::TunnelPolicy;
 use crate::upstream::Upstream;
@@ -38,7 +38,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Build the gateway from `config` and serve until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let sources = config.sources()?;
-    let health = Arc::new(Health::new(&sources, &config.health));
+    let health = Arc::new(Breakers::new(&sources, &config.health));
     let upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?
         .with_health(health.clone());
     std::fs::create_dir_all(&config.data_dir)

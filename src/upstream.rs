@@ -20,8 +20,8 @@ use rustls::pki_types::CertificateDer;
 use tokio_stream::StreamExt;
 
 use crate::body::{BoxError, GatewayBody};
+use crate::breaker::{Breakers, Refusal};
 use crate::config::Timeouts;
-use crate::health::{Health, Refusal};
 
 /// Why an upstream exchange failed, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
     timeouts: Timeouts,
     /// Per-source circuit breakers consulted and fed by [`Upstream::send_guarded`].
-    health: Arc<Health>,
+    health: Arc<Breakers>,
 }
 
 impl Upstream {
@@ -99,17 +99,17 @@ impl Upstream {
         Ok(Upstream {
             client,
             timeouts,
-            health: Arc::new(Health::default()),
+            health: Arc::new(Breakers::default()),
         })
     }
 
     /// Use `health`'s breakers for guarded calls.
-    pub fn with_health(mut self, health: Arc<Health>) -> Upstream {
+    pub fn with_health(mut self, health: Arc<Breakers>) -> Upstream {
         self.health = health;
         self
     }
 
-    pub fn health(&self) -> &Arc<Health> {
+    pub fn health(&self) -> &Arc<Breakers> {
         &self.health
     }
 

@@ -19,15 +19,15 @@ use http::{header, Method, Request};
 
 use crate::archive::ArchiveKey;
 use crate::body;
+use crate::breaker::Breakers;
+use crate::ca_bundle::write_ca_bundle;
 use crate::config::{join, Config, Source};
-use crate::health::Health;
 use crate::index::mirror::{Freshness, MirrorSettings};
 use crate::index::selection::{Chosen, Selection};
 use crate::index::{Expectation, Index};
 use crate::progress::Progress;
 use crate::store::ahead::Ahead;
 use crate::store::{Limits, Object, Store, Trust};
-use crate::trust::write_ca_bundle;
 use crate::upstream::Upstream;
 
 /// Archives downloaded at once unless `--jobs` says otherwise.
@@ -78,7 +78,7 @@ impl Workspace {
             }
             None => None,
         };
-        let health = Arc::new(Health::new(&sources, &config.health));
+        let health = Arc::new(Breakers::new(&sources, &config.health));
         let settings = MirrorSettings::from_config(&config, ca_bundle, health);
         let index = Arc::new(Index::new(data_dir.join("index"), &sources, settings));
         Ok(Workspace {

@@ -18,8 +18,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::{is_sha256, signing, Manifest, Member, FORMAT};
 use super::{ARCHIVES_DIR, INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
+use crate::breaker::Breakers;
 use crate::config::Config;
-use crate::health::Health;
 use crate::index::mirror::{Mirror, MirrorSettings};
 use crate::index::Index;
 use crate::store::offline::SYMBOLS_KEY;
@@ -285,7 +285,7 @@ async fn verify(
     }
     // ...that vouches for every archive, exactly as `serve` would check it.
     let settings =
-        MirrorSettings::from_config(config, None, Arc::new(Health::new(&[], &config.health)));
+        MirrorSettings::from_config(config, None, Arc::new(Breakers::new(&[], &config.health)));
     let mirror = Mirror::new(&manifest.source, "", repo.clone(), settings);
     mirror
         .load()
@@ -347,8 +347,11 @@ async fn commit_file(
 
 /// The mirror the bundle's index goes to: the source of that name, else the first.
 fn mirror_dir(config: &Config, sources: &[crate::config::Source], name: &str) -> PathBuf {
-    let settings =
-        MirrorSettings::from_config(config, None, Arc::new(Health::new(sources, &config.health)));
+    let settings = MirrorSettings::from_config(
+        config,
+        None,
+        Arc::new(Breakers::new(sources, &config.health)),
+    );
     let index = Index::new(config.data_dir.join("index"), sources, settings);
     let mirror = index
         .mirrors()

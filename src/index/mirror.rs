@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::checksums::{module_of_path, Checksums};
-use crate::health::Health;
+use crate::breaker::Breakers;
 
 /// Bound on what git may print on stderr that we keep for an error message.
 const STDERR_KEEP: usize = 2048;
@@ -51,7 +51,7 @@ pub struct MirrorSettings {
     /// CA bundle (system roots + the extra upstream CA) for git, if an extra CA is set.
     pub ca_bundle: Option<PathBuf>,
     /// Circuit breakers: no fetch is tried while the source is down.
-    pub health: Arc<Health>,
+    pub health: Arc<Breakers>,
     /// Share computed packs between identical clones (see `pack_cache`).
     pub pack_cache: bool,
 }
@@ -61,7 +61,7 @@ impl MirrorSettings {
     pub fn from_config(
         config: &crate::config::Config,
         ca_bundle: Option<PathBuf>,
-        health: Arc<crate::health::Health>,
+        health: Arc<crate::breaker::Breakers>,
     ) -> MirrorSettings {
         MirrorSettings {
             max_age: config.index.max_age,

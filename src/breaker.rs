@@ -5,7 +5,7 @@
 //! timeouts; one probe at a time tests recovery once the back-off has passed.
 //!
 //! Archive fetches, index refreshes and mutable resources all go through
-//! [`Health::admit_url`] / [`Health::admit_source`] and report back with a [`Ticket`].
+//! [`Breakers::admit_url`] / [`Breakers::admit_source`] and report back with a [`Ticket`].
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,7 +14,7 @@ use crate::config::{HealthSettings, Source};
 
 /// Every source's breaker, and which URLs belong to which source.
 #[derive(Debug, Default)]
-pub struct Health {
+pub struct Breakers {
     breakers: Vec<Arc<Breaker>>,
     /// URL prefixes (registry, index, archive base, symbols) and their breaker.
     prefixes: Vec<(String, usize)>,
@@ -69,8 +69,8 @@ pub struct Ticket {
     probe: bool,
 }
 
-impl Health {
-    pub fn new(sources: &[Source], settings: &HealthSettings) -> Health {
+impl Breakers {
+    pub fn new(sources: &[Source], settings: &HealthSettings) -> Breakers {
         let mut breakers = Vec::new();
         let mut prefixes = Vec::new();
         for (i, s) in sources.iter().enumerate() {
@@ -91,7 +91,7 @@ impl Health {
         }
         // Longest prefix first: `https://h/user` must win over `https://h`.
         prefixes.sort_by_key(|(p, i)| (std::cmp::Reverse(p.len()), *i));
-        Health { breakers, prefixes }
+        Breakers { breakers, prefixes }
     }
 
     /// The breaker of the source `url` belongs to, if any.
@@ -284,7 +284,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn health(failures: u32, backoff_ms: u64) -> Health {
+    fn health(failures: u32, backoff_ms: u64) -> Breakers {
         let config = Config {
             upstream: Some("https://registry.test".into()),
             ..Config::default()
@@ -294,7 +294,7 @@ mod tests {
             backoff: Duration::from_millis(backoff_ms),
             backoff_max: Duration::from_millis(backoff_ms * 4),
         };
-        Health::new(&config.sources().unwrap(), &settings)
+        Breakers::new(&config.sources().unwrap(), &settings)
     }
 
     #[test]
