@@ -11,6 +11,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Streams from the upstream, the store or memory all become this.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// A client's request body, as the router and handlers take it.
+pub fn incoming(body: hyper::body::Incoming) -> GatewayBody {
+    body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+}
+
 pub fn empty() -> GatewayBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
@@ -34,6 +39,15 @@ pub fn text(status: StatusCode, message: impl Into<String>) -> Response<GatewayB
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// The answer to anything that would need an upstream while the gateway is
+/// offline (`serve --offline`).
+pub fn offline() -> Response<GatewayBody> {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the gateway is offline (serve --offline): it answers only the index, stored archives, assets and symbols.zip",
+    )
 }
 
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<GatewayBody> {

@@ -1,11 +1,13 @@
 //! moonbit-registry: a caching gateway for the MoonBit package registry.
 //!
-//! Requests come in through [`server`] (registry endpoint, forward [`proxy`] with
-//! TLS [`intercept`]ion or [`tunnel`]s, transparent TLS), are classified once by
+//! Requests come in through the [`doors`] (registry endpoint, forward proxy with
+//! TLS [`intercept`]ion or tunnels, transparent TLS), are classified once by the
 //! [`router`], and go to the archive cache ([`store`]), the index mirror
-//! ([`index`]) or straight through ([`passthrough`]) to a source reached with the
-//! [`upstream`] client.
+//! ([`index`]), the [`mutable_cache`] (`symbols.zip`) or straight through
+//! ([`passthrough`]) to a source reached with the [`upstream`] client behind its
+//! [`breaker`]. [`app`] builds these services once, for every command.
 
+pub mod app;
 pub mod archive;
 pub mod body;
 pub mod breaker;
@@ -13,17 +15,14 @@ pub mod bundle;
 pub mod ca_bundle;
 pub mod cache_admin;
 pub mod config;
+pub mod doors;
 pub mod index;
 pub mod intercept;
 pub mod mutable_cache;
-pub mod offline;
 pub mod passthrough;
 pub mod progress;
-pub mod proxy;
 pub mod router;
-pub mod server;
 pub mod store;
-pub mod tunnel;
 pub mod upstream;
 pub mod warm;
 

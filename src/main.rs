@@ -9,10 +9,11 @@ use std::process::ExitCode;
 
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
+use moonbit_registry::app::{Mode, Services};
 use moonbit_registry::ca_bundle::write_ca_bundle;
 use moonbit_registry::config::{Config, Overrides};
 use moonbit_registry::index::selection::{Pattern, Selection};
-use moonbit_registry::server::load_ca;
+use moonbit_registry::intercept::load_ca;
 use tracing_subscriber::EnvFilter;
 
 /// A caching gateway for the MoonBit package registry (mooncakes.io).
@@ -275,8 +276,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         transparent_listen: args.transparent_listen,
     };
     let config = Config::load(args.config.as_deref(), overrides)?;
+    let mode = if config.offline {
+        Mode::Offline
+    } else {
+        Mode::Serve
+    };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(moonbit_registry::server::serve(config))
+    runtime.block_on(async {
+        let app = Services::open(&config, mode)?;
+        moonbit_registry::doors::listener::serve(std::sync::Arc::new(app)).await
+    })
 }
 
 /// Run a command to its end, or stop it on Ctrl-C / SIGTERM: what was committed
@@ -346,6 +355,11 @@ fn cache(args: CacheArgs) -> anyhow::Result<bool> {
     if !store_dir.is_dir() {
         anyhow::bail!("no store at {}", store_dir.display());
     }
+    // Opened like every command's, though only the store's directory is used.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let _guard = runtime.enter();
+    let app = Services::open(&config, Mode::Command)?;
+    let store_dir = app.store.disk().dir().to_path_buf();
     Ok(match args.action {
         CacheAction::List { json } => {
             moonbit_registry::cache_admin::list(&store_dir, json);

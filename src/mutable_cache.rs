@@ -123,25 +123,32 @@ impl MutableCache {
         })
     }
 
-    /// The stored copy of `url`, without contacting the upstream (`serve --offline`).
-    pub async fn respond_stored(
-        &self,
-        url: &str,
-        client: &HeaderMap,
-        head: bool,
-    ) -> Option<Response<GatewayBody>> {
-        let rec = self.load(url).await?;
-        Some(self.serve(&rec, client, head, Served::Hit).await)
-    }
-
-    /// Answer a GET or HEAD for the mutable resource at upstream `url`.
+    /// Answer a GET or HEAD for the mutable resource at upstream `url`. With no
+    /// upstream (offline) the stored copy is served as it is, whatever its age, and
+    /// `None` says there is none.
     pub async fn respond(
         self: &Arc<Self>,
         url: &str,
         client: &HeaderMap,
         head: bool,
+    ) -> Option<Response<GatewayBody>> {
+        let stored = self.load(url).await;
+        if self.upstream.is_offline() {
+            let rec = stored?;
+            return Some(self.serve(&rec, client, head, Served::Hit).await);
+        }
+        Some(self.answer(url, stored, client, head).await)
+    }
+
+    /// RFC 9111 / 5861 with an upstream to ask.
+    async fn answer(
+        self: &Arc<Self>,
+        url: &str,
+        stored: Option<Record>,
+        client: &HeaderMap,
+        head: bool,
     ) -> Response<GatewayBody> {
-        let Some(stored) = self.load(url).await else {
+        let Some(stored) = stored else {
             return match self.exchange(url, None).await {
                 Outcome::Current(rec) | Outcome::Replaced(rec) => {
                     self.serve(&rec, client, head, Served::Miss).await

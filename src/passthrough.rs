@@ -3,13 +3,10 @@
 //! response bodies streamed both ways, end-to-end headers kept, hop-by-hop headers
 //! dropped (RFC 9110 §7.6.1).
 
+use crate::body::{self, GatewayBody};
+use crate::upstream::{Upstream, UpstreamError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-
-use crate::body::{self, BoxError, GatewayBody};
-use crate::upstream::Upstream;
 
 /// Headers that describe one connection, not the message.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -41,7 +38,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Forward `req` to `target` (a full URL) and stream the answer back.
 pub async fn forward(
     upstream: &Upstream,
-    req: Request<Incoming>,
+    req: Request<GatewayBody>,
     target: &str,
 ) -> Response<GatewayBody> {
     let (parts, incoming) = req.into_parts();
@@ -53,7 +50,7 @@ pub async fn forward(
     if let Some(h) = out.headers_mut() {
         *h = headers;
     }
-    let out = match out.body(incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync()) {
+    let out = match out.body(incoming) {
         Ok(out) => out,
         Err(e) => {
             return body::text(
@@ -71,6 +68,7 @@ pub async fn forward(
                 .insert("x-cache", HeaderValue::from_static("bypass"));
             Response::from_parts(parts, upstream.idle_bounded(incoming))
         }
+        Err(UpstreamError::Offline { .. }) => body::offline(),
         Err(e) => {
             tracing::warn!(%target, error = %e, "upstream request failed");
             body::text(StatusCode::BAD_GATEWAY, e.to_string())

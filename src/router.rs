@@ -1,23 +1,18 @@
 //! The one place that decides what a request is ([`Route`]) and which handler
-//! answers it, whatever door the request came in by.
-
-use std::sync::Arc;
-use std::time::Instant;
+//! answers it, once, whatever door the request came in by ([`Door`]) and whatever
+//! the mode: the doors hand over one origin-form request, the router classifies it
+//! and calls the archive store, the index, the mutable cache or the passthrough.
 
 use http::{header, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
+use crate::app::Services;
 use crate::archive::{ArchiveKey, AssetPath, PathError};
 use crate::body::{self, GatewayBody};
-use crate::config::{join, Source};
+use crate::config::join;
 use crate::index::mirror::Freshness;
-use crate::index::{Expectation, Index};
-use crate::intercept::Interceptor;
-use crate::mutable_cache::MutableCache;
-use crate::store::{Object, Store, Trust};
-use crate::tunnel::TunnelPolicy;
-use crate::upstream::Upstream;
-use crate::{passthrough, proxy};
+use crate::index::{Expectation, Offline};
+use crate::passthrough;
+use crate::store::{Object, Trust, SYMBOLS_KEY};
 
 /// Dependencies prefetched for one archive request, at most.
 const PREFETCH_LIMIT: usize = 256;
@@ -107,24 +102,6 @@ fn refuse_path(what: &str, e: PathError) -> Route {
     )
 }
 
-/// Everything a request handler needs, shared by all connections.
-pub struct Gateway {
-    pub sources: Vec<Source>,
-    pub upstream: Upstream,
-    pub store: Arc<Store>,
-    pub index: Arc<Index>,
-    pub prefetch: bool,
-    /// Present when the proxy and transparent doors can intercept TLS.
-    pub interceptor: Option<Arc<Interceptor>>,
-    pub tunnel: TunnelPolicy,
-    /// `user:password` required from proxy clients, if set.
-    pub proxy_auth: Option<String>,
-    /// Mutable resources (`symbols.zip`), revalidated and served stale on failure.
-    pub mutable: Arc<MutableCache>,
-    /// `serve --offline`: no route may reach an upstream (see `offline.rs`).
-    pub offline: bool,
-}
-
 /// Which way a request came in, and so which source answers for it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Door {
@@ -134,93 +111,37 @@ pub enum Door {
     Intercepted { source: usize },
 }
 
-impl Gateway {
-    /// Every request on the main listener: registry endpoint or forward proxy.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
-        let started = Instant::now();
-        let (method, target) = (req.method().clone(), req.uri().to_string());
-        let resp = if req.method() == Method::CONNECT {
-            proxy::connect(self.clone(), req).await
-        } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
-            // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
-            proxy::absolute(self.clone(), req).await
-        } else {
-            self.route(req, Door::Endpoint).await
-        };
-        log_request(&method, &target, None, &resp, started);
-        Ok(resp)
-    }
-
-    /// A request decrypted from an intercepted TLS connection for `source`.
-    pub async fn handle_intercepted(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        source: usize,
-    ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
-        let started = Instant::now();
-        let (method, target) = (req.method().clone(), req.uri().to_string());
-        let host = req
-            .uri()
-            .host()
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("-")
-            .to_string();
-        let resp = self.route(req, Door::Intercepted { source }).await;
-        log_request(&method, &target, Some(&host), &resp, started);
-        Ok(resp)
-    }
-
-    /// Classify and answer an origin-form request (the one code path for every door).
-    pub async fn route(&self, req: Request<Incoming>, door: Door) -> Response<GatewayBody> {
-        let target = path_and_query(&req);
-        let credentials = req.headers().contains_key(header::AUTHORIZATION)
-            || req.headers().contains_key(header::COOKIE);
-        let route = classify(req.method(), &target, credentials);
-        let source = match door {
+impl Door {
+    fn source(self) -> usize {
+        match self {
             Door::Endpoint => 0,
             Door::Intercepted { source } => source,
-        };
-        self.dispatch(route, req, source).await
-    }
-
-    async fn dispatch(
-        &self,
-        route: Route,
-        req: Request<Incoming>,
-        source: usize,
-    ) -> Response<GatewayBody> {
-        let src = &self.sources[source];
-        if self.offline && route != Route::Health {
-            return self.dispatch_offline(route, req, source).await;
         }
-        let head = req.method() == Method::HEAD;
-        match route {
-            Route::Health => body::json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "status": "ok",
-                    "in_flight": self.store.in_flight(),
-                    "index": self.index.mirrors().iter().map(|m| serde_json::json!({
-                        "source": m.source,
-                        "commit": m.snapshot().commit.clone(),
-                        "age_seconds": m.age().map(|a| a.as_secs()),
-                    })).collect::<Vec<_>>(),
-                    "sources": self.sources.iter().zip(self.upstream.health().report()).map(|(s, mut health)| {
-                        health["name"] = s.name.clone().into();
-                        health["registry"] = s.registry.as_str().into();
-                        health
-                    }).collect::<Vec<_>>(),
-                }),
-            ),
-            Route::IndexRefresh => {
-                let results = self.index.refresh_all(true).await;
+    }
+}
+
+/// Classify and answer an origin-form request: the one code path for every door
+/// and every mode (offline is a property of the services, not a branch here).
+pub async fn route(app: &Services, req: Request<GatewayBody>, door: Door) -> Response<GatewayBody> {
+    let target = path_and_query(&req);
+    let credentials = req.headers().contains_key(header::AUTHORIZATION)
+        || req.headers().contains_key(header::COOKIE);
+    let route = classify(req.method(), &target, credentials);
+    dispatch(app, route, req, door.source()).await
+}
+
+async fn dispatch(
+    app: &Services,
+    route: Route,
+    req: Request<GatewayBody>,
+    source: usize,
+) -> Response<GatewayBody> {
+    let src = &app.sources[source];
+    let head = req.method() == Method::HEAD;
+    match route {
+        Route::Health => health(app),
+        Route::IndexRefresh => match app.index.refresh_all(true).await {
+            Ok(results) => {
                 let ok = results.iter().all(|(_, f)| *f == Freshness::Fresh);
                 let body = results
                     .iter()
@@ -236,137 +157,149 @@ impl Gateway {
                     &serde_json::json!({ "refreshed": ok, "sources": body }),
                 )
             }
-            Route::Archive(key) => {
-                // Before the index is asked (which may refresh it): a recent 404 answers.
-                if let Some(resp) = self
-                    .store
-                    .remembered_not_found(&key.store_key(), self.index.lists(&key))
-                {
-                    return resp;
-                }
-                let object = self.archive_object(&key).await;
-                if self.prefetch && !head && matches!(object.trust, Trust::Checksum { .. }) {
-                    self.prefetch_closure(&key);
-                }
-                self.store.respond(object, head).await
+            Err(Offline) => body::offline(),
+        },
+        Route::Archive(key) => {
+            // Before the index is asked (which may refresh it): a recent 404 answers.
+            if let Some(resp) = app
+                .store
+                .remembered_not_found(&key.store_key(), app.index.lists(&key))
+            {
+                return resp;
             }
-            Route::Asset(asset) => {
-                let path = format!("/assets/{}", asset.raw);
-                let object = Object {
-                    key: asset.store_key(),
-                    urls: self
-                        .sources
-                        .iter()
-                        .map(|s| join(&s.registry, &path))
-                        .collect(),
-                    content_type: asset.content_type(),
-                    trust: Trust::Complete,
-                };
-                self.store.respond(object, head).await
+            let object = object_for(app, &key, app.index.expect(&key).await);
+            if app.prefetch && !head && matches!(object.trust, Trust::Checksum { .. }) {
+                prefetch_closure(app, &key);
             }
-            Route::Index(rest) => {
-                self.index
-                    .handle(&self.upstream, source, src, req, &rest)
-                    .await
-            }
-            Route::Symbols => {
-                let url = src.symbols.to_string();
-                let private = req.headers().contains_key(header::AUTHORIZATION)
-                    || req.headers().contains_key(header::COOKIE);
-                let read = matches!(*req.method(), Method::GET | Method::HEAD);
-                if read && !private {
-                    self.mutable.respond(&url, req.headers(), head).await
-                } else {
-                    passthrough::forward(&self.upstream, req, &url).await
-                }
-            }
-            Route::Pass => {
-                let target = path_and_query(&req);
-                let url = join(
-                    &src.registry,
-                    &format!("/{}", target.trim_start_matches('/')),
-                );
-                passthrough::forward(&self.upstream, req, &url).await
-            }
-            Route::Refuse(status, reason) => body::text(status, reason),
+            app.store.respond(object, head).await
         }
-    }
-}
-
-impl Gateway {
-    /// Where to fetch an archive and what to check it against: the source whose
-    /// index lists it, or every source (unverified, not stored) if none does.
-    async fn archive_object(&self, key: &ArchiveKey) -> Object {
-        let expectation = self.index.expect(key).await;
-        self.object_for(key, expectation)
-    }
-
-    fn object_for(&self, key: &ArchiveKey, expectation: Expectation) -> Object {
-        let path = key.upstream_path();
-        let (urls, trust) = match expectation {
-            Expectation::Known { source, checksum } => (
-                vec![join(&self.sources[source].archive, &path)],
-                Trust::Checksum {
-                    label: format!("{}@{}", key.name(), key.version),
-                    expected: checksum,
-                    refreshes: self.index.refreshes(),
-                },
-            ),
-            Expectation::Unknown => {
-                tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");
-                let urls = self
+        Route::Asset(asset) => {
+            let path = format!("/assets/{}", asset.raw);
+            let object = Object {
+                key: asset.store_key(),
+                urls: app
                     .sources
                     .iter()
-                    .map(|s| join(&s.archive, &path))
-                    .collect();
-                (urls, Trust::Unverified)
+                    .map(|s| join(&s.registry, &path))
+                    .collect(),
+                content_type: asset.content_type(),
+                trust: Trust::Complete,
+            };
+            app.store.respond(object, head).await
+        }
+        Route::Index(rest) => {
+            app.index
+                .handle(&app.upstream, source, src, req, &rest)
+                .await
+        }
+        Route::Symbols => {
+            let url = src.symbols.to_string();
+            let private = req.headers().contains_key(header::AUTHORIZATION)
+                || req.headers().contains_key(header::COOKIE);
+            let read = matches!(*req.method(), Method::GET | Method::HEAD);
+            if !read || private {
+                return passthrough::forward(&app.upstream, req, &url).await;
             }
-        };
-        Object {
-            key: key.store_key(),
-            urls,
-            content_type: "application/zip",
-            trust,
+            match app.mutable.respond(&url, req.headers(), head).await {
+                Some(resp) => resp,
+                // No upstream and no copy of its own: the one an imported bundle brought.
+                None => {
+                    let object = Object {
+                        key: SYMBOLS_KEY.into(),
+                        urls: Vec::new(),
+                        content_type: "application/zip",
+                        trust: Trust::Complete,
+                    };
+                    app.store.respond(object, head).await
+                }
+            }
         }
-    }
-
-    /// Start fetching `key`'s dependencies in the background: `moon` asks for them
-    /// one at a time, so the next ones should already be here or on their way.
-    fn prefetch_closure(&self, key: &ArchiveKey) {
-        let deps = self.index.closure(key, PREFETCH_LIMIT);
-        if deps.is_empty() {
-            return;
+        Route::Pass => {
+            let target = path_and_query(&req);
+            let url = join(
+                &src.registry,
+                &format!("/{}", target.trim_start_matches('/')),
+            );
+            passthrough::forward(&app.upstream, req, &url).await
         }
-        tracing::debug!(archive = %key, deps = deps.len(), "prefetching dependencies");
-        for (dep, expectation) in deps {
-            let object = self.object_for(&dep, expectation);
-            let store = self.store.clone();
-            tokio::spawn(async move { store.prefetch(object).await });
-        }
+        Route::Refuse(status, reason) => body::text(status, reason),
     }
 }
 
-fn path_and_query(req: &Request<Incoming>) -> String {
+/// `GET /-/health`: the gateway's own view of its sources and mirrors.
+fn health(app: &Services) -> Response<GatewayBody> {
+    body::json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "status": "ok",
+            "in_flight": app.store.in_flight(),
+            "index": app.index.mirrors().iter().map(|m| serde_json::json!({
+                "source": m.source,
+                "commit": m.snapshot().commit.clone(),
+                "age_seconds": m.age().map(|a| a.as_secs()),
+            })).collect::<Vec<_>>(),
+            "sources": app.sources.iter().zip(app.breakers.report()).map(|(s, mut health)| {
+                health["name"] = s.name.clone().into();
+                health["registry"] = s.registry.as_str().into();
+                health
+            }).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+/// Where to fetch an archive and what to check it against: the source whose
+/// index lists it, or every source (unverified, not stored) if none does.
+fn object_for(app: &Services, key: &ArchiveKey, expectation: Expectation) -> Object {
+    let path = key.upstream_path();
+    let (urls, trust) = match expectation {
+        Expectation::Known { source, checksum } => (
+            vec![join(&app.sources[source].archive, &path)],
+            Trust::Checksum {
+                label: format!("{}@{}", key.name(), key.version),
+                expected: checksum,
+                refreshes: app.index.refreshes(),
+            },
+        ),
+        Expectation::Unknown => {
+            tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");
+            let urls = app
+                .sources
+                .iter()
+                .map(|s| join(&s.archive, &path))
+                .collect();
+            (urls, Trust::Unverified)
+        }
+    };
+    Object {
+        key: key.store_key(),
+        urls,
+        content_type: "application/zip",
+        trust,
+    }
+}
+
+/// Start fetching `key`'s dependencies in the background: `moon` asks for them
+/// one at a time, so the next ones should already be here or on their way.
+fn prefetch_closure(app: &Services, key: &ArchiveKey) {
+    let deps = app.index.closure(key, PREFETCH_LIMIT);
+    if deps.is_empty() {
+        return;
+    }
+    tracing::debug!(archive = %key, deps = deps.len(), "prefetching dependencies");
+    for (dep, expectation) in deps {
+        let object = object_for(app, &dep, expectation);
+        let store = app.store.clone();
+        tokio::spawn(async move { store.prefetch(object).await });
+    }
+}
+
+/// The request target as the client sent it (still percent-encoded).
+pub fn path_and_query<B>(req: &Request<B>) -> String {
     req.uri()
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string()
-}
-
-fn log_request(
-    method: &Method,
-    target: &str,
-    host: Option<&str>,
-    resp: &Response<GatewayBody>,
-    started: Instant,
-) {
-    tracing::info!(
-        %method, %target, host = host.unwrap_or("-"), status = resp.status().as_u16(),
-        cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
 }
 
 #[cfg(test)]

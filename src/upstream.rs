@@ -36,6 +36,9 @@ pub enum UpstreamError {
     Timeout { url: String, timeout: Duration },
     #[error("bad upstream URL {0}")]
     BadUrl(String),
+    /// `serve --offline` (or an air-gapped command): there is no upstream to ask.
+    #[error("the gateway is offline: {url} was not asked")]
+    Offline { url: String },
     /// The source's circuit breaker is open: not even tried.
     #[error(transparent)]
     Down(#[from] Refusal),
@@ -48,6 +51,9 @@ pub struct Upstream {
     timeouts: Timeouts,
     /// Per-source circuit breakers consulted and fed by [`Upstream::send_guarded`].
     health: Arc<Breakers>,
+    /// No source is reachable by design (`serve --offline`): every exchange is
+    /// refused at once, so offline is a property of the sources, not a code path.
+    offline: bool,
 }
 
 impl Upstream {
@@ -100,7 +106,19 @@ impl Upstream {
             client,
             timeouts,
             health: Arc::new(Breakers::default()),
+            offline: false,
         })
+    }
+
+    /// The same client with no upstream behind it: every request is refused with
+    /// [`UpstreamError::Offline`] before anything leaves the machine.
+    pub fn offline(mut self) -> Upstream {
+        self.offline = true;
+        self
+    }
+
+    pub fn is_offline(&self) -> bool {
+        self.offline
     }
 
     /// Use `health`'s breakers for guarded calls.
@@ -125,6 +143,9 @@ impl Upstream {
         req: Request<GatewayBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let url = req.uri().to_string();
+        if self.offline {
+            return Err(UpstreamError::Offline { url });
+        }
         let ticket = self.health.admit_url(&url)?;
         let result = self.send(req).await;
         match &result {
@@ -143,6 +164,9 @@ impl Upstream {
         req: Request<GatewayBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let url = req.uri().to_string();
+        if self.offline {
+            return Err(UpstreamError::Offline { url });
+        }
         let timeout = self.timeouts.response;
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),

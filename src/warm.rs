@@ -13,146 +13,68 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bytesize::ByteSize;
 use http::{header, Method, Request};
 
+use crate::app::{Mode, Services};
 use crate::archive::ArchiveKey;
 use crate::body;
-use crate::breaker::Breakers;
-use crate::ca_bundle::write_ca_bundle;
-use crate::config::{join, Config, Source};
-use crate::index::mirror::{Freshness, MirrorSettings};
+use crate::config::{join, Config};
+use crate::index::mirror::Freshness;
 use crate::index::selection::{Chosen, Selection};
-use crate::index::{Expectation, Index};
+use crate::index::Expectation;
 use crate::progress::Progress;
 use crate::store::ahead::Ahead;
-use crate::store::{Limits, Object, Store, Trust};
+use crate::store::{Object, Trust};
 use crate::upstream::Upstream;
 
 /// Archives downloaded at once unless `--jobs` says otherwise.
 pub const DEFAULT_JOBS: usize = 8;
-/// Prefix of the per-process spool directories in the data dir.
-const SPOOL_PREFIX: &str = ".spool-";
 
-/// The store, index and upstream client of a data dir, opened by a command
-/// rather than by `serve`.
-pub struct Workspace {
-    pub config: Config,
-    pub sources: Vec<Source>,
-    pub upstream: Upstream,
-    pub store: Arc<Store>,
-    pub index: Arc<Index>,
-    /// Spool files and the git CA bundle of this process; removed when it ends.
-    _scratch: tempfile::TempDir,
+/// Read the mirrors, then refresh them from the upstream. A failed refresh of
+/// an existing mirror is a warning (its last state is used); with no mirror at
+/// all there is nothing to select from.
+pub async fn refresh(app: &Services) -> anyhow::Result<()> {
+    for m in app.index.mirrors() {
+        if let Err(error) = m.load().await {
+            tracing::warn!(source = %m.source, %error, "existing index mirror unreadable");
+        }
+    }
+    for (source, freshness) in app.index.refresh_all(true).await? {
+        match freshness {
+            Freshness::Fresh => {}
+            Freshness::Stale { error, .. } => {
+                eprintln!("warning: index of source `{source}` not refreshed, using the mirror as it is: {error}")
+            }
+            Freshness::Missing { error } => {
+                bail!("no index mirror of source `{source}` and the upstream index could not be cloned: {error}")
+            }
+        }
+    }
+    Ok(())
 }
 
-impl Workspace {
-    pub fn open(config: Config) -> anyhow::Result<Workspace> {
-        let sources = config.sources()?;
-        let data_dir = &config.data_dir;
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("could not create data dir {}", data_dir.display()))?;
-        sweep_dead_spools(data_dir);
-        let scratch = tempfile::Builder::new()
-            .prefix(&format!("{SPOOL_PREFIX}{}-", std::process::id()))
-            .tempdir_in(data_dir)
-            .with_context(|| format!("could not create a spool dir in {}", data_dir.display()))?;
-        let upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?;
-        let limits = Limits::from_config(&config);
-        // No hot tier: nothing here is served twice.
-        let mut storage = config.storage.clone();
-        storage.memory = ByteSize(0);
-        let store = Store::open_with_spool(
-            data_dir,
-            scratch.path().join("spool"),
-            &storage,
-            limits,
-            upstream.clone(),
-        )?;
-        let ca_bundle = match &config.upstream_ca {
-            Some(ca) => {
-                let bundle = scratch.path().join("upstream-ca-bundle.pem");
-                write_ca_bundle(ca, &bundle)?;
-                Some(bundle)
-            }
-            None => None,
-        };
-        let health = Arc::new(Breakers::new(&sources, &config.health));
-        let settings = MirrorSettings::from_config(&config, ca_bundle, health);
-        let index = Arc::new(Index::new(data_dir.join("index"), &sources, settings));
-        Ok(Workspace {
-            sources,
-            upstream,
-            store: Arc::new(store),
-            index,
-            config,
-            _scratch: scratch,
-        })
-    }
-
-    /// Read the mirrors, then refresh them from the upstream. A failed refresh of
-    /// an existing mirror is a warning (its last state is used); with no mirror at
-    /// all there is nothing to select from.
-    pub async fn refresh(&self) -> anyhow::Result<()> {
-        for m in self.index.mirrors() {
-            if let Err(error) = m.load().await {
-                tracing::warn!(source = %m.source, %error, "existing index mirror unreadable");
-            }
-        }
-        for (source, freshness) in self.index.refresh_all(true).await {
-            match freshness {
-                Freshness::Fresh => {}
-                Freshness::Stale { error, .. } => {
-                    eprintln!("warning: index of source `{source}` not refreshed, using the mirror as it is: {error}")
-                }
-                Freshness::Missing { error } => {
-                    bail!("no index mirror of source `{source}` and the upstream index could not be cloned: {error}")
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// What to fetch for `key`, verified against the index.
-    pub fn object(&self, key: &ArchiveKey, expectation: &Expectation) -> Option<Object> {
-        let Expectation::Known { source, checksum } = expectation else {
-            return None;
-        };
-        Some(Object {
-            key: key.store_key(),
-            urls: vec![join(&self.sources[*source].archive, &key.upstream_path())],
-            content_type: "application/zip",
-            trust: Trust::Checksum {
-                label: label(key),
-                expected: checksum.clone(),
-                refreshes: self.index.refreshes(),
-            },
-        })
-    }
+/// What to fetch for `key`, verified against the index.
+pub fn object(app: &Services, key: &ArchiveKey, expectation: &Expectation) -> Option<Object> {
+    let Expectation::Known { source, checksum } = expectation else {
+        return None;
+    };
+    Some(Object {
+        key: key.store_key(),
+        urls: vec![join(&app.sources[*source].archive, &key.upstream_path())],
+        content_type: "application/zip",
+        trust: Trust::Checksum {
+            label: label(key),
+            expected: checksum.clone(),
+            refreshes: app.index.refreshes(),
+        },
+    })
 }
 
 /// `user/module@version`, as people write it.
 pub fn label(key: &ArchiveKey) -> String {
     format!("{}@{}", key.name(), key.version)
-}
-
-/// Spool dirs of processes that are gone (killed mid-download) are removed.
-fn sweep_dead_spools(data_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(data_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(SPOOL_PREFIX) else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or_default();
-        // Only where liveness can be checked cheaply; elsewhere leftovers stay.
-        if Path::new("/proc/self").exists() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 /// How a run ended, per archive.
@@ -183,7 +105,7 @@ impl Summary {
 
 /// Make sure every chosen archive is stored. Missing selections count as failures.
 pub async fn fetch_all(
-    ws: &Workspace,
+    app: &Services,
     chosen: &Chosen,
     jobs: usize,
     verb: &'static str,
@@ -202,12 +124,12 @@ pub async fn fetch_all(
     let mut tasks = tokio::task::JoinSet::new();
     for (key, expectation) in &chosen.archives {
         let name = label(key);
-        let Some(object) = ws.object(key, expectation) else {
+        let Some(object) = object(app, key, expectation) else {
             summary.failed.push((name, "not in the index".into()));
             continue;
         };
         let (store, permits, moved, done, progress) = (
-            ws.store.clone(),
+            app.store.clone(),
             permits.clone(),
             moved.clone(),
             done.clone(),
@@ -253,14 +175,14 @@ pub async fn fetch_all(
 
 /// `--dry-run`: what would be fetched, with sizes from a HEAD request where the
 /// upstream gives one.
-pub async fn dry_run(ws: &Workspace, chosen: &Chosen, jobs: usize) -> bool {
+pub async fn dry_run(app: &Services, chosen: &Chosen, jobs: usize) -> bool {
     let mut to_fetch = Vec::new();
     let mut present = 0usize;
     for (key, expectation) in &chosen.archives {
-        let Some(object) = ws.object(key, expectation) else {
+        let Some(object) = object(app, key, expectation) else {
             continue;
         };
-        if ws.store.stored_size(&object).await.is_some() {
+        if app.store.stored_size(&object).await.is_some() {
             present += 1;
         } else {
             to_fetch.push((label(key), object.urls[0].clone()));
@@ -269,7 +191,7 @@ pub async fn dry_run(ws: &Workspace, chosen: &Chosen, jobs: usize) -> bool {
     let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (_, url)) in to_fetch.iter().enumerate() {
-        let (upstream, url, permits) = (ws.upstream.clone(), url.clone(), permits.clone());
+        let (upstream, url, permits) = (app.upstream.clone(), url.clone(), permits.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
             (i, head_size(&upstream, &url).await)
@@ -328,14 +250,14 @@ pub async fn run(
     if selection.patterns.is_empty() && selection.from.is_none() {
         bail!("nothing selected: give patterns (alice/json, alice/*, alice/json@^0.3) and/or --from moon.mod.json");
     }
-    let ws = Workspace::open(config)?;
-    ws.refresh().await?;
-    let chosen = ws.index.select(&selection)?;
+    let app = Services::open(&config, Mode::Command)?;
+    refresh(&app).await?;
+    let chosen = app.index.select(&selection)?;
     if dry {
-        return Ok(dry_run(&ws, &chosen, jobs).await);
+        return Ok(dry_run(&app, &chosen, jobs).await);
     }
     let started = std::time::Instant::now();
-    let summary = fetch_all(&ws, &chosen, jobs, "warm").await;
+    let summary = fetch_all(&app, &chosen, jobs, "warm").await;
     summary.print("warm", started.elapsed());
     Ok(summary.failed.is_empty())
 }

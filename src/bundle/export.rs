@@ -12,13 +12,14 @@ use sha2::{Digest, Sha256};
 
 use super::{archive_member, signing, ArchiveEntry, Manifest, Member, FORMAT};
 use super::{INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
+use crate::app::{Mode, Services};
 use crate::config::Config;
 use crate::index::selection::Selection;
 use crate::index::Expectation;
 use crate::store::ahead::Ahead;
-use crate::store::offline::SYMBOLS_KEY;
+use crate::store::SYMBOLS_KEY;
 use crate::store::{usage, Object, Trust};
-use crate::warm::{self, Workspace};
+use crate::warm;
 
 /// Run `export`. Returns whether everything selected went into the bundle.
 pub async fn run(
@@ -35,10 +36,10 @@ pub async fn run(
         // Fail before any download if the key is unusable.
         signing::sign(b"check", key)?;
     }
-    let ws = Workspace::open(config)?;
-    ws.refresh().await?;
-    let chosen = ws.index.select(&selection)?;
-    let primary = &ws.sources[0];
+    let app = Services::open(&config, Mode::Command)?;
+    warm::refresh(&app).await?;
+    let chosen = app.index.select(&selection)?;
+    let primary = &app.sources[0];
     if let Some((key, _)) = chosen
         .archives
         .iter()
@@ -51,7 +52,7 @@ pub async fn run(
         );
     }
     let started = std::time::Instant::now();
-    let summary = warm::fetch_all(&ws, &chosen, jobs, "export").await;
+    let summary = warm::fetch_all(&app, &chosen, jobs, "export").await;
     summary.print("export", started.elapsed());
     if !summary.failed.is_empty() {
         eprintln!(
@@ -66,15 +67,14 @@ pub async fn run(
         let Expectation::Known { checksum, .. } = expectation else {
             continue;
         };
-        let object = ws
-            .object(key, expectation)
-            .context("archive vanished from the index")?;
-        ws.store
+        let object =
+            warm::object(&app, key, expectation).context("archive vanished from the index")?;
+        app.store
             .stored_size(&object)
             .await
             .with_context(|| format!("{} is no longer in the store", warm::label(key)))?;
         // The content file's length: the store record says 0 when the length was unknown.
-        let size = usage::content_path(ws.store.disk().dir(), checksum)
+        let size = usage::content_path(app.store.disk().dir(), checksum)
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
             .with_context(|| format!("{} is no longer in the store", warm::label(key)))?;
@@ -88,8 +88,8 @@ pub async fn run(
     }
 
     let scratch =
-        tempfile::tempdir_in(&ws.config.data_dir).context("scratch dir for the export")?;
-    let mirror = &ws.index.mirrors()[0];
+        tempfile::tempdir_in(&app.config.data_dir).context("scratch dir for the export")?;
+    let mirror = &app.index.mirrors()[0];
     let index_file = scratch.path().join(INDEX_BUNDLE);
     let index_commit = git_bundle(mirror.dir(), &index_file).await?;
 
@@ -100,10 +100,10 @@ pub async fn run(
         content_type: "application/zip",
         trust: Trust::Complete,
     };
-    let symbols = match ws.store.fetch_ahead(symbols_object, |_| {}).await {
+    let symbols = match app.store.fetch_ahead(symbols_object, |_| {}).await {
         Ahead::Present { .. } | Ahead::Fetched { .. } => {
             let file = scratch.path().join(SYMBOLS);
-            match cacache::copy(ws.store.disk().dir(), SYMBOLS_KEY, &file).await {
+            match cacache::copy(app.store.disk().dir(), SYMBOLS_KEY, &file).await {
                 Ok(_) => Some(file),
                 Err(e) => {
                     eprintln!("warning: stored symbols.zip unreadable, not exported: {e}");
@@ -119,7 +119,7 @@ pub async fn run(
         }
     };
 
-    let store_dir = ws.store.disk().dir().to_path_buf();
+    let store_dir = app.store.disk().dir().to_path_buf();
     let out_path = out.to_path_buf();
     let source = primary.name.clone();
     let signing_key = sign_key.map(Path::to_path_buf);

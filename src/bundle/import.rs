@@ -9,7 +9,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
@@ -18,11 +17,10 @@ use tokio::io::AsyncWriteExt;
 
 use super::{is_sha256, signing, Manifest, Member, FORMAT};
 use super::{ARCHIVES_DIR, INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
-use crate::breaker::Breakers;
+use crate::app::{Mode, Services};
 use crate::config::Config;
-use crate::index::mirror::{Mirror, MirrorSettings};
-use crate::index::Index;
-use crate::store::offline::SYMBOLS_KEY;
+use crate::index::mirror::Mirror;
+use crate::store::SYMBOLS_KEY;
 
 /// Bounds on what a bundle member may be; a bundle is hostile input.
 const MANIFEST_MAX: u64 = 64 << 20;
@@ -40,7 +38,6 @@ struct Staged {
 /// Run `import`.
 pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyhow::Result<()> {
     let trusted = trust_key.map(signing::trusted_key).transpose()?;
-    let sources = config.sources()?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("could not create data dir {}", data_dir.display()))?;
@@ -57,7 +54,7 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
         .context("unpacking task failed")?
         .with_context(|| format!("refused {}", file.display()))?;
 
-    let checked = verify(&staged, staging.path(), trusted.as_ref(), &config)
+    let checked = verify(&staged, staging.path(), trusted.as_ref())
         .await
         .with_context(|| format!("refused {}", file.display()))?;
     let Verified {
@@ -66,6 +63,7 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
     } = checked;
 
     // Everything checked: now, and only now, change the data dir.
+    let app = Services::open(&config, Mode::Command)?;
     let store_dir = data_dir.join("store");
     std::fs::create_dir_all(&store_dir)?;
     let mut added = 0usize;
@@ -94,7 +92,7 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
         )
         .await?;
     }
-    let target = mirror_dir(&config, &sources, &manifest.source);
+    let target = app.index.mirror_named(&manifest.source).dir().to_path_buf();
     let index_note = update_mirror(&index_repo, &target, &manifest.index_commit).await?;
     println!(
         "import: {} archives added ({}), {} already present, index {}, symbols.zip {}",
@@ -192,7 +190,6 @@ async fn verify(
     staged: &HashMap<String, Staged>,
     dir: &Path,
     trusted: Option<&ed25519_dalek::VerifyingKey>,
-    config: &Config,
 ) -> anyhow::Result<Verified> {
     let manifest_file = staged
         .get(MANIFEST)
@@ -284,9 +281,7 @@ async fn verify(
         );
     }
     // ...that vouches for every archive, exactly as `serve` would check it.
-    let settings =
-        MirrorSettings::from_config(config, None, Arc::new(Breakers::new(&[], &config.health)));
-    let mirror = Mirror::new(&manifest.source, "", repo.clone(), settings);
+    let mirror = Mirror::detached(&manifest.source, repo.clone());
     mirror
         .load()
         .await
@@ -343,22 +338,6 @@ async fn commit_file(
         .await
         .with_context(|| format!("cannot commit {key} to the store"))?;
     Ok(())
-}
-
-/// The mirror the bundle's index goes to: the source of that name, else the first.
-fn mirror_dir(config: &Config, sources: &[crate::config::Source], name: &str) -> PathBuf {
-    let settings = MirrorSettings::from_config(
-        config,
-        None,
-        Arc::new(Breakers::new(sources, &config.health)),
-    );
-    let index = Index::new(config.data_dir.join("index"), sources, settings);
-    let mirror = index
-        .mirrors()
-        .iter()
-        .find(|m| m.source == name)
-        .unwrap_or(&index.mirrors()[0]);
-    mirror.dir().to_path_buf()
 }
 
 /// Bring the mirror at `target` to the bundle's commit: created if absent,

@@ -56,24 +56,6 @@ pub struct MirrorSettings {
     pub pack_cache: bool,
 }
 
-impl MirrorSettings {
-    /// The settings `config` asks for; `ca_bundle` when an extra upstream CA is set.
-    pub fn from_config(
-        config: &crate::config::Config,
-        ca_bundle: Option<PathBuf>,
-        health: Arc<crate::breaker::Breakers>,
-    ) -> MirrorSettings {
-        MirrorSettings {
-            max_age: config.index.max_age,
-            retry_after: config.index.retry_after,
-            fetch_timeout: config.index.fetch_timeout,
-            ca_bundle,
-            health,
-            pack_cache: config.index.pack_cache,
-        }
-    }
-}
-
 struct RefreshState {
     /// When the last successful refresh *started*: only a refresh that started after
     /// a caller asked can have seen what was published before it asked.
@@ -96,6 +78,20 @@ pub struct Mirror {
 }
 
 impl Mirror {
+    /// A repository outside the index (e.g. a bundle being checked): read only,
+    /// never fetched, so no breaker or CA applies.
+    pub fn detached(source: &str, dir: PathBuf) -> Mirror {
+        let settings = MirrorSettings {
+            max_age: Duration::MAX,
+            retry_after: Duration::MAX,
+            fetch_timeout: Duration::from_secs(300),
+            ca_bundle: None,
+            health: Arc::new(Breakers::default()),
+            pack_cache: false,
+        };
+        Mirror::new(source, "", dir, settings)
+    }
+
     /// A mirror of `url` kept in `dir` (a bare repository, created on first refresh).
     pub fn new(source: &str, url: &str, dir: PathBuf, settings: MirrorSettings) -> Mirror {
         let refreshed_at = std::fs::metadata(dir.join("FETCH_HEAD"))

@@ -5,11 +5,11 @@
 //! Clients' index requests are answered from the primary source's mirror, refreshed
 //! first when older than `index.max_age`; when the refresh fails the stale mirror is
 //! served and the log says how stale. Before any mirror exists, requests stream
-//! straight through to the upstream.
+//! straight through to the upstream. An offline index (`serve --offline`) is the
+//! same index with refreshes switched off: mirrors are served as they are.
 
 pub mod checksums;
 pub mod mirror;
-pub mod offline;
 pub mod pack_cache;
 pub mod selection;
 pub mod serve;
@@ -17,11 +17,10 @@ pub mod serve;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use http::{Method, Request, Response};
-use hyper::body::Incoming;
+use http::{Method, Request, Response, StatusCode};
 
 use crate::archive::ArchiveKey;
-use crate::body::GatewayBody;
+use crate::body::{self, GatewayBody};
 use crate::config::{join, Source};
 use crate::passthrough;
 use crate::upstream::Upstream;
@@ -46,7 +45,14 @@ pub struct Index {
     pack_cache: Option<pack_cache::Hook>,
     /// Bounds the git processes serving clients at once.
     git_slots: Arc<tokio::sync::Semaphore>,
+    /// Never refresh (`serve --offline`): the mirrors are served as they are.
+    offline: bool,
 }
+
+/// Why the index was not refreshed.
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway is offline: the index is served as it is and never refreshed")]
+pub struct Offline;
 
 /// Refreshes triggered by requests for archives the index does not know start at
 /// most this often.
@@ -83,49 +89,80 @@ impl Index {
             pack_cache,
             unknown_refresh_at: std::sync::Mutex::new(tokio::time::Instant::now()),
             git_slots: Arc::new(tokio::sync::Semaphore::new(GIT_SLOTS)),
+            offline: false,
         }
+    }
+
+    /// The same index with refreshes switched off (`serve --offline`).
+    pub fn offline(mut self) -> Index {
+        self.offline = true;
+        self
     }
 
     pub fn mirrors(&self) -> &[Arc<Mirror>] {
         &self.mirrors
     }
 
-    /// Read existing mirrors, then refresh them all in the background.
+    /// The mirror of the source named `name`, else the primary one.
+    pub fn mirror_named(&self, name: &str) -> &Arc<Mirror> {
+        self.mirrors
+            .iter()
+            .find(|m| m.source == name)
+            .unwrap_or(&self.mirrors[0])
+    }
+
+    /// Read existing mirrors, then (online) refresh them all in the background.
     pub async fn start(self: &Arc<Self>) {
         for m in &self.mirrors {
-            if let Err(error) = m.load().await {
-                tracing::warn!(source = %m.source, %error, "existing index mirror unreadable");
+            match m.load().await {
+                Err(error) => {
+                    tracing::warn!(source = %m.source, %error, "existing index mirror unreadable")
+                }
+                Ok(()) if !self.offline => {}
+                Ok(()) if m.exists() => tracing::info!(
+                    source = %m.source, commit = %m.snapshot().commit.as_deref().unwrap_or("-"),
+                    "offline: serving the index mirror as it is"
+                ),
+                Ok(()) => {
+                    tracing::warn!(source = %m.source, "offline: no index mirror; import a bundle first")
+                }
             }
+        }
+        if self.offline {
+            return;
         }
         let index = self.clone();
         tokio::spawn(async move {
-            index.refresh_all(false).await;
+            let _ = index.refresh_all(false).await;
         });
     }
 
     /// Refresh every mirror (at most one fetch each at a time).
-    pub async fn refresh_all(&self, force: bool) -> Vec<(String, Freshness)> {
+    pub async fn refresh_all(&self, force: bool) -> Result<Vec<(String, Freshness)>, Offline> {
+        if self.offline {
+            return Err(Offline);
+        }
         let mut out = Vec::new();
         for m in &self.mirrors {
             out.push((m.source.clone(), m.refresh_now(force).await));
         }
-        out
+        Ok(out)
     }
 
     /// Answer a client's index request from the mirror of source number `position`,
-    /// or straight through while no mirror exists.
+    /// or straight through while no mirror exists (offline: a clear 503).
     pub async fn handle(
         &self,
         upstream: &Upstream,
         position: usize,
         source: &Source,
-        req: Request<Incoming>,
+        req: Request<GatewayBody>,
         rest: &str,
     ) -> Response<GatewayBody> {
         let mirror = &self.mirrors[position];
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
         // same tip their GET advertised.
-        let advertisement = req.method() == Method::GET;
+        let advertisement = req.method() == Method::GET && !self.offline;
         let freshness = if advertisement && mirror.exists() && mirror.source_down() {
             // Never wait on a source known to be down: serve the mirror, and let a
             // background refresh probe the upstream when its back-off allows.
@@ -169,6 +206,12 @@ impl Index {
                     .unwrap_or_else(|| "unknown".into());
                 tracing::warn!(source = %mirror.source, age = %age, %error, "upstream index unavailable; serving the stale mirror");
             }
+            Freshness::Missing { .. } if self.offline => {
+                return body::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the gateway is offline and has no index mirror (import a bundle first)",
+                )
+            }
             Freshness::Missing { error } => {
                 tracing::warn!(source = %mirror.source, %error, "no index mirror yet; passing the request through");
                 let url = join(&source.index, &format!("/{rest}"));
@@ -192,6 +235,9 @@ impl Index {
     pub async fn expect(&self, key: &ArchiveKey) -> Expectation {
         if let Some(known) = self.lookup(key) {
             return known;
+        }
+        if self.offline {
+            return Expectation::Unknown;
         }
         // Requests for unknown archives cannot make the gateway hammer the upstream:
         // such refreshes start at most once per UNKNOWN_REFRESH_EVERY (a caller waits

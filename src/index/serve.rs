@@ -11,7 +11,7 @@ use futures_util::stream;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,7 +32,7 @@ pub async fn upload_pack(
     root: &Path,
     repo: &str,
     rest: &str,
-    req: Request<Incoming>,
+    req: Request<GatewayBody>,
     slots: &Arc<Semaphore>,
     pack_cache: Option<&pack_cache::Hook>,
 ) -> Response<GatewayBody> {

@@ -1,24 +1,40 @@
 //! TLS interception of the registry hosts, for clients that reach the gateway as
-//! an `HTTPS_PROXY` (`CONNECT`) or by a network redirect (transparent, SNI): the
-//! gateway's own CA ([`ca`]) signs a leaf per host ([`mint`]), TLS is terminated
-//! ([`tls`], with [`sni`] reading the ClientHello of redirected connections) and
-//! the decrypted requests go through the same router as registry-endpoint traffic.
+//! an `HTTPS_PROXY` (`CONNECT`) or by a network redirect (transparent, SNI): which
+//! hosts are intercepted for which source, the gateway's own CA ([`ca`]) and the
+//! leaf it signs per host ([`mint`]). The doors terminate TLS with them
+//! (`doors::tls`); the decrypted requests go through the same router as
+//! registry-endpoint traffic.
 
 pub mod ca;
 pub mod mint;
-pub mod sni;
-pub mod tls;
 
 use std::collections::HashMap;
 
-use crate::config::Source;
-use ca::Ca;
+use crate::config::{Config, Source};
+use ca::{Ca, CaFiles};
 use mint::Mint;
 
 /// Which hosts are intercepted, for which source, and the certificates for them.
 pub struct Interceptor {
     mint: Mint,
     hosts: HashMap<String, usize>,
+}
+
+/// The interception CA: the configured files, or the one in the data dir
+/// (created on first use when `create`).
+pub fn load_ca(config: &Config, sources: &[Source], create: bool) -> anyhow::Result<Ca> {
+    let hosts = Interceptor::all_hosts(sources);
+    match (&config.proxy.ca_cert, &config.proxy.ca_key) {
+        (Some(cert), Some(key)) => {
+            let files = CaFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            Ca::load_or_create(&files, &hosts, false)
+        }
+        (None, None) => Ca::load_or_create(&CaFiles::in_data_dir(&config.data_dir), &hosts, create),
+        _ => anyhow::bail!("set both proxy.ca_cert and proxy.ca_key, or neither"),
+    }
 }
 
 impl Interceptor {

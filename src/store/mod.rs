@@ -8,7 +8,6 @@ pub mod eviction;
 pub mod flight;
 pub mod memory;
 pub mod not_found;
-pub mod offline;
 pub mod quarantine;
 pub mod usage;
 
@@ -26,6 +25,9 @@ use flight::{FlightState, Flights};
 use memory::{Hot, Memory};
 use not_found::NotFound;
 use quarantine::{Mismatch, Quarantine};
+
+/// Store key of the `symbols.zip` kept for offline use (by `export` and `import`).
+pub const SYMBOLS_KEY: &str = "symbols/symbols.zip";
 
 /// One immutable object a client asked for.
 #[derive(Clone, Debug)]
@@ -175,6 +177,19 @@ impl Store {
             if let Some(bad) = self.quarantine.get(&object.key, *refreshes) {
                 return refuse_mismatch(&bad);
             }
+        }
+        if self.upstream.is_offline() {
+            let missing_from = match object.trust {
+                Trust::Unverified => "index",
+                _ => "store (warm or import it first)",
+            };
+            return body::text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the gateway is offline and {} is not in its {missing_from}",
+                    object.key
+                ),
+            );
         }
         if head {
             return self.head_upstream(&object).await;

@@ -1,5 +1,6 @@
-//! Terminating TLS for an intercepted host and serving the decrypted HTTP/1.1 or
-//! h2 (by ALPN) with the gateway's router, as if it came to the registry endpoint.
+//! Terminating TLS for an intercepted host (a leaf minted by the gateway's CA) and
+//! serving the decrypted HTTP/1.1 or h2 (by ALPN) through the router, as if it had
+//! come to the registry endpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::router::Gateway;
+use super::{listener, Doors};
 
 /// Bound on the TLS handshake with the client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -17,11 +18,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Accept TLS on `io` for an intercepted host and serve it. `expected` is the host
 /// the client asked for (the CONNECT target); a ClientHello naming another host is
 /// only accepted if that host is intercepted too.
-pub async fn terminate<IO>(gateway: Arc<Gateway>, io: IO, expected: Option<String>)
+pub async fn terminate<IO>(doors: Arc<Doors>, io: IO, expected: Option<String>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(interceptor) = gateway.interceptor.clone() else {
+    let Some(interceptor) = doors.interceptor.clone() else {
         return;
     };
     let handshake = async {
@@ -58,8 +59,8 @@ where
         }
     };
     tracing::debug!(%host, "intercepted TLS connection");
-    let service = service_fn(move |req| gateway.clone().handle_intercepted(req, source));
-    let http = crate::server::http_builder();
+    let service = service_fn(move |req| doors.clone().intercepted(req, source));
+    let http = listener::http_builder();
     if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(%host, error = %e, "intercepted connection ended with an error");
     }

@@ -11,21 +11,17 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::{tls, tunnel, Doors};
 use crate::body::{self, GatewayBody};
-use crate::intercept::tls;
 use crate::passthrough;
-use crate::router::{Door, Gateway};
-use crate::tunnel;
+use crate::router::Door;
 
 /// Port that `CONNECT` must name for a registry host to be intercepted.
 const HTTPS_PORT: u16 = 443;
 
 /// Check `Proxy-Authorization` when the gateway requires it; `Some` is the 407.
-fn refuse_unauthorized(
-    gateway: &Gateway,
-    req: &Request<Incoming>,
-) -> Option<Response<GatewayBody>> {
-    let expected = gateway.proxy_auth.as_ref()?;
+fn refuse_unauthorized(doors: &Doors, req: &Request<Incoming>) -> Option<Response<GatewayBody>> {
+    let expected = doors.proxy_auth.as_ref()?;
     let given = req
         .headers()
         .get(header::PROXY_AUTHORIZATION)
@@ -60,8 +56,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `CONNECT host:port`.
-pub async fn connect(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<GatewayBody> {
-    if let Some(resp) = refuse_unauthorized(&gateway, &req) {
+pub async fn connect(doors: Arc<Doors>, mut req: Request<Incoming>) -> Response<GatewayBody> {
+    if let Some(resp) = refuse_unauthorized(&doors, &req) {
         return resp;
     }
     let Some(authority) = req.uri().authority().cloned() else {
@@ -69,23 +65,18 @@ pub async fn connect(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Respo
     };
     let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
     let port = authority.port_u16().unwrap_or(HTTPS_PORT);
-    let intercepted = port == HTTPS_PORT
-        && gateway
-            .interceptor
-            .as_ref()
-            .and_then(|i| i.source_for(&host))
-            .is_some();
+    let intercepted = port == HTTPS_PORT && doors.intercepted_source(&host).is_some();
     let upgrade = hyper::upgrade::on(&mut req);
     if intercepted {
         tokio::spawn(async move {
             match upgrade.await {
-                Ok(upgraded) => tls::terminate(gateway, TokioIo::new(upgraded), Some(host)).await,
+                Ok(upgraded) => tls::terminate(doors, TokioIo::new(upgraded), Some(host)).await,
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         });
         return Response::new(body::empty());
     }
-    let addrs = match gateway.tunnel.admit(&host, port).await {
+    let addrs = match doors.tunnel.admit(&host, port).await {
         Ok(addrs) => addrs,
         Err(reason) => {
             tracing::info!(%host, port, %reason, "tunnel refused");
@@ -115,8 +106,8 @@ pub async fn connect(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Respo
 
 /// `GET http://host/path` (absolute form): an intercepted host is routed like
 /// registry traffic; any other host is forwarded under the tunnel policy.
-pub async fn absolute(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
-    if let Some(resp) = refuse_unauthorized(&gateway, &req) {
+pub async fn absolute(doors: &Doors, req: Request<Incoming>) -> Response<GatewayBody> {
+    if let Some(resp) = refuse_unauthorized(doors, &req) {
         return resp;
     }
     let uri = req.uri().clone();
@@ -135,28 +126,24 @@ pub async fn absolute(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response
             "only http:// is forwarded; use CONNECT for https",
         );
     }
-    if let Some(source) = gateway
-        .interceptor
-        .as_ref()
-        .and_then(|i| i.source_for(&host))
-    {
-        return gateway.route(req, Door::Intercepted { source }).await;
+    if let Some(source) = doors.intercepted_source(&host) {
+        return doors.route(req, Door::Intercepted { source }).await;
     }
     let port = uri.port_u16().unwrap_or(80);
-    let addrs = match gateway.tunnel.admit(&host, port).await {
+    let addrs = match doors.tunnel.admit(&host, port).await {
         Ok(addrs) => addrs,
         Err(reason) => {
             tracing::info!(%host, port, %reason, "proxy request refused");
             return body::text(StatusCode::FORBIDDEN, reason);
         }
     };
-    forward_to(&gateway, req, &addrs).await
+    forward_to(doors, req, &addrs).await
 }
 
 /// Forward a plain-HTTP request over a connection to the addresses the policy
 /// admitted: resolving the name again could give another (e.g. a metadata) address.
 async fn forward_to(
-    gateway: &Gateway,
+    doors: &Doors,
     req: Request<Incoming>,
     addrs: &[SocketAddr],
 ) -> Response<GatewayBody> {
@@ -200,7 +187,7 @@ async fn forward_to(
         Err(_) => return body::text(StatusCode::BAD_REQUEST, "bad request target"),
     };
     let out = Request::from_parts(parts, incoming);
-    let timeout = gateway.upstream.timeouts().response;
+    let timeout = doors.app.upstream.timeouts().response;
     match tokio::time::timeout(timeout, sender.send_request(out)).await {
         Ok(Ok(resp)) => {
             let (mut parts, incoming) = resp.into_parts();
@@ -208,7 +195,7 @@ async fn forward_to(
             parts
                 .headers
                 .insert("x-cache", HeaderValue::from_static("bypass"));
-            Response::from_parts(parts, gateway.upstream.idle_bounded(incoming))
+            Response::from_parts(parts, doors.app.upstream.idle_bounded(incoming))
         }
         Ok(Err(e)) => body::text(StatusCode::BAD_GATEWAY, format!("forwarding failed: {e}")),
         Err(_) => body::text(

@@ -1,0 +1,190 @@
+//! The app's services (sources, breakers, upstream client, archive store, index
+//! mirrors, mutable cache), built in one place for every command: `serve`,
+//! `serve --offline`, `warm`, `export`, `import` and `cache` all call
+//! [`Services::open`]. This is also the one place that reads [`Config`] for the
+//! handlers: each gets its own settings, never the whole config.
+//!
+//! A [`Mode`] is data: offline means an upstream client that refuses everything and
+//! an index that never refreshes; the router and handlers have no second code path.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytesize::ByteSize;
+
+use crate::breaker::Breakers;
+use crate::ca_bundle::write_ca_bundle;
+use crate::config::{Config, Source};
+use crate::index::mirror::MirrorSettings;
+use crate::index::Index;
+use crate::mutable_cache::MutableCache;
+use crate::store::{Limits, Store};
+use crate::upstream::Upstream;
+
+/// What the services are opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `serve`: sources reachable, the index refreshed, storage bounds enforced.
+    Serve,
+    /// `serve --offline`: no upstream at all; the mirrors and the store as they are.
+    Offline,
+    /// A one-shot command (`warm`, `export`, `import`, `cache`), possibly beside a
+    /// running `serve` on the same data dir: downloads spool in a directory of this
+    /// process's own, and nothing is kept in memory (nothing is served twice).
+    Command,
+}
+
+/// Prefix of the per-process spool directories of [`Mode::Command`].
+const SPOOL_PREFIX: &str = ".spool-";
+
+/// Everything a request handler or a command needs, shared by all connections.
+pub struct Services {
+    pub config: Config,
+    pub mode: Mode,
+    pub sources: Vec<Source>,
+    /// Per-source circuit breakers, fed by every upstream exchange and git fetch.
+    pub breakers: Arc<Breakers>,
+    pub upstream: Upstream,
+    pub store: Arc<Store>,
+    pub index: Arc<Index>,
+    /// Mutable resources (`symbols.zip`), revalidated and served stale on failure.
+    pub mutable: Arc<MutableCache>,
+    /// Fetch an archive's dependencies in the background when it is requested.
+    pub prefetch: bool,
+    /// A command's spool files and git CA bundle; removed when it ends.
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl Services {
+    /// Open the data dir `config` names (creating it) and build every service.
+    pub fn open(config: &Config, mode: Mode) -> anyhow::Result<Services> {
+        let sources = config.sources()?;
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("could not create data dir {}", data_dir.display()))?;
+        let scratch = match mode {
+            Mode::Command => {
+                sweep_dead_spools(data_dir);
+                Some(
+                    tempfile::Builder::new()
+                        .prefix(&format!("{SPOOL_PREFIX}{}-", std::process::id()))
+                        .tempdir_in(data_dir)
+                        .with_context(|| {
+                            format!("could not create a spool dir in {}", data_dir.display())
+                        })?,
+                )
+            }
+            Mode::Serve | Mode::Offline => None,
+        };
+        // Where this process keeps what it writes for itself.
+        let own_dir = scratch.as_ref().map_or(data_dir.as_path(), |s| s.path());
+
+        let breakers = Arc::new(Breakers::new(&sources, &config.health));
+        let mut upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?
+            .with_health(breakers.clone());
+        if mode == Mode::Offline {
+            upstream = upstream.offline();
+        }
+
+        let limits = Limits {
+            archive_max: config.storage.archive_max.as_u64(),
+            bad_archive_ttl: config.index.bad_archive_ttl,
+            prefetch_jobs: config.index.prefetch_jobs,
+            not_found_ttl: config.freshness.not_found_ttl,
+        };
+        let store = match mode {
+            Mode::Command => {
+                let mut storage = config.storage.clone();
+                storage.memory = ByteSize(0);
+                Store::open_with_spool(
+                    data_dir,
+                    own_dir.join("spool"),
+                    &storage,
+                    limits,
+                    upstream.clone(),
+                )?
+            }
+            Mode::Serve | Mode::Offline => {
+                Store::open(data_dir, &config.storage, limits, upstream.clone())?
+            }
+        };
+
+        let ca_bundle = match &config.upstream_ca {
+            Some(ca) => {
+                let bundle = own_dir.join("upstream-ca-bundle.pem");
+                write_ca_bundle(ca, &bundle)?;
+                Some(bundle)
+            }
+            None => None,
+        };
+        let mirrors = MirrorSettings {
+            max_age: config.index.max_age,
+            retry_after: config.index.retry_after,
+            fetch_timeout: config.index.fetch_timeout,
+            ca_bundle,
+            health: breakers.clone(),
+            pack_cache: config.index.pack_cache,
+        };
+        let mut index = Index::new(data_dir.join("index"), &sources, mirrors);
+        if mode == Mode::Offline {
+            index = index.offline();
+        }
+
+        let mutable = MutableCache::open(
+            &data_dir.join("mutable"),
+            upstream.clone(),
+            config.freshness.clone(),
+        )?;
+        Ok(Services {
+            prefetch: config.prefetch && mode == Mode::Serve,
+            config: config.clone(),
+            mode,
+            sources,
+            breakers,
+            upstream,
+            store: Arc::new(store),
+            index: Arc::new(index),
+            mutable: Arc::new(mutable),
+            _scratch: scratch,
+        })
+    }
+
+    /// Start what runs in the background while serving: reading (and, online,
+    /// refreshing) the index mirrors, and keeping the store within its bound.
+    pub async fn start(&self) {
+        self.index.start().await;
+        match self.config.storage.max_size {
+            // Offline, nothing evicted could be fetched again.
+            Some(_) if self.mode == Mode::Offline => {
+                tracing::warn!("storage.max_size is not enforced while offline")
+            }
+            Some(max) => self
+                .store
+                .keep_within(max.as_u64(), self.config.storage.gc_interval),
+            None => {}
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+}
+
+/// Spool dirs of processes that are gone (killed mid-download) are removed.
+fn sweep_dead_spools(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(SPOOL_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        // Only where liveness can be checked cheaply; elsewhere leftovers stay.
+        if Path::new("/proc/self").exists() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

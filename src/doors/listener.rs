@@ -1,0 +1,118 @@
+//! The main listener (registry endpoint and forward proxy, HTTP/1.1 and h2) and,
+//! when configured, the transparent TLS listener beside it; the HTTP settings every
+//! door uses. Shuts down gracefully on SIGINT/SIGTERM, letting transfers in
+//! progress finish for a bounded time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use super::{transparent, Doors};
+use crate::app::Services;
+
+/// How long a client may take to send a request head; bounds slow-loris connections.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for open transfers.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve `app` through every configured door until a shutdown signal.
+pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
+    app.start().await;
+    let doors = Arc::new(Doors::open(app.clone())?);
+    let config = &app.config;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), offline = config.offline, "moonbit-registry listening");
+    for s in &app.sources {
+        tracing::info!(
+            source = %s.name, registry = %s.registry, index = %s.index,
+            archive = %s.archive, symbols = %s.symbols, "upstream source"
+        );
+    }
+    if let Some(ca) = &config.upstream_ca {
+        tracing::info!(ca = %ca.display(), "trusting an extra CA for upstream TLS");
+    }
+
+    if let Some(addr) = config.transparent_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("could not listen on {addr} (transparent)"))?;
+        tracing::info!(%addr, "transparent TLS gateway listening");
+        tokio::spawn(transparent::accept(listener, doors.clone()));
+    }
+
+    let http = http_builder();
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // e.g. EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let doors = doors.clone();
+                let service = service_fn(move |req| doors.clone().main(req));
+                let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down; waiting for open transfers");
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open transfers did not finish within {DRAIN_TIMEOUT:?}; closing them");
+    }
+    Ok(())
+}
+
+/// The HTTP/1.1 + h2 connection settings every door uses.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2().timer(TokioTimer::new());
+    http
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

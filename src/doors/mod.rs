@@ -1,0 +1,139 @@
+//! The doors: how requests arrive, and nothing else. The main [`listener`] takes
+//! registry-endpoint and forward-[`proxy`] traffic (`CONNECT`, absolute-form, proxy
+//! auth); [`tls`] terminates intercepted TLS; the [`transparent`] listener reads the
+//! SNI of redirected connections ([`sni`]); [`tunnel`]s carry what is not
+//! intercepted. Every door hands the router one origin-form request and the
+//! [`Door`] it came by; nothing below the doors knows about them.
+
+pub mod listener;
+pub mod proxy;
+pub mod sni;
+pub mod tls;
+pub mod transparent;
+pub mod tunnel;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, Method, Request, Response};
+use hyper::body::Incoming;
+
+use crate::app::Services;
+use crate::body::{self, GatewayBody};
+use crate::intercept::{load_ca, Interceptor};
+use crate::router::{self, Door};
+use tunnel::TunnelPolicy;
+
+/// The app behind the doors, and what only the doors need: interception, the
+/// tunnel policy and proxy credentials.
+pub struct Doors {
+    pub app: Arc<Services>,
+    /// Present when the proxy and transparent doors can intercept TLS.
+    pub interceptor: Option<Arc<Interceptor>>,
+    pub tunnel: TunnelPolicy,
+    /// `user:password` required from proxy clients, if set.
+    pub proxy_auth: Option<String>,
+}
+
+impl Doors {
+    /// The doors `app.config` asks for: the interception CA (created on first use)
+    /// when some source names a host to intercept, and the tunnel policy.
+    pub fn open(app: Arc<Services>) -> anyhow::Result<Doors> {
+        let config = &app.config;
+        let interceptor = if Interceptor::all_hosts(&app.sources).is_empty() {
+            tracing::info!(
+                "no source names a host to intercept; CONNECTs are tunnelled by policy only"
+            );
+            None
+        } else {
+            let ca = load_ca(config, &app.sources, true)?;
+            Some(Arc::new(Interceptor::new(ca, &app.sources)))
+        };
+        let loopback_only = config.listen.ip().is_loopback()
+            && config
+                .transparent_listen
+                .is_none_or(|a| a.ip().is_loopback());
+        let tunnel = TunnelPolicy::from_setting(&config.proxy.tunnel, loopback_only)
+            .map_err(|e| anyhow::anyhow!("proxy.tunnel: {e}"))?;
+        if matches!(tunnel, TunnelPolicy::Deny) {
+            tracing::info!(
+                "tunnelling of non-registry hosts is off (set proxy.tunnel to allow some)"
+            );
+        }
+        Ok(Doors {
+            proxy_auth: config.proxy.auth.clone(),
+            app,
+            interceptor,
+            tunnel,
+        })
+    }
+
+    /// The source answering for `host` if the doors intercept it.
+    pub fn intercepted_source(&self, host: &str) -> Option<usize> {
+        self.interceptor.as_ref()?.source_for(host)
+    }
+
+    /// Hand an origin-form request to the router.
+    async fn route(&self, req: Request<Incoming>, door: Door) -> Response<GatewayBody> {
+        router::route(&self.app, req.map(body::incoming), door).await
+    }
+
+    /// Every request on the main listener: registry endpoint or forward proxy.
+    pub async fn main(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
+        let started = Instant::now();
+        let (method, target) = (req.method().clone(), req.uri().to_string());
+        let resp = if req.method() == Method::CONNECT {
+            proxy::connect(self.clone(), req).await
+        } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
+            // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
+            proxy::absolute(&self, req).await
+        } else {
+            self.route(req, Door::Endpoint).await
+        };
+        log_request(&method, &target, None, &resp, started);
+        Ok(resp)
+    }
+
+    /// A request decrypted from an intercepted TLS connection for `source`.
+    pub async fn intercepted(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        source: usize,
+    ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
+        let started = Instant::now();
+        let (method, target) = (req.method().clone(), req.uri().to_string());
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("-")
+            .to_string();
+        let resp = self.route(req, Door::Intercepted { source }).await;
+        log_request(&method, &target, Some(&host), &resp, started);
+        Ok(resp)
+    }
+}
+
+/// One line per request, written off the request path (the log writer is
+/// non-blocking).
+fn log_request(
+    method: &Method,
+    target: &str,
+    host: Option<&str>,
+    resp: &Response<GatewayBody>,
+    started: Instant,
+) {
+    tracing::info!(
+        %method, %target, host = host.unwrap_or("-"), status = resp.status().as_u16(),
+        cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+}

@@ -1,0 +1,52 @@
+//! The transparent door: raw TLS redirected to the gateway by the network
+//! (iptables/nftables REDIRECT, a sidecar's init container). The ClientHello's
+//! server name, read without consuming it, decides between interception and a
+//! tunnel to that name on port 443.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::{sni, tls, tunnel, Doors};
+
+/// How long a redirected client may take to send its TLS ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Raw TLS redirected by the network: the ClientHello's server name decides
+/// between interception and a tunnel to that name on port 443.
+pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed (transparent)");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let doors = doors.clone();
+        tokio::spawn(async move {
+            let name = match sni::peek_server_name(&stream, HELLO_TIMEOUT).await {
+                Ok(Some(name)) => name.to_ascii_lowercase(),
+                Ok(None) => {
+                    return tracing::info!(%peer, "transparent connection without SNI closed")
+                }
+                Err(e) => return tracing::info!(%peer, error = %e, "transparent connection closed"),
+            };
+            if doors.intercepted_source(&name).is_some() {
+                return tls::terminate(doors, stream, Some(name)).await;
+            }
+            let addrs = match doors.tunnel.admit(&name, 443).await {
+                Ok(addrs) => addrs,
+                Err(reason) => {
+                    return tracing::info!(%peer, host = %name, %reason, "transparent tunnel refused")
+                }
+            };
+            match tunnel::connect(&addrs).await {
+                Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,
+                Err(e) => tracing::info!(host = %name, error = %e, "transparent tunnel failed"),
+            }
+        });
+    }
+}
