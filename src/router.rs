@@ -366,3 +366,88 @@ mod tests {
         ));
     }
 }
+
+/// The dispatch itself, driven with real services on a temporary data dir: offline
+/// (an upstream that refuses everything) and online with a source nobody listens on.
+#[cfg(test)]
+mod dispatch_tests {
+    use super::*;
+    use crate::app::Mode;
+    use crate::config::Config;
+    use http_body_util::BodyExt;
+
+    fn services(mode: Mode) -> (Services, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            // A loopback port nothing listens on: nothing can leave the machine.
+            upstream: Some("http://127.0.0.1:9".into()),
+            ..Config::default()
+        };
+        (Services::open(&config, mode).unwrap(), dir)
+    }
+
+    async fn answer(app: &Services, method: Method, target: &str) -> (StatusCode, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(target)
+            .body(body::empty())
+            .unwrap();
+        let resp = route(app, req, Door::Endpoint).await;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn offline_every_route_answers_without_an_upstream() {
+        let (app, _dir) = services(Mode::Offline);
+        let (status, text) = answer(&app, Method::GET, "/-/health").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains("\"sources\""), "{text}");
+        let (status, text) = answer(&app, Method::GET, "/user/a%2Fb%2F1.0.0.zip").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(text.contains("offline") && text.contains("index"), "{text}");
+        let (status, text) = answer(&app, Method::GET, "/assets/a/b@1.0.0/b.wasm").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(text.contains("not in its store"), "{text}");
+        let (status, _) = answer(&app, Method::GET, "/symbols.zip").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, text) = answer(
+            &app,
+            Method::GET,
+            "/git/index/info/refs?service=git-upload-pack",
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("no index mirror"), "{text}");
+        for (method, target) in [
+            (Method::POST, "/-/index/refresh"),
+            (Method::GET, "/api/v0/search"),
+            (Method::PUT, "/symbols.zip"),
+        ] {
+            let (status, text) = answer(&app, method, target).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{target}");
+            assert!(text.contains("offline"), "{target}: {text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_are_the_same_in_every_mode() {
+        for mode in [Mode::Serve, Mode::Offline] {
+            let (app, _dir) = services(mode);
+            let (status, _) = answer(&app, Method::POST, "/git/index/git-receive-pack").await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{mode:?}");
+            let (status, _) = answer(&app, Method::GET, "/user/..%2F..%2Fx%2F1.0.0.zip").await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn online_a_dead_source_is_a_clear_bad_gateway() {
+        let (app, _dir) = services(Mode::Serve);
+        let (status, text) = answer(&app, Method::GET, "/api/v0/search").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert!(text.contains("127.0.0.1:9"), "{text}");
+    }
+}

@@ -1,6 +1,5 @@
 //! The main listener (registry endpoint and forward proxy, HTTP/1.1 and h2) and,
-//! when configured, the transparent TLS listener beside it; the HTTP settings every
-//! door uses. Shuts down gracefully on SIGINT/SIGTERM, letting transfers in
+//! when configured, the transparent TLS listener beside it. Shuts down gracefully on SIGINT/SIGTERM, letting transfers in
 //! progress finish for a bounded time.
 
 use std::sync::Arc;
@@ -8,16 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::{transparent, Doors};
+use super::{http_builder, transparent, Doors};
 use crate::app::Services;
 
-/// How long a client may take to send a request head; bounds slow-loris connections.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for open transfers.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -87,16 +83,6 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
         tracing::warn!("open transfers did not finish within {DRAIN_TIMEOUT:?}; closing them");
     }
     Ok(())
-}
-
-/// The HTTP/1.1 + h2 connection settings every door uses.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    http.http2().timer(TokioTimer::new());
-    http
 }
 
 async fn shutdown_signal() {

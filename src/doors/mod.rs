@@ -13,16 +13,21 @@ pub mod transparent;
 pub mod tunnel;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
 
 use crate::app::Services;
 use crate::body::{self, GatewayBody};
 use crate::intercept::{load_ca, Interceptor};
 use crate::router::{self, Door};
 use tunnel::TunnelPolicy;
+
+/// How long a client may take to send a request head; bounds slow-loris connections.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The app behind the doors, and what only the doors need: interception, the
 /// tunnel policy and proxy credentials.
@@ -119,6 +124,16 @@ impl Doors {
         log_request(&method, &target, Some(&host), &resp, started);
         Ok(resp)
     }
+}
+
+/// The HTTP/1.1 + h2 connection settings every door uses.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2().timer(TokioTimer::new());
+    http
 }
 
 /// One line per request, written off the request path (the log writer is

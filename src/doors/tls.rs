@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::{listener, Doors};
+use super::{http_builder, Doors};
 
 /// Bound on the TLS handshake with the client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -60,7 +60,7 @@ where
     };
     tracing::debug!(%host, "intercepted TLS connection");
     let service = service_fn(move |req| doors.clone().intercepted(req, source));
-    let http = listener::http_builder();
+    let http = http_builder();
     if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(%host, error = %e, "intercepted connection ended with an error");
     }
