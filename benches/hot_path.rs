@@ -15,7 +15,7 @@ use moonbit_registry::config::Config;
 use moonbit_registry::router::{classify, Route};
 use moonbit_registry::store::disk::Disk;
 use moonbit_registry::store::memory::{Hot, Memory};
-use moonbit_registry::store::{Limits, Object, Store, Trust};
+use moonbit_registry::store::{Object, Store, Trust};
 use moonbit_registry::upstream::Upstream;
 use tokio::io::AsyncWriteExt;
 
@@ -68,10 +68,8 @@ async fn store_with_archive(dir: &std::path::Path, in_memory: bool) -> (Arc<Stor
         ByteSize::kib(1)
     };
     config.storage.archive_max = ByteSize::gib(1);
-    let storage = config.storage.clone();
-    let limits = Limits::from_config(&config);
     let upstream = Upstream::new(None, Config::default().timeouts).expect("upstream client");
-    let store = Arc::new(Store::open(dir, &storage, limits, upstream).expect("open store"));
+    let store = Arc::new(Store::open(dir, &config.storage, upstream).expect("open store"));
     let key = "archive/moonbitlang/core/0.1.0".to_string();
     let mut writer = store
         .disk()

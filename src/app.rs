@@ -1,8 +1,8 @@
 //! The app's services (sources, breakers, upstream client, archive store, index
 //! mirrors, mutable cache), built in one place for every command: `serve`,
 //! `serve --offline`, `warm`, `export`, `import` and `cache` all call
-//! [`Services::open`]. This is also the one place that reads [`Config`] for the
-//! handlers: each gets its own settings, never the whole config.
+//! [`Services::open`]. Each service is given its own section of the [`Config`],
+//! never the whole config.
 //!
 //! A [`Mode`] is data: offline means an upstream client that refuses everything and
 //! an index that never refreshes; the router and handlers have no second code path.
@@ -19,7 +19,7 @@ use crate::config::{Config, Source};
 use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
 use crate::mutable_cache::MutableCache;
-use crate::store::{Limits, Store};
+use crate::store::Store;
 use crate::upstream::Upstream;
 
 /// What the services are opened for.
@@ -80,33 +80,21 @@ impl Services {
         // Where this process keeps what it writes for itself.
         let own_dir = scratch.as_ref().map_or(data_dir.as_path(), |s| s.path());
 
-        let breakers = Arc::new(Breakers::new(&sources, &config.health));
+        let breakers = Arc::new(Breakers::new(&sources, &config.breaker));
         let mut upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?
             .with_health(breakers.clone());
         if mode == Mode::Offline {
             upstream = upstream.offline();
         }
 
-        let limits = Limits {
-            archive_max: config.storage.archive_max.as_u64(),
-            bad_archive_ttl: config.index.bad_archive_ttl,
-            prefetch_jobs: config.index.prefetch_jobs,
-            not_found_ttl: config.freshness.not_found_ttl,
-        };
         let store = match mode {
             Mode::Command => {
                 let mut storage = config.storage.clone();
                 storage.memory = ByteSize(0);
-                Store::open_with_spool(
-                    data_dir,
-                    own_dir.join("spool"),
-                    &storage,
-                    limits,
-                    upstream.clone(),
-                )?
+                Store::open_with_spool(data_dir, own_dir.join("spool"), &storage, upstream.clone())?
             }
             Mode::Serve | Mode::Offline => {
-                Store::open(data_dir, &config.storage, limits, upstream.clone())?
+                Store::open(data_dir, &config.storage, upstream.clone())?
             }
         };
 
@@ -134,7 +122,7 @@ impl Services {
         let mutable = MutableCache::open(
             &data_dir.join("mutable"),
             upstream.clone(),
-            config.freshness.clone(),
+            config.mutable.clone(),
         )?;
         Ok(Services {
             prefetch: config.prefetch && mode == Mode::Serve,

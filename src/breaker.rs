@@ -1,4 +1,4 @@
-//! Per-source circuit breaker: after `health.failures` consecutive failures
+//! Per-source circuit breaker: after `breaker.failures` consecutive failures
 //! (connection error, timeout, 5xx) a source is marked down for a back-off that
 //! doubles on every failed probe (capped). While it is down, upstream calls for it
 //! are refused at once, so requests the store can answer never wait on upstream
@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{HealthSettings, Source};
+use crate::config::{BreakerSettings, Source};
 
 /// Every source's breaker, and which URLs belong to which source.
 #[derive(Debug, Default)]
@@ -24,7 +24,7 @@ pub struct Breakers {
 #[derive(Debug)]
 pub struct Breaker {
     pub source: String,
-    settings: HealthSettings,
+    settings: BreakerSettings,
     state: Mutex<State>,
 }
 
@@ -70,7 +70,7 @@ pub struct Ticket {
 }
 
 impl Breakers {
-    pub fn new(sources: &[Source], settings: &HealthSettings) -> Breakers {
+    pub fn new(sources: &[Source], settings: &BreakerSettings) -> Breakers {
         let mut breakers = Vec::new();
         let mut prefixes = Vec::new();
         for (i, s) in sources.iter().enumerate() {
@@ -289,7 +289,7 @@ mod tests {
             upstream: Some("https://registry.test".into()),
             ..Config::default()
         };
-        let settings = HealthSettings {
+        let settings = BreakerSettings {
             failures,
             backoff: Duration::from_millis(backoff_ms),
             backoff_max: Duration::from_millis(backoff_ms * 4),

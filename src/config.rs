@@ -20,9 +20,12 @@ const MOONCAKES_DOWNLOAD: &str = "https://download.mooncakes.io";
 /// Name of the config file looked up in the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "moonbit-registry.toml";
 
-/// Everything `serve` needs, after all layers are merged.
+/// Everything the gateway's commands need, after all layers are merged. Each
+/// table is the section of the module that owns it: `[timeouts]` the upstream
+/// client, `[storage]` the archive store, `[index]` the index mirrors, `[mutable]`
+/// the mutable cache, `[breaker]` the circuit breakers, `[proxy]` the doors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address of the listener for registry and proxy traffic.
     pub listen: SocketAddr,
@@ -38,23 +41,27 @@ pub struct Config {
     /// Ordered sources: archives are looked up in this order (internal first, then public).
     pub sources: Vec<SourceConfig>,
     pub timeouts: Timeouts,
-    pub storage: Storage,
+    pub storage: StoreSettings,
     pub index: IndexSettings,
     pub proxy: ProxySettings,
     /// Also accept raw TLS redirected by the network (transparent gateway); the SNI decides.
     pub transparent_listen: Option<SocketAddr>,
     /// Fetch an archive's dependencies (from the index) in the background when it is requested.
     pub prefetch: bool,
-    pub freshness: FreshnessSettings,
-    pub health: HealthSettings,
+    /// `[mutable]`; `[freshness]` is its former name.
+    #[serde(alias = "freshness")]
+    pub mutable: MutableCacheSettings,
+    /// `[breaker]`; `[health]` is its former name.
+    #[serde(alias = "health")]
+    pub breaker: BreakerSettings,
     /// Never contact an upstream: index from the mirror, archives from the store.
     pub offline: bool,
 }
 
-/// Mutable resources (`symbols.zip`): RFC 9111 on top of RFC 5861, and 404 memory.
+/// `[mutable]`, for the mutable cache (`symbols.zip`): RFC 9111 on top of RFC 5861.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FreshnessSettings {
+#[serde(deny_unknown_fields, default)]
+pub struct MutableCacheSettings {
     /// While the upstream fails, a stored copy last confirmed within this long is
     /// served, whatever its own headers said: availability beats freshness here.
     #[serde(with = "humantime_serde")]
@@ -63,18 +70,17 @@ pub struct FreshnessSettings {
     /// revalidation runs (the upstream's own `stale-while-revalidate` also counts).
     #[serde(with = "humantime_serde")]
     pub stale_while_revalidate: Duration,
-    /// How long an upstream 404 for an archive is remembered (forgotten at once when
-    /// the index starts listing that version).
-    #[serde(with = "humantime_serde")]
-    pub not_found_ttl: Duration,
     /// Largest mutable response stored; larger ones are passed through.
     pub mutable_max: ByteSize,
+    /// Former place of `storage.not_found_ttl` (still read, with a warning).
+    #[serde(with = "humantime_serde", skip_serializing)]
+    pub not_found_ttl: Option<Duration>,
 }
 
-/// The per-source circuit breaker.
+/// `[breaker]`, for the per-source circuit breakers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthSettings {
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
     /// Consecutive failures (connection error, timeout, 5xx) that mark a source down.
     pub failures: u32,
     /// First back-off while down; doubled on each failed probe, up to `backoff_max`.
@@ -84,9 +90,9 @@ pub struct HealthSettings {
     pub backoff_max: Duration,
 }
 
-/// The forward proxy (`HTTPS_PROXY`) and transparent doors.
+/// `[proxy]`, for the doors: the forward proxy (`HTTPS_PROXY`) and transparent doors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ProxySettings {
     /// What to do with `CONNECT` (and absolute-form requests) for hosts no source
     /// answers for: `"auto"` (allow only when listening on loopback), `"allow"`,
@@ -116,9 +122,9 @@ pub enum TunnelMode {
     Deny,
 }
 
-/// The index mirror and what is read from it.
+/// `[index]`, for the index mirrors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct IndexSettings {
     /// A mirror older than this is refreshed before a client's clone or pull is answered.
     #[serde(with = "humantime_serde")]
@@ -129,14 +135,14 @@ pub struct IndexSettings {
     /// Bound on one git clone or fetch of the upstream index.
     #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
-    /// How long an archive whose upstream copy failed verification is refused
-    /// without a new download (an index refresh also clears it).
-    #[serde(with = "humantime_serde")]
-    pub bad_archive_ttl: Duration,
-    /// Dependencies prefetched at once.
-    pub prefetch_jobs: usize,
     /// Keep the packs computed for clients, so identical clones share one computation.
     pub pack_cache: bool,
+    /// Former place of `storage.bad_archive_ttl` (still read, with a warning).
+    #[serde(with = "humantime_serde", skip_serializing)]
+    pub bad_archive_ttl: Option<Duration>,
+    /// Former place of `storage.prefetch_jobs` (still read, with a warning).
+    #[serde(skip_serializing)]
+    pub prefetch_jobs: Option<usize>,
 }
 
 /// One `[[sources]]` table: a registry and, optionally, where its parts live if not
@@ -155,9 +161,9 @@ pub struct SourceConfig {
     pub intercept_hosts: Option<Vec<String>>,
 }
 
-/// Bounds on how long the gateway waits for an upstream.
+/// `[timeouts]`, for the upstream client: how long the gateway waits for a source.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// TCP + TLS connect.
     #[serde(with = "humantime_serde")]
@@ -170,10 +176,10 @@ pub struct Timeouts {
     pub idle_read: Duration,
 }
 
-/// Limits of the archive store.
+/// `[storage]`, for the archive store: its tiers, its bounds, and what it remembers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Storage {
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
     /// Bytes of hot archives kept in memory.
     pub memory: ByteSize,
     /// Archives larger than this are served from disk only.
@@ -185,6 +191,16 @@ pub struct Storage {
     /// How often the store size is checked against `max_size`.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// How long an archive whose upstream copy failed verification is refused
+    /// without a new download (an index refresh also clears it).
+    #[serde(with = "humantime_serde")]
+    pub bad_archive_ttl: Duration,
+    /// How long an upstream 404 for an archive is remembered (forgotten at once when
+    /// the index starts listing that version).
+    #[serde(with = "humantime_serde")]
+    pub not_found_ttl: Duration,
+    /// Dependencies prefetched at once.
+    pub prefetch_jobs: usize,
 }
 
 impl Default for Config {
@@ -196,46 +212,85 @@ impl Default for Config {
             upstream_ca: None,
             intercept_hosts: None,
             sources: Vec::new(),
-            timeouts: Timeouts {
-                connect: Duration::from_secs(10),
-                response: Duration::from_secs(25),
-                idle_read: Duration::from_secs(25),
-            },
-            storage: Storage {
-                memory: ByteSize::mib(256),
-                memory_item_max: ByteSize::mib(4),
-                archive_max: ByteSize::gib(4),
-                max_size: None,
-                gc_interval: Duration::from_secs(60),
-            },
-            index: IndexSettings {
-                max_age: Duration::from_secs(30),
-                retry_after: Duration::from_secs(10),
-                fetch_timeout: Duration::from_secs(300),
-                bad_archive_ttl: Duration::from_secs(300),
-                prefetch_jobs: 4,
-                pack_cache: true,
-            },
-            proxy: ProxySettings {
-                tunnel: TunnelSetting::Mode(TunnelMode::Auto),
-                auth: None,
-                ca_cert: None,
-                ca_key: None,
-            },
+            timeouts: Timeouts::default(),
+            storage: StoreSettings::default(),
+            index: IndexSettings::default(),
+            proxy: ProxySettings::default(),
             transparent_listen: None,
             prefetch: true,
-            freshness: FreshnessSettings {
-                stale_if_error: Duration::from_secs(7 * 24 * 3600),
-                stale_while_revalidate: Duration::ZERO,
-                not_found_ttl: Duration::from_secs(10),
-                mutable_max: ByteSize::mib(256),
-            },
-            health: HealthSettings {
-                failures: 3,
-                backoff: Duration::from_secs(5),
-                backoff_max: Duration::from_secs(300),
-            },
+            mutable: MutableCacheSettings::default(),
+            breaker: BreakerSettings::default(),
             offline: false,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            response: Duration::from_secs(25),
+            idle_read: Duration::from_secs(25),
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            memory: ByteSize::mib(256),
+            memory_item_max: ByteSize::mib(4),
+            archive_max: ByteSize::gib(4),
+            max_size: None,
+            gc_interval: Duration::from_secs(60),
+            bad_archive_ttl: Duration::from_secs(300),
+            not_found_ttl: Duration::from_secs(10),
+            prefetch_jobs: 4,
+        }
+    }
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        IndexSettings {
+            max_age: Duration::from_secs(30),
+            retry_after: Duration::from_secs(10),
+            fetch_timeout: Duration::from_secs(300),
+            pack_cache: true,
+            bad_archive_ttl: None,
+            prefetch_jobs: None,
+        }
+    }
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            tunnel: TunnelSetting::Mode(TunnelMode::Auto),
+            auth: None,
+            ca_cert: None,
+            ca_key: None,
+        }
+    }
+}
+
+impl Default for MutableCacheSettings {
+    fn default() -> Self {
+        MutableCacheSettings {
+            stale_if_error: Duration::from_secs(7 * 24 * 3600),
+            stale_while_revalidate: Duration::ZERO,
+            mutable_max: ByteSize::mib(256),
+            not_found_ttl: None,
+        }
+    }
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            failures: 3,
+            backoff: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(300),
         }
     }
 }
@@ -266,7 +321,9 @@ pub struct Overrides {
 impl Config {
     /// Merge every layer. An explicit `--config` file must exist; the default file is optional.
     pub fn load(config_file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Config> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        // Defaults come from serde (`#[serde(default)]`), not a serialized layer, so
+        // a section's former name (`[health]`, `[freshness]`) can stand for it.
+        let mut figment = Figment::new();
         match config_file {
             Some(path) => {
                 if !path.is_file() {
@@ -279,16 +336,41 @@ impl Config {
             }
             None => {}
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .merge(Env::prefixed("MOONBIT_REGISTRY_").split("__"))
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(|e| anyhow::anyhow!(one_line(&e)))?;
+        for moved in config.move_former_keys() {
+            tracing::warn!("configuration: {moved}");
+        }
         config.sources()?; // validate now, so `serve` fails before it listens
-        if config.health.failures == 0 {
-            bail!("health.failures must be at least 1");
+        if config.breaker.failures == 0 {
+            bail!("breaker.failures must be at least 1");
         }
         Ok(config)
+    }
+
+    /// Settings given where earlier versions read them are moved to the section of
+    /// their owner; returns a note for each.
+    fn move_former_keys(&mut self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut note = |old: &str, new: &str| {
+            notes.push(format!("`{old}` is read as `{new}`; please move it there"))
+        };
+        if let Some(ttl) = self.index.bad_archive_ttl.take() {
+            self.storage.bad_archive_ttl = ttl;
+            note("index.bad_archive_ttl", "storage.bad_archive_ttl");
+        }
+        if let Some(jobs) = self.index.prefetch_jobs.take() {
+            self.storage.prefetch_jobs = jobs;
+            note("index.prefetch_jobs", "storage.prefetch_jobs");
+        }
+        if let Some(ttl) = self.mutable.not_found_ttl.take() {
+            self.storage.not_found_ttl = ttl;
+            note("freshness.not_found_ttl", "storage.not_found_ttl");
+        }
+        notes
     }
 
     /// The ordered sources with every URL resolved.
@@ -497,7 +579,7 @@ mod tests {
             .nth(1)
             .and_then(|b| b.split("```").next())
             .expect("a toml block");
-        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+        let config: Config = Figment::new()
             .merge(Toml::string(block))
             .extract()
             .unwrap_or_else(|e| panic!("README example: {e}"));
@@ -534,5 +616,35 @@ mod tests {
             ..Config::default()
         };
         assert!(c.sources().is_err());
+    }
+
+    #[test]
+    fn former_section_names_and_keys_are_still_read() {
+        let toml = "[health]\nfailures = 7\n[freshness]\nstale_if_error = \"1h\"\nnot_found_ttl = \"1h\"\n[index]\nbad_archive_ttl = \"2m\"\nprefetch_jobs = 9\n";
+        let mut config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
+        let notes = config.move_former_keys();
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert_eq!(config.breaker.failures, 7);
+        assert_eq!(config.mutable.stale_if_error, Duration::from_secs(3600));
+        assert_eq!(config.storage.not_found_ttl, Duration::from_secs(3600));
+        assert_eq!(config.storage.bad_archive_ttl, Duration::from_secs(120));
+        assert_eq!(config.storage.prefetch_jobs, 9);
+        // Everything else keeps its default.
+        assert_eq!(config.breaker.backoff, BreakerSettings::default().backoff);
+        assert_eq!(config.storage.memory, StoreSettings::default().memory);
+    }
+
+    #[test]
+    fn each_owner_reads_its_own_section() {
+        let toml = "[breaker]\nfailures = 2\n[mutable]\nmutable_max = \"1 KiB\"\n[storage]\nnot_found_ttl = \"5s\"\n";
+        let mut config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
+        assert!(config.move_former_keys().is_empty());
+        assert_eq!(config.breaker.failures, 2);
+        assert_eq!(config.mutable.mutable_max, ByteSize::kib(1));
+        assert_eq!(config.storage.not_found_ttl, Duration::from_secs(5));
+        let unknown = Figment::new()
+            .merge(Toml::string("[storage]\nnot_a_key = 1\n"))
+            .extract::<Config>();
+        assert!(unknown.is_err());
     }
 }

@@ -7,9 +7,9 @@
 //!   policy without a download, a 200 replaces the copy.
 //! - stale-if-error: when the upstream fails (transport error, timeout, 5xx, broken
 //!   body) or its source is down, a copy last confirmed within
-//!   `freshness.stale_if_error` is served with a `Warning`, whatever its headers said.
+//!   `mutable.stale_if_error` is served with a `Warning`, whatever its headers said.
 //! - stale-while-revalidate: a copy stale by less than the larger of the upstream's
-//!   directive and `freshness.stale_while_revalidate` is served at once while one
+//!   directive and `mutable.stale_while_revalidate` is served at once while one
 //!   background revalidation runs.
 //! - A client's own `If-None-Match` matching the stored ETag gets a 304.
 //!
@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::body::{self, GatewayBody};
-use crate::config::FreshnessSettings;
+use crate::config::MutableCacheSettings;
 use crate::passthrough::strip_hop_by_hop;
 use crate::store::disk::{Disk, Entry};
 use crate::store::usage::InUse;
@@ -94,7 +94,7 @@ pub struct MutableCache {
     records: PathBuf,
     content: Disk,
     upstream: Upstream,
-    settings: FreshnessSettings,
+    settings: MutableCacheSettings,
     /// One upstream exchange per URL at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     in_use: InUse,
@@ -105,7 +105,7 @@ impl MutableCache {
     pub fn open(
         dir: &Path,
         upstream: Upstream,
-        settings: FreshnessSettings,
+        settings: MutableCacheSettings,
     ) -> anyhow::Result<MutableCache> {
         let records = dir.join("records");
         let content = dir.join("content");

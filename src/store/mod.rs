@@ -18,7 +18,7 @@ use anyhow::Context;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::body::{self, GatewayBody};
-use crate::config::Storage;
+use crate::config::StoreSettings;
 use crate::upstream::Upstream;
 use disk::{Disk, Entry};
 use flight::{FlightState, Flights};
@@ -69,12 +69,13 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(config: &crate::config::Config) -> Limits {
+    /// The store's own section of the configuration, `[storage]`.
+    pub fn new(settings: &StoreSettings) -> Limits {
         Limits {
-            archive_max: config.storage.archive_max.as_u64(),
-            bad_archive_ttl: config.index.bad_archive_ttl,
-            prefetch_jobs: config.index.prefetch_jobs,
-            not_found_ttl: config.freshness.not_found_ttl,
+            archive_max: settings.archive_max.as_u64(),
+            bad_archive_ttl: settings.bad_archive_ttl,
+            prefetch_jobs: settings.prefetch_jobs,
+            not_found_ttl: settings.not_found_ttl,
         }
     }
 }
@@ -98,8 +99,7 @@ impl Store {
     /// Open (creating if needed) the store under `data_dir`.
     pub fn open(
         data_dir: &Path,
-        storage: &Storage,
-        limits: Limits,
+        storage: &StoreSettings,
         upstream: Upstream,
     ) -> anyhow::Result<Store> {
         let spool_dir = data_dir.join("spool");
@@ -108,7 +108,7 @@ impl Store {
             std::fs::remove_dir_all(&spool_dir)
                 .with_context(|| format!("could not clear {}", spool_dir.display()))?;
         }
-        Store::open_with_spool(data_dir, spool_dir, storage, limits, upstream)
+        Store::open_with_spool(data_dir, spool_dir, storage, upstream)
     }
 
     /// Open the store with downloads spooled in `spool_dir`, which is left as it is:
@@ -116,10 +116,10 @@ impl Store {
     pub fn open_with_spool(
         data_dir: &Path,
         spool_dir: PathBuf,
-        storage: &Storage,
-        limits: Limits,
+        storage: &StoreSettings,
         upstream: Upstream,
     ) -> anyhow::Result<Store> {
+        let limits = Limits::new(storage);
         let store_dir = data_dir.join("store");
         std::fs::create_dir_all(&store_dir)
             .with_context(|| format!("could not create store at {}", store_dir.display()))?;
