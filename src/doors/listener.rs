@@ -20,12 +20,22 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serve `app` through every configured door until a shutdown signal.
 pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
     app.start().await;
-    let doors = Arc::new(Doors::open(app.clone())?);
     let config = &app.config;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("could not listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let transparent = match config.transparent_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("could not listen on {addr} (transparent)"))?,
+        ),
+        None => None,
+    };
+    let mut listening = vec![addr];
+    listening.extend(transparent.as_ref().and_then(|l| l.local_addr().ok()));
+    let doors = Arc::new(Doors::open(app.clone(), listening)?);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), offline = config.offline, "moonbit-registry listening");
     for s in &app.sources {
         tracing::info!(
@@ -37,11 +47,10 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
         tracing::info!(ca = %ca.display(), "trusting an extra CA for upstream TLS");
     }
 
-    if let Some(addr) = config.transparent_listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("could not listen on {addr} (transparent)"))?;
-        tracing::info!(%addr, "transparent TLS gateway listening");
+    if let Some(listener) = transparent {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "transparent TLS gateway listening");
+        }
         tokio::spawn(transparent::accept(listener, doors.clone()));
     }
 

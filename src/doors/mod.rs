@@ -12,6 +12,7 @@ pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
 
 use crate::app::Services;
 use crate::body::{self, GatewayBody};
@@ -38,12 +40,24 @@ pub struct Doors {
     pub tunnel: TunnelPolicy,
     /// `user:password` required from proxy clients, if set.
     pub proxy_auth: Option<String>,
+    /// The addresses the gateway's own listeners are bound to: a tunnel there
+    /// would come back to the gateway, again and again.
+    pub listening: Vec<SocketAddr>,
+}
+
+/// Why a tunnel was not opened.
+#[derive(Debug)]
+pub enum TunnelRefused {
+    /// The policy (or the self-loop guard) forbids it: 403.
+    Forbidden(String),
+    /// Allowed, but the destination did not answer: 502.
+    Unreachable(String),
 }
 
 impl Doors {
     /// The doors `app.config` asks for: the interception CA (created on first use)
     /// when some source names a host to intercept, and the tunnel policy.
-    pub fn open(app: Arc<Services>) -> anyhow::Result<Doors> {
+    pub fn open(app: Arc<Services>, listening: Vec<SocketAddr>) -> anyhow::Result<Doors> {
         let config = &app.config;
         let interceptor = if Interceptor::all_hosts(&app.sources).is_empty() {
             tracing::info!(
@@ -66,6 +80,7 @@ impl Doors {
             );
         }
         Ok(Doors {
+            listening,
             proxy_auth: config.proxy.auth.clone(),
             app,
             interceptor,
@@ -76,6 +91,53 @@ impl Doors {
     /// The source answering for `host` if the doors intercept it.
     pub fn intercepted_source(&self, host: &str) -> Option<usize> {
         self.interceptor.as_ref()?.source_for(host)
+    }
+
+    /// A connection to `host:port` for a tunnel or a forwarded request, if the policy
+    /// admits it and it does not lead back to the gateway itself. From the
+    /// transparent door (`transparent`), loopback is never a destination.
+    pub async fn open_tunnel(
+        &self,
+        host: &str,
+        port: u16,
+        transparent: bool,
+    ) -> Result<TcpStream, TunnelRefused> {
+        let addrs = self
+            .tunnel
+            .admit(host, port)
+            .await
+            .map_err(TunnelRefused::Forbidden)?;
+        if let Some(addr) = addrs
+            .iter()
+            .find(|a| (transparent && a.ip().is_loopback()) || self.is_own(**a))
+        {
+            return Err(TunnelRefused::Forbidden(format!(
+                "{host}:{port} ({addr}) is this gateway or its loopback: not tunnelled"
+            )));
+        }
+        let stream = tunnel::connect(&addrs)
+            .await
+            .map_err(TunnelRefused::Unreachable)?;
+        // A name for another of this machine's addresses, on a port a listener bound
+        // to every address holds: only the connection itself tells.
+        if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
+            if local.ip() == peer.ip() && self.is_own(peer) {
+                return Err(TunnelRefused::Forbidden(format!(
+                    "{host}:{port} ({peer}) is this gateway: not tunnelled"
+                )));
+            }
+        }
+        Ok(stream)
+    }
+
+    /// Whether `addr` is one of the gateway's own listening addresses.
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        self.listening.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip()
+                    || (own.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        })
     }
 
     /// Hand an origin-form request to the router.

@@ -3,7 +3,6 @@
 //! like registry traffic; other `CONNECT`s and plain-HTTP absolute-form requests
 //! are tunnelled or forwarded untouched, or refused, by the tunnel policy.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -11,7 +10,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::{tls, tunnel, Doors};
+use super::{tls, tunnel, Doors, TunnelRefused};
 use crate::body::{self, GatewayBody};
 use crate::passthrough;
 use crate::router::Door;
@@ -55,16 +54,46 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The `host:port` of a `CONNECT` target (RFC 9110 §9.3.6 authority-form), strictly:
+/// a port is required and must be 1-65535, no user info, an IPv6 host in brackets.
+/// The host comes back lower-case without a trailing dot.
+pub fn parse_connect_target(target: &str) -> Result<(String, u16), &'static str> {
+    if target.contains(['@', '/', '?', '#']) || target.chars().any(|c| c.is_ascii_whitespace()) {
+        return Err("CONNECT needs host:port, nothing else");
+    }
+    let (host, port) = target.rsplit_once(':').ok_or("CONNECT needs host:port")?;
+    // Digits only: `u16::from_str` would also take a leading `+`.
+    let port = match port.parse::<u16>() {
+        Ok(number) if number != 0 && port.bytes().all(|b| b.is_ascii_digit()) => number,
+        _ => return Err("CONNECT port must be a number from 1 to 65535"),
+    };
+    let host = match host.strip_prefix('[') {
+        Some(v6) => {
+            let inner = v6.strip_suffix(']').ok_or("bad IPv6 host in CONNECT")?;
+            inner
+                .parse::<std::net::Ipv6Addr>()
+                .map_err(|_| "bad IPv6 host in CONNECT")?;
+            inner.to_string()
+        }
+        None if host.contains(':') => return Err("an IPv6 host must be in brackets"),
+        None => host.trim_end_matches('.').to_ascii_lowercase(),
+    };
+    if host.is_empty() {
+        return Err("CONNECT needs a host");
+    }
+    Ok((host, port))
+}
+
 /// `CONNECT host:port`.
 pub async fn connect(doors: Arc<Doors>, mut req: Request<Incoming>) -> Response<GatewayBody> {
     if let Some(resp) = refuse_unauthorized(&doors, &req) {
         return resp;
     }
-    let Some(authority) = req.uri().authority().cloned() else {
-        return body::text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    let target = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let (host, port) = match parse_connect_target(target) {
+        Ok(parsed) => parsed,
+        Err(reason) => return body::text(StatusCode::BAD_REQUEST, reason),
     };
-    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
-    let port = authority.port_u16().unwrap_or(HTTPS_PORT);
     let intercepted = port == HTTPS_PORT && doors.intercepted_source(&host).is_some();
     let upgrade = hyper::upgrade::on(&mut req);
     if intercepted {
@@ -76,22 +105,10 @@ pub async fn connect(doors: Arc<Doors>, mut req: Request<Incoming>) -> Response<
         });
         return Response::new(body::empty());
     }
-    let addrs = match doors.tunnel.admit(&host, port).await {
-        Ok(addrs) => addrs,
-        Err(reason) => {
-            tracing::info!(%host, port, %reason, "tunnel refused");
-            return body::text(StatusCode::FORBIDDEN, reason);
-        }
-    };
     // Connect before answering 200, so a dead destination is a clear 502.
-    let server = match tunnel::connect(&addrs).await {
+    let server = match doors.open_tunnel(&host, port, false).await {
         Ok(server) => server,
-        Err(e) => {
-            return body::text(
-                StatusCode::BAD_GATEWAY,
-                format!("cannot reach {host}:{port}: {e}"),
-            )
-        }
+        Err(refused) => return refusal(&host, port, refused),
     };
     let label = format!("{host}:{port}");
     tracing::info!(target_host = %label, "tunnelling");
@@ -129,28 +146,45 @@ pub async fn absolute(doors: &Doors, req: Request<Incoming>) -> Response<Gateway
     if let Some(source) = doors.intercepted_source(&host) {
         return doors.route(req, Door::Intercepted { source }).await;
     }
-    let port = uri.port_u16().unwrap_or(80);
-    let addrs = match doors.tunnel.admit(&host, port).await {
-        Ok(addrs) => addrs,
-        Err(reason) => {
-            tracing::info!(%host, port, %reason, "proxy request refused");
-            return body::text(StatusCode::FORBIDDEN, reason);
+    let port = match (uri.port(), uri.port_u16()) {
+        (None, _) => 80,
+        (Some(_), Some(port)) if port != 0 => port,
+        _ => {
+            return body::text(
+                StatusCode::BAD_REQUEST,
+                "the port must be a number from 1 to 65535",
+            )
         }
     };
-    forward_to(doors, req, &addrs).await
+    // Connected to the addresses the policy admitted: resolving the name again
+    // could give another (e.g. a metadata) address.
+    let stream = match doors.open_tunnel(&host, port, false).await {
+        Ok(stream) => stream,
+        Err(refused) => return refusal(&host, port, refused),
+    };
+    forward_to(doors, req, stream).await
 }
 
-/// Forward a plain-HTTP request over a connection to the addresses the policy
-/// admitted: resolving the name again could give another (e.g. a metadata) address.
+/// The answer to a tunnel or forward that was not opened.
+fn refusal(host: &str, port: u16, refused: TunnelRefused) -> Response<GatewayBody> {
+    match refused {
+        TunnelRefused::Forbidden(reason) => {
+            tracing::info!(%host, port, %reason, "tunnel refused");
+            body::text(StatusCode::FORBIDDEN, reason)
+        }
+        TunnelRefused::Unreachable(e) => body::text(
+            StatusCode::BAD_GATEWAY,
+            format!("cannot reach {host}:{port}: {e}"),
+        ),
+    }
+}
+
+/// Forward a plain-HTTP request over `stream`.
 async fn forward_to(
     doors: &Doors,
     req: Request<Incoming>,
-    addrs: &[SocketAddr],
+    stream: tokio::net::TcpStream,
 ) -> Response<GatewayBody> {
-    let stream = match tunnel::connect(addrs).await {
-        Ok(stream) => stream,
-        Err(e) => return body::text(StatusCode::BAD_GATEWAY, format!("cannot connect: {e}")),
-    };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     {
         Ok(pair) => pair,
@@ -167,11 +201,12 @@ async fn forward_to(
         }
     });
     let (mut parts, incoming) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    // Host is host[:port]: user info in the target is never forwarded.
+    let authority = match (parts.uri.host(), parts.uri.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_string(),
+        _ => String::new(),
+    };
     passthrough::strip_hop_by_hop(&mut parts.headers);
     if let Ok(host) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, host);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use super::{sni, tls, tunnel, Doors};
+use super::{sni, tls, tunnel, Doors, TunnelRefused};
 
 /// How long a redirected client may take to send its TLS ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,15 +37,14 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
             if doors.intercepted_source(&name).is_some() {
                 return tls::terminate(doors, stream, Some(name)).await;
             }
-            let addrs = match doors.tunnel.admit(&name, 443).await {
-                Ok(addrs) => addrs,
-                Err(reason) => {
-                    return tracing::info!(%peer, host = %name, %reason, "transparent tunnel refused")
-                }
-            };
-            match tunnel::connect(&addrs).await {
+            match doors.open_tunnel(&name, 443, true).await {
                 Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,
-                Err(e) => tracing::info!(host = %name, error = %e, "transparent tunnel failed"),
+                Err(TunnelRefused::Forbidden(reason)) => {
+                    tracing::info!(%peer, host = %name, %reason, "transparent tunnel refused")
+                }
+                Err(TunnelRefused::Unreachable(e)) => {
+                    tracing::info!(host = %name, error = %e, "transparent tunnel failed")
+                }
             }
         });
     }
