@@ -13,6 +13,7 @@ pub mod bundle;
 pub mod ca_bundle;
 pub mod cache_admin;
 pub mod config;
+pub mod git;
 pub mod index;
 pub mod intercept;
 pub mod mutable_cache;
