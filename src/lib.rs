@@ -16,6 +16,7 @@ pub mod ca_bundle;
 pub mod cache_admin;
 pub mod config;
 pub mod doors;
+pub mod git;
 pub mod index;
 pub mod intercept;
 pub mod mutable_cache;

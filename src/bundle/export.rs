@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
@@ -14,6 +13,7 @@ use super::{archive_member, signing, ArchiveEntry, Manifest, Member, FORMAT};
 use super::{INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
 use crate::app::{Mode, Services};
 use crate::config::Config;
+use crate::git::{self, Git};
 use crate::index::selection::Selection;
 use crate::index::Expectation;
 use crate::store::ahead::Ahead;
@@ -164,48 +164,32 @@ pub async fn run(
 
 /// `git bundle create` of the mirror's HEAD and branch; returns the commit it holds.
 async fn git_bundle(mirror: &Path, file: &Path) -> anyhow::Result<String> {
-    let git = |args: &[&str]| {
-        let mut cmd = tokio::process::Command::new("git");
-        cmd.arg("--git-dir")
-            .arg(mirror)
-            .args(args)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
-    };
-    let branch = git(&["symbolic-ref", "--quiet", "HEAD"])
-        .output()
+    // Fails, saying nothing, when HEAD is detached.
+    let branch = match Git::in_repo(mirror, ["symbolic-ref", "--quiet", "HEAD"])
+        .text()
         .await
-        .context("cannot run git")?;
-    let branch = String::from_utf8_lossy(&branch.stdout).trim().to_string();
+    {
+        Ok(branch) => branch.trim().to_string(),
+        Err(git::Error::Failed { .. }) => String::new(),
+        Err(e) => return Err(e.into()),
+    };
     if branch.is_empty() {
         bail!(
             "the index mirror {} has no branch at HEAD; refresh it first",
             mirror.display()
         );
     }
-    let out = git(&["bundle", "create", "--quiet"])
+    Git::in_repo(mirror, ["bundle", "create", "--quiet"])
         .arg(file)
         .args(["HEAD", &branch])
         .output()
-        .await
-        .context("cannot run git")?;
-    if !out.status.success() {
-        bail!(
-            "git bundle create failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let heads = tokio::process::Command::new("git")
-        .args(["bundle", "list-heads"])
+        .await?;
+    let heads = Git::new(["bundle", "list-heads"])
         .arg(file)
         .arg("HEAD")
-        .output()
-        .await
-        .context("cannot run git")?;
-    let text = String::from_utf8_lossy(&heads.stdout);
-    let commit = text
+        .text()
+        .await?;
+    let commit = heads
         .split_whitespace()
         .next()
         .unwrap_or_default()

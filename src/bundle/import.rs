@@ -8,7 +8,6 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::{bail, Context};
 use bytesize::ByteSize;
@@ -19,6 +18,7 @@ use super::{is_sha256, signing, Manifest, Member, FORMAT};
 use super::{ARCHIVES_DIR, INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
 use crate::app::{Mode, Services};
 use crate::config::Config;
+use crate::git::{self, Git};
 use crate::index::mirror::Mirror;
 use crate::store::SYMBOLS_KEY;
 
@@ -251,28 +251,21 @@ async fn verify(
 
     // The index: a well-formed git bundle whose HEAD is the manifest's commit...
     let repo = dir.join("index.git");
-    git(None, &["init", "--quiet", "--bare"], Some(&repo)).await?;
-    let bundle = staged[INDEX_BUNDLE].path.to_string_lossy().to_string();
-    git(
-        Some(&repo),
-        &[
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            &bundle,
-            "+HEAD:refs/heads/main",
-        ],
-        None,
-    )
-    .await
-    .context("index.bundle is not a usable git bundle")?;
-    git(
-        Some(&repo),
-        &["symbolic-ref", "HEAD", "refs/heads/main"],
-        None,
-    )
-    .await?;
-    let head = git(Some(&repo), &["rev-parse", "HEAD"], None).await?;
+    Git::new(["init", "--quiet", "--bare"])
+        .arg(&repo)
+        .output()
+        .await?;
+    let bundle = &staged[INDEX_BUNDLE].path;
+    Git::in_repo(&repo, ["fetch", "--quiet", "--no-tags"])
+        .arg(bundle)
+        .arg("+HEAD:refs/heads/main")
+        .output()
+        .await
+        .context("index.bundle is not a usable git bundle")?;
+    Git::in_repo(&repo, ["symbolic-ref", "HEAD", "refs/heads/main"])
+        .output()
+        .await?;
+    let head = Git::in_repo(&repo, ["rev-parse", "HEAD"]).text().await?;
     if head.trim() != manifest.index_commit {
         bail!(
             "index.bundle holds commit {}, the manifest says {}",
@@ -343,103 +336,42 @@ async fn commit_file(
 /// Bring the mirror at `target` to the bundle's commit: created if absent,
 /// fast-forwarded if behind, left alone if it already contains the commit.
 async fn update_mirror(staged: &Path, target: &Path, commit: &str) -> anyhow::Result<String> {
-    let staged_str = staged.to_string_lossy().to_string();
-    let exists = target.join("HEAD").is_file() && target.join("objects").is_dir();
-    if !exists {
-        let parent = target.parent().unwrap_or(Path::new("."));
-        tokio::fs::create_dir_all(parent).await?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".clone-")
-            .tempdir_in(parent)?;
-        let repo = tmp.path().join("repo.git");
-        let repo_str = repo.to_string_lossy().to_string();
-        git(
-            None,
-            &["clone", "--mirror", "--quiet", &staged_str, &repo_str],
-            None,
-        )
-        .await?;
-        if target.exists() {
-            let _ = tokio::fs::remove_dir_all(target).await;
-        }
-        tokio::fs::rename(&repo, target)
-            .await
-            .with_context(|| format!("cannot move the index mirror into {}", target.display()))?;
+    if !git::is_bare_repo(target) {
+        git::clone_mirror(staged, target, &git::Options::default()).await?;
         return Ok(format!(
             "mirror created at {}",
             &commit[..12.min(commit.len())]
         ));
     }
-    git(
-        Some(target),
-        &[
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            &staged_str,
-            "+HEAD:refs/moonbit-registry/import",
-        ],
-        None,
-    )
-    .await?;
-    let branch = git(Some(target), &["symbolic-ref", "HEAD"], None).await?;
+    let in_mirror = |args: &[&str]| Git::in_repo(target, args);
+    in_mirror(&["fetch", "--quiet", "--no-tags"])
+        .arg(staged)
+        .arg("+HEAD:refs/moonbit-registry/import")
+        .output()
+        .await?;
+    let branch = in_mirror(&["symbolic-ref", "HEAD"]).text().await?;
     let branch = branch.trim().to_string();
-    let contains = git(
-        Some(target),
-        &["merge-base", "--is-ancestor", commit, "HEAD"],
-        None,
-    )
-    .await
-    .is_ok();
+    let contains = in_mirror(&["merge-base", "--is-ancestor", commit, "HEAD"])
+        .output()
+        .await
+        .is_ok();
     let note = if contains {
         "already at or past the bundle's commit".to_string()
     } else {
-        let fast_forward = git(
-            Some(target),
-            &["merge-base", "--is-ancestor", "HEAD", commit],
-            None,
-        )
-        .await
-        .is_ok();
+        let fast_forward = in_mirror(&["merge-base", "--is-ancestor", "HEAD", commit])
+            .output()
+            .await
+            .is_ok();
         if !fast_forward {
             eprintln!(
                 "warning: the mirror's history and the bundle's diverge; taking the bundle's"
             );
         }
-        git(Some(target), &["update-ref", &branch, commit], None).await?;
+        in_mirror(&["update-ref", &branch, commit]).output().await?;
         format!("mirror moved to {}", &commit[..12.min(commit.len())])
     };
-    git(
-        Some(target),
-        &["update-ref", "-d", "refs/moonbit-registry/import"],
-        None,
-    )
-    .await?;
+    in_mirror(&["update-ref", "-d", "refs/moonbit-registry/import"])
+        .output()
+        .await?;
     Ok(note)
-}
-
-/// Run git (with `--git-dir` when given, and an optional trailing path argument).
-async fn git(git_dir: Option<&Path>, args: &[&str], path: Option<&Path>) -> anyhow::Result<String> {
-    let mut cmd = tokio::process::Command::new("git");
-    if let Some(dir) = git_dir {
-        cmd.arg("--git-dir").arg(dir);
-    }
-    cmd.args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env_remove("GIT_DIR")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    if let Some(path) = path {
-        cmd.arg(path);
-    }
-    let out = cmd.output().await.context("cannot run git")?;
-    if !out.status.success() {
-        bail!(
-            "git {} failed: {}",
-            args.first().unwrap_or(&""),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -3,19 +3,15 @@
 //! checksums read from its tip.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 
 use super::checksums::{module_of_path, Checksums};
 use crate::breaker::Breakers;
-
-/// Bound on what git may print on stderr that we keep for an error message.
-const STDERR_KEEP: usize = 2048;
+use crate::git::{self, Git};
 
 /// What the mirror holds at its current tip.
 #[derive(Default)]
@@ -119,7 +115,7 @@ impl Mirror {
     }
 
     pub fn exists(&self) -> bool {
-        self.dir.join("HEAD").is_file() && self.dir.join("objects").is_dir()
+        git::is_bare_repo(&self.dir)
     }
 
     /// Successful refreshes since start.
@@ -255,60 +251,31 @@ impl Mirror {
         }
     }
 
-    /// Clone (first time, into a temp dir then renamed, so a half clone is never
-    /// used) or fetch the upstream's branches.
+    /// Clone (first time, atomically: a half clone is never used) or fetch the
+    /// upstream's branches.
     async fn fetch(&self) -> Result<(), String> {
-        if self.exists() {
-            let refspec = "+refs/heads/*:refs/heads/*";
-            return self
-                .git(
-                    Some(&self.dir),
-                    &[
-                        "fetch",
-                        "--prune",
-                        "--quiet",
-                        "--no-tags",
-                        &self.url,
-                        refspec,
-                    ],
-                )
+        if !self.exists() {
+            return git::clone_mirror(&self.url, &self.dir, &self.git_options())
                 .await
-                .map(|_| ());
+                .map_err(|e| e.to_string());
         }
-        let parent = self.dir.parent().unwrap_or(Path::new("."));
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".clone-")
-            .tempdir_in(parent)
-            .map_err(|e| format!("cannot create a temp dir in {}: {e}", parent.display()))?;
-        let target = tmp.path().join("repo.git");
-        let target_str = target.to_string_lossy().to_string();
-        self.git(
-            None,
-            &["clone", "--mirror", "--quiet", &self.url, &target_str],
-        )
-        .await?;
-        if self.dir.exists() {
-            // A broken leftover (no HEAD or objects): replace it.
-            let _ = tokio::fs::remove_dir_all(&self.dir).await;
-        }
-        tokio::fs::rename(&target, &self.dir).await.map_err(|e| {
-            format!(
-                "cannot move the new mirror into {}: {e}",
-                self.dir.display()
-            )
-        })
+        let refspec = "+refs/heads/*:refs/heads/*";
+        self.git(&[
+            "fetch",
+            "--prune",
+            "--quiet",
+            "--no-tags",
+            &self.url,
+            refspec,
+        ])
+        .await
+        .map(|_| ())
     }
 
     /// Re-read the checksums if the tip moved. Returns whether it did.
     async fn reload(&self) -> Result<bool, String> {
         let commit = self
-            .git(
-                Some(&self.dir),
-                &["rev-parse", "--verify", "--quiet", "HEAD^{commit}"],
-            )
+            .git(&["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
             .await?;
         let commit = String::from_utf8_lossy(&commit).trim().to_string();
         if self.snapshot().commit.as_deref() == Some(commit.as_str()) {
@@ -329,10 +296,7 @@ impl Mirror {
     /// Every `user/**.index` file at `commit`, through one `git cat-file --batch`.
     async fn read_checksums(&self, commit: &str) -> Result<Checksums, String> {
         let listing = self
-            .git(
-                Some(&self.dir),
-                &["ls-tree", "-r", "-z", commit, "--", "user/"],
-            )
+            .git(&["ls-tree", "-r", "-z", commit, "--", "user/"])
             .await?;
         let mut files = Vec::new();
         for entry in listing.split(|&b| b == 0).filter(|e| !e.is_empty()) {
@@ -349,30 +313,28 @@ impl Mirror {
                 files.push((name.to_string(), oid.to_string()));
             }
         }
-        let mut child = self
-            .command(Some(&self.dir))
-            .args(["cat-file", "--batch"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run git: {e}"))?;
-        let mut stdin = child.stdin.take().ok_or("git stdin missing")?;
+        let git::Spawned {
+            mut stdin,
+            mut stdout,
+            mut process,
+            ..
+        } = Git::in_repo(&self.dir, ["cat-file", "--batch"])
+            .with(&self.git_options())
+            .spawn(git::Stderr::Discard)
+            .map_err(|e| e.to_string())?;
         let ids: String = files.iter().map(|(_, oid)| format!("{oid}\n")).collect();
         // Written from its own task: git's output could fill the pipe before we read it.
         let writer = tokio::spawn(async move {
             let _ = stdin.write_all(ids.as_bytes()).await;
         });
         let mut out = Vec::new();
-        child
-            .stdout
-            .take()
-            .ok_or("git stdout missing")?
+        stdout
             .read_to_end(&mut out)
             .await
             .map_err(|e| format!("reading git cat-file: {e}"))?;
         let _ = writer.await;
-        let _ = child.wait().await;
+        // A short answer is caught below, entry by entry.
+        let _ = process.finish().await;
 
         let mut checksums = Checksums::default();
         let mut rest = &out[..];
@@ -392,60 +354,20 @@ impl Mirror {
         Ok(checksums)
     }
 
-    fn command(&self, dir: Option<&Path>) -> Command {
-        let mut cmd = Command::new("git");
-        if let Some(dir) = dir {
-            cmd.arg("--git-dir").arg(dir);
+    /// How this mirror's git runs reach the source.
+    fn git_options(&self) -> git::Options {
+        git::Options {
+            ca_bundle: self.settings.ca_bundle.clone(),
+            timeout: Some(self.settings.fetch_timeout),
         }
-        cmd.env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env_remove("GIT_DIR")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        if let Some(bundle) = &self.settings.ca_bundle {
-            // The env variable would override the -c setting; the bundle already holds the system roots.
-            cmd.env_remove("GIT_SSL_CAINFO")
-                .arg("-c")
-                .arg(format!("http.sslCAInfo={}", bundle.display()));
-        }
-        // A stalled transfer fails instead of hanging: under 1 KiB/s for 30 s.
-        cmd.args([
-            "-c",
-            "http.lowSpeedLimit=1024",
-            "-c",
-            "http.lowSpeedTime=30",
-            "-c",
-            "credential.helper=",
-        ]);
-        cmd
     }
 
-    /// Run git, returning stdout, or stderr's gist as the error.
-    async fn git(&self, dir: Option<&Path>, args: &[&str]) -> Result<Vec<u8>, String> {
-        let mut cmd = self.command(dir);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let what = args.first().copied().unwrap_or("git");
-        let out = tokio::time::timeout(self.settings.fetch_timeout, cmd.output())
+    /// Run git in the mirror, returning stdout, or stderr's gist as the error.
+    async fn git(&self, args: &[&str]) -> Result<Vec<u8>, String> {
+        Git::in_repo(&self.dir, args)
+            .with(&self.git_options())
+            .output()
             .await
-            .map_err(|_| {
-                format!(
-                    "git {what} took longer than {:?}",
-                    self.settings.fetch_timeout
-                )
-            })?
-            .map_err(|e| format!("cannot run git: {e}"))?;
-        if out.status.success() {
-            return Ok(out.stdout);
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let mut gist: String = stderr.trim().replace('\n', "; ");
-        if gist.len() > STDERR_KEEP {
-            let cut = (0..=STDERR_KEEP)
-                .rev()
-                .find(|&i| gist.is_char_boundary(i))
-                .unwrap_or(0);
-            gist.truncate(cut);
-        }
-        Err(format!("git {what} failed ({}): {gist}", out.status))
+            .map_err(|e| e.to_string())
     }
 }

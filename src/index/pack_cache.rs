@@ -12,10 +12,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
+
+use crate::git::{self, Git};
 
 /// pack-objects' stdin (wanted, shallow and common commits) is small; a larger one
 /// is not cached (the pack is computed directly).
@@ -39,11 +41,9 @@ impl Hook {
         )))
     }
 
-    /// Configure `cmd` (a `git http-backend` or `git upload-pack`) to use the cache.
-    pub fn configure(&self, cmd: &mut tokio::process::Command) {
-        cmd.env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "uploadpack.packObjectsHook")
-            .env("GIT_CONFIG_VALUE_0", &self.0);
+    /// `git` (a `git http-backend` or `git upload-pack`), set to use the cache.
+    pub fn configure(&self, git: Git) -> Git {
+        git.protected_config("uploadpack.packObjectsHook", &self.0)
     }
 }
 
@@ -127,8 +127,7 @@ fn compute(
     rest_of_stdin: bool,
     store: Option<&PathBuf>,
 ) -> io::Result<ExitCode> {
-    let mut child = Command::new(program)
-        .args(args)
+    let mut child = git::hooked_pack_objects(program, args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

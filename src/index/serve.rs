@@ -3,7 +3,6 @@
 //! program, request body streamed into it and its output streamed back.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -13,11 +12,12 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::process::ChildStdout;
+use tokio::sync::Semaphore;
 
 use super::pack_cache;
 use crate::body::{self, BoxError, GatewayBody};
+use crate::git::{self, Git};
 
 /// git writes a few hundred bytes of CGI headers; anything past this is broken.
 const CGI_HEADER_MAX: usize = 16 * 1024;
@@ -54,29 +54,17 @@ pub async fn upload_pack(
             format!("/git/index/{path} is not served by the mirror"),
         );
     }
-    let mut cmd = Command::new("git");
-    cmd.arg("http-backend")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_PROJECT_ROOT", root)
-        .env("GIT_HTTP_EXPORT_ALL", "1")
+    let mut git = Git::http_backend(root)
         .env("GATEWAY_INTERFACE", "CGI/1.1")
         .env("SERVER_PROTOCOL", "HTTP/1.1")
         .env("REQUEST_METHOD", req.method().as_str())
         .env("PATH_INFO", format!("/{repo}/{path}"))
         .env("QUERY_STRING", query)
         .env("REMOTE_ADDR", "127.0.0.1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(home) = std::env::var_os("HOME") {
-        cmd.env("HOME", home);
-    }
+        .holding(slot);
     // Identical clones (same tip, same depth) share one pack computation.
     if let Some(hook) = pack_cache {
-        hook.configure(&mut cmd);
+        git = hook.configure(git);
     }
     for (header, var) in [
         ("content-type", "CONTENT_TYPE"),
@@ -85,25 +73,17 @@ pub async fn upload_pack(
         ("content-encoding", "HTTP_CONTENT_ENCODING"),
     ] {
         if let Some(v) = req.headers().get(header).and_then(|v| v.to_str().ok()) {
-            cmd.env(var, v);
+            git = git.env(var, v);
         }
     }
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            return body::text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot run git http-backend: {e}"),
-            )
-        }
-    };
-    let (Some(mut stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return body::text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "git http-backend pipes missing",
-        );
+    let git::Spawned {
+        mut stdin,
+        stdout,
+        stderr,
+        process,
+    } = match git.spawn(git::Stderr::Pipe) {
+        Ok(spawned) => spawned,
+        Err(e) => return body::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let mut incoming = req.into_body();
     tokio::spawn(async move {
@@ -116,12 +96,14 @@ pub async fn upload_pack(
         }
         let _ = stdin.shutdown().await;
     });
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::warn!(%line, "git http-backend");
-        }
-    });
+    if let Some(stderr) = stderr {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::warn!(%line, "git http-backend");
+            }
+        });
+    }
     let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
     let head = match tokio::time::timeout(CGI_HEADER_TIMEOUT, read_cgi_head(&mut stdout)).await {
         Ok(Ok(head)) => head,
@@ -133,19 +115,14 @@ pub async fn upload_pack(
             )
         }
     };
-    let output = CgiOutput {
-        stdout,
-        child,
-        _slot: slot,
-    };
+    let output = CgiOutput { stdout, process };
     let body = stream::unfold(Some(output), |state| async move {
         let mut out = state?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
         match out.stdout.read_buf(&mut buf).await {
-            Ok(0) => match out.child.wait().await {
-                Ok(status) if status.success() => None,
-                // A pack cut short must not look complete to the client.
-                Ok(status) => Some((Err(format!("git http-backend {status}").into()), None)),
+            // A pack cut short must not look complete to the client.
+            Ok(0) => match out.process.finish().await {
+                Ok(()) => None,
                 Err(e) => Some((Err(Box::new(e) as BoxError), None)),
             },
             Ok(_) => Some((Ok(Frame::data(buf.freeze())), Some(out))),
@@ -160,11 +137,10 @@ pub async fn upload_pack(
     resp
 }
 
-/// Keeps git alive exactly as long as the client reads its output.
+/// Keeps git (and its slot) alive exactly as long as the client reads its output.
 struct CgiOutput {
     stdout: BufReader<ChildStdout>,
-    child: Child,
-    _slot: OwnedSemaphorePermit,
+    process: git::Process,
 }
 
 async fn read_cgi_head(
