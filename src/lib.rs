@@ -14,6 +14,7 @@ pub mod breaker;
 pub mod bundle;
 pub mod ca_bundle;
 pub mod cache_admin;
+pub mod client;
 pub mod config;
 pub mod doors;
 pub mod git;

@@ -71,7 +71,7 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
                 };
                 let _ = stream.set_nodelay(true);
                 let doors = doors.clone();
-                let service = service_fn(move |req| doors.clone().main(req));
+                let service = service_fn(move |req| doors.clone().main(req, peer));
                 let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 
 use crate::app::Services;
 use crate::body::{self, GatewayBody};
+use crate::client::Client;
 use crate::intercept::{load_ca, Interceptor};
 use crate::router::{self, Door};
 use tunnel::TunnelPolicy;
@@ -140,8 +141,14 @@ impl Doors {
         })
     }
 
-    /// Hand an origin-form request to the router.
-    async fn route(&self, req: Request<Incoming>, door: Door) -> Response<GatewayBody> {
+    /// Hand an origin-form request to the router, with the client it came from.
+    async fn route(
+        &self,
+        mut req: Request<Incoming>,
+        door: Door,
+        peer: SocketAddr,
+    ) -> Response<GatewayBody> {
+        req.extensions_mut().insert(Client(peer));
         router::route(&self.app, req.map(body::incoming), door).await
     }
 
@@ -149,16 +156,17 @@ impl Doors {
     pub async fn main(
         self: Arc<Self>,
         req: Request<Incoming>,
+        peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
         let started = Instant::now();
         let (method, target) = (req.method().clone(), req.uri().to_string());
         let resp = if req.method() == Method::CONNECT {
-            proxy::connect(self.clone(), req).await
+            proxy::connect(self.clone(), req, peer).await
         } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
             // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
-            proxy::absolute(&self, req).await
+            proxy::absolute(&self, req, peer).await
         } else {
-            self.route(req, Door::Endpoint).await
+            self.route(req, Door::Endpoint, peer).await
         };
         log_request(&method, &target, None, &resp, started);
         Ok(resp)
@@ -169,6 +177,7 @@ impl Doors {
         self: Arc<Self>,
         req: Request<Incoming>,
         source: usize,
+        peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
         let started = Instant::now();
         let (method, target) = (req.method().clone(), req.uri().to_string());
@@ -182,7 +191,7 @@ impl Doors {
             })
             .unwrap_or("-")
             .to_string();
-        let resp = self.route(req, Door::Intercepted { source }).await;
+        let resp = self.route(req, Door::Intercepted { source }, peer).await;
         log_request(&method, &target, Some(&host), &resp, started);
         Ok(resp)
     }

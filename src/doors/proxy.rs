@@ -3,6 +3,7 @@
 //! like registry traffic; other `CONNECT`s and plain-HTTP absolute-form requests
 //! are tunnelled or forwarded untouched, or refused, by the tunnel policy.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -85,7 +86,11 @@ pub fn parse_connect_target(target: &str) -> Result<(String, u16), &'static str>
 }
 
 /// `CONNECT host:port`.
-pub async fn connect(doors: Arc<Doors>, mut req: Request<Incoming>) -> Response<GatewayBody> {
+pub async fn connect(
+    doors: Arc<Doors>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<GatewayBody> {
     if let Some(resp) = refuse_unauthorized(&doors, &req) {
         return resp;
     }
@@ -99,7 +104,9 @@ pub async fn connect(doors: Arc<Doors>, mut req: Request<Incoming>) -> Response<
     if intercepted {
         tokio::spawn(async move {
             match upgrade.await {
-                Ok(upgraded) => tls::terminate(doors, TokioIo::new(upgraded), Some(host)).await,
+                Ok(upgraded) => {
+                    tls::terminate(doors, TokioIo::new(upgraded), Some(host), peer).await
+                }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         });
@@ -123,7 +130,11 @@ pub async fn connect(doors: Arc<Doors>, mut req: Request<Incoming>) -> Response<
 
 /// `GET http://host/path` (absolute form): an intercepted host is routed like
 /// registry traffic; any other host is forwarded under the tunnel policy.
-pub async fn absolute(doors: &Doors, req: Request<Incoming>) -> Response<GatewayBody> {
+pub async fn absolute(
+    doors: &Doors,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<GatewayBody> {
     if let Some(resp) = refuse_unauthorized(doors, &req) {
         return resp;
     }
@@ -144,7 +155,7 @@ pub async fn absolute(doors: &Doors, req: Request<Incoming>) -> Response<Gateway
         );
     }
     if let Some(source) = doors.intercepted_source(&host) {
-        return doors.route(req, Door::Intercepted { source }).await;
+        return doors.route(req, Door::Intercepted { source }, peer).await;
     }
     let port = match (uri.port(), uri.port_u16()) {
         (None, _) => 80,

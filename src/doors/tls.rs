@@ -2,6 +2,7 @@
 //! serving the decrypted HTTP/1.1 or h2 (by ALPN) through the router, as if it had
 //! come to the registry endpoint.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Accept TLS on `io` for an intercepted host and serve it. `expected` is the host
 /// the client asked for (the CONNECT target); a ClientHello naming another host is
 /// only accepted if that host is intercepted too.
-pub async fn terminate<IO>(doors: Arc<Doors>, io: IO, expected: Option<String>)
+pub async fn terminate<IO>(doors: Arc<Doors>, io: IO, expected: Option<String>, peer: SocketAddr)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -59,7 +60,7 @@ where
         }
     };
     tracing::debug!(%host, "intercepted TLS connection");
-    let service = service_fn(move |req| doors.clone().intercepted(req, source));
+    let service = service_fn(move |req| doors.clone().intercepted(req, source, peer));
     let http = http_builder();
     if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(%host, error = %e, "intercepted connection ended with an error");

@@ -35,7 +35,7 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
                 Err(e) => return tracing::info!(%peer, error = %e, "transparent connection closed"),
             };
             if doors.intercepted_source(&name).is_some() {
-                return tls::terminate(doors, stream, Some(name)).await;
+                return tls::terminate(doors, stream, Some(name), peer).await;
             }
             match doors.open_tunnel(&name, 443, true).await {
                 Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,
