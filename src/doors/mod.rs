@@ -46,6 +46,18 @@ pub struct Doors {
     pub listening: Vec<SocketAddr>,
 }
 
+/// What a connection opened by the doors carries, and so where it may not go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrying {
+    /// A `CONNECT` tunnel: never to the gateway's own listeners.
+    Connect,
+    /// A tunnel from the transparent door: never to the gateway, nor to loopback
+    /// (a redirected connection for `localhost` would come straight back).
+    Transparent,
+    /// One plain-HTTP request in origin-form: it cannot loop, so only the policy applies.
+    Forward,
+}
+
 /// Why a tunnel was not opened.
 #[derive(Debug)]
 pub enum TunnelRefused {
@@ -95,23 +107,24 @@ impl Doors {
     }
 
     /// A connection to `host:port` for a tunnel or a forwarded request, if the policy
-    /// admits it and it does not lead back to the gateway itself. From the
-    /// transparent door (`transparent`), loopback is never a destination.
+    /// admits it and a tunnel does not lead back to the gateway itself.
     pub async fn open_tunnel(
         &self,
         host: &str,
         port: u16,
-        transparent: bool,
+        carrying: Carrying,
     ) -> Result<TcpStream, TunnelRefused> {
         let addrs = self
             .tunnel
             .admit(host, port)
             .await
             .map_err(TunnelRefused::Forbidden)?;
-        if let Some(addr) = addrs
-            .iter()
-            .find(|a| (transparent && a.ip().is_loopback()) || self.is_own(**a))
-        {
+        let forbidden = |a: &SocketAddr| match carrying {
+            Carrying::Forward => false,
+            Carrying::Connect => self.is_own(*a),
+            Carrying::Transparent => a.ip().is_loopback() || self.is_own(*a),
+        };
+        if let Some(addr) = addrs.iter().find(|a| forbidden(a)) {
             return Err(TunnelRefused::Forbidden(format!(
                 "{host}:{port} ({addr}) is this gateway or its loopback: not tunnelled"
             )));
@@ -122,7 +135,7 @@ impl Doors {
         // A name for another of this machine's addresses, on a port a listener bound
         // to every address holds: only the connection itself tells.
         if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
-            if local.ip() == peer.ip() && self.is_own(peer) {
+            if carrying != Carrying::Forward && local.ip() == peer.ip() && self.is_own(peer) {
                 return Err(TunnelRefused::Forbidden(format!(
                     "{host}:{port} ({peer}) is this gateway: not tunnelled"
                 )));

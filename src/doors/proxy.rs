@@ -11,7 +11,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::{tls, tunnel, Doors, TunnelRefused};
+use super::{tls, tunnel, Carrying, Doors, TunnelRefused};
 use crate::body::{self, GatewayBody};
 use crate::passthrough;
 use crate::router::Door;
@@ -113,7 +113,7 @@ pub async fn connect(
         return Response::new(body::empty());
     }
     // Connect before answering 200, so a dead destination is a clear 502.
-    let server = match doors.open_tunnel(&host, port, false).await {
+    let server = match doors.open_tunnel(&host, port, Carrying::Connect).await {
         Ok(server) => server,
         Err(refused) => return refusal(&host, port, refused),
     };
@@ -169,7 +169,7 @@ pub async fn absolute(
     };
     // Connected to the addresses the policy admitted: resolving the name again
     // could give another (e.g. a metadata) address.
-    let stream = match doors.open_tunnel(&host, port, false).await {
+    let stream = match doors.open_tunnel(&host, port, Carrying::Forward).await {
         Ok(stream) => stream,
         Err(refused) => return refusal(&host, port, refused),
     };

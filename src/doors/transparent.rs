@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use super::{sni, tls, tunnel, Doors, TunnelRefused};
+use super::{sni, tls, tunnel, Carrying, Doors, TunnelRefused};
 
 /// How long a redirected client may take to send its TLS ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,7 +37,7 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
             if doors.intercepted_source(&name).is_some() {
                 return tls::terminate(doors, stream, Some(name), peer).await;
             }
-            match doors.open_tunnel(&name, 443, true).await {
+            match doors.open_tunnel(&name, 443, Carrying::Transparent).await {
                 Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,
                 Err(TunnelRefused::Forbidden(reason)) => {
                     tracing::info!(%peer, host = %name, %reason, "transparent tunnel refused")
