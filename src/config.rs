@@ -40,6 +40,8 @@ pub struct Config {
     pub intercept_hosts: Option<Vec<String>>,
     /// Ordered sources: archives are looked up in this order (internal first, then public).
     pub sources: Vec<SourceConfig>,
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
     pub timeouts: Timeouts,
     pub storage: StoreSettings,
     pub index: IndexSettings,
@@ -56,6 +58,33 @@ pub struct Config {
     pub breaker: BreakerSettings,
     /// Never contact an upstream: index from the mirror, archives from the store.
     pub offline: bool,
+}
+
+/// `[server]`, for the doors: what one client connection may cost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Client connections open at once, over every door; further clients wait in
+    /// the kernel's accept queue.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted, like nginx's
+    /// `large_client_header_buffers`.
+    pub max_header_size: ByteSize,
+    /// A client that takes no response bytes for this long is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// `user:password` required (HTTP Basic) on the registry endpoint, for gateways
+    /// reachable beyond one host; proxy clients use `proxy.auth`.
+    pub auth: Option<String>,
+}
+
+/// `[admin]`, for the gateway's own endpoints (`/-/index/refresh` and the like).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Environment variable holding the bearer token admin endpoints require; when
+    /// unset, they answer loopback clients only.
+    pub token_env: Option<String>,
 }
 
 /// `[mutable]`, for the mutable cache (`symbols.zip`): RFC 9111 on top of RFC 5861.
@@ -212,6 +241,8 @@ impl Default for Config {
             upstream_ca: None,
             intercept_hosts: None,
             sources: Vec::new(),
+            server: ServerSettings::default(),
+            admin: AdminSettings::default(),
             timeouts: Timeouts::default(),
             storage: StoreSettings::default(),
             index: IndexSettings::default(),
@@ -221,6 +252,17 @@ impl Default for Config {
             mutable: MutableCacheSettings::default(),
             breaker: BreakerSettings::default(),
             offline: false,
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_connections: 4096,
+            max_header_size: ByteSize::kib(64),
+            send_timeout: Duration::from_secs(60),
+            auth: None,
         }
     }
 }
@@ -347,6 +389,12 @@ impl Config {
         config.sources()?; // validate now, so `serve` fails before it listens
         if config.breaker.failures == 0 {
             bail!("breaker.failures must be at least 1");
+        }
+        if config.server.max_connections == 0 {
+            bail!("server.max_connections must be at least 1");
+        }
+        if !(8 * 1024..=1024 * 1024).contains(&config.server.max_header_size.as_u64()) {
+            bail!("server.max_header_size must be between 8 KiB and 1 MiB");
         }
         Ok(config)
     }
