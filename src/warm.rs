@@ -27,7 +27,7 @@ use crate::index::selection::{Chosen, Selection};
 use crate::index::{Expectation, Index};
 use crate::progress::Progress;
 use crate::store::ahead::Ahead;
-use crate::store::{Limits, Object, Store, Trust};
+use crate::store::{Limits, Object, Store};
 use crate::upstream::Upstream;
 
 /// Archives downloaded at once unless `--jobs` says otherwise.
@@ -119,22 +119,14 @@ impl Workspace {
         let Expectation::Known { source, checksum } = expectation else {
             return None;
         };
-        Some(Object {
-            key: key.store_key(),
-            urls: vec![join(&self.sources[*source].archive, &key.upstream_path())],
-            content_type: "application/zip",
-            trust: Trust::Checksum {
-                label: label(key),
-                expected: checksum.clone(),
-                refreshes: self.index.refreshes(),
-            },
-        })
+        let url = join(&self.sources[*source].archive, &key.upstream_path());
+        Some(Object::archive(
+            key,
+            checksum.clone(),
+            self.index.refreshes(),
+            vec![url],
+        ))
     }
-}
-
-/// `user/module@version`, as people write it.
-pub fn label(key: &ArchiveKey) -> String {
-    format!("{}@{}", key.name(), key.version)
 }
 
 /// Spool dirs of processes that are gone (killed mid-download) are removed.
@@ -201,7 +193,7 @@ pub async fn fetch_all(
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for (key, expectation) in &chosen.archives {
-        let name = label(key);
+        let name = key.label();
         let Some(object) = ws.object(key, expectation) else {
             summary.failed.push((name, "not in the index".into()));
             continue;
@@ -263,7 +255,7 @@ pub async fn dry_run(ws: &Workspace, chosen: &Chosen, jobs: usize) -> bool {
         if ws.store.stored_size(&object).await.is_some() {
             present += 1;
         } else {
-            to_fetch.push((label(key), object.urls[0].clone()));
+            to_fetch.push((key.label(), object.urls[0].clone()));
         }
     }
     let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));

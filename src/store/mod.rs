@@ -8,6 +8,7 @@ pub mod eviction;
 pub mod flight;
 pub mod memory;
 pub mod not_found;
+pub mod object;
 pub mod offline;
 pub mod quarantine;
 pub mod usage;
@@ -25,36 +26,8 @@ use disk::{Disk, Entry};
 use flight::{FlightState, Flights};
 use memory::{Hot, Memory};
 use not_found::NotFound;
+pub use object::{Object, Trust};
 use quarantine::{Mismatch, Quarantine};
-
-/// One immutable object a client asked for.
-#[derive(Clone, Debug)]
-pub struct Object {
-    /// Store key, e.g. `archive/alice/json/0.1.0`.
-    pub key: String,
-    /// Where to fetch it, in source order.
-    pub urls: Vec<String>,
-    pub content_type: &'static str,
-    pub trust: Trust,
-}
-
-/// What the gateway may check a fetched body against, and so whether it may keep it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Trust {
-    /// The index vouches for this sha256: a body with any other digest is refused,
-    /// never stored, and remembered as bad until the index refreshes.
-    Checksum {
-        /// `user/module@version`, for messages.
-        label: String,
-        expected: String,
-        /// Index refresh count when the expectation was read.
-        refreshes: u64,
-    },
-    /// Nothing to check against (wasm assets): stored once complete.
-    Complete,
-    /// Unknown to the index: streamed to the client, never stored.
-    Unverified,
-}
 
 pub struct Limits {
     pub archive_max: u64,
@@ -462,16 +435,6 @@ impl Drop for PendingPrefetch<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         pending.remove(&self.key);
-    }
-}
-
-impl Object {
-    /// Whether a stored copy with this digest may answer for the object.
-    fn accepts(&self, sha256: &str) -> bool {
-        match &self.trust {
-            Trust::Checksum { expected, .. } => expected == sha256,
-            Trust::Complete | Trust::Unverified => true,
-        }
     }
 }
 
