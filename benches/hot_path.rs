@@ -15,7 +15,7 @@ use moonbit_registry::config::Config;
 use moonbit_registry::router::{classify, Route};
 use moonbit_registry::store::disk::Disk;
 use moonbit_registry::store::memory::{Hot, Memory};
-use moonbit_registry::store::{Object, Store, Trust};
+use moonbit_registry::store::{Object, Store};
 use moonbit_registry::upstream::Upstream;
 use tokio::io::AsyncWriteExt;
 
@@ -70,7 +70,8 @@ async fn store_with_archive(dir: &std::path::Path, in_memory: bool) -> (Arc<Stor
     config.storage.archive_max = ByteSize::gib(1);
     let upstream = Upstream::new(None, Config::default().timeouts).expect("upstream client");
     let store = Arc::new(Store::open(dir, &config.storage, upstream).expect("open store"));
-    let key = "archive/moonbitlang/core/0.1.0".to_string();
+    let archive = ArchiveKey::parse("moonbitlang%2Fcore%2F0.1.0.zip").expect("valid key");
+    let key = archive.store_key();
     let mut writer = store
         .disk()
         .writer(&key, Some(bytes.len() as u64))
@@ -78,16 +79,12 @@ async fn store_with_archive(dir: &std::path::Path, in_memory: bool) -> (Arc<Stor
         .expect("store writer");
     writer.write_all(&bytes).await.expect("write entry");
     let integrity = writer.commit().await.expect("commit entry");
-    let object = Object {
-        key,
-        urls: vec!["https://127.0.0.1:9/user/unused.zip".into()],
-        content_type: "application/zip",
-        trust: Trust::Checksum {
-            label: "moonbitlang/core@0.1.0".into(),
-            expected: integrity.to_hex().1,
-            refreshes: 0,
-        },
-    };
+    let object = Object::archive(
+        &archive,
+        integrity.to_hex().1,
+        0,
+        vec!["https://127.0.0.1:9/user/unused.zip".into()],
+    );
     (store, object)
 }
 

@@ -61,6 +61,11 @@ impl ArchiveKey {
         format!("{}/{}", self.user, self.module)
     }
 
+    /// `user/module@version`, as people write it (messages, progress lines).
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name(), self.version)
+    }
+
     /// The key in the store.
     pub fn store_key(&self) -> String {
         format!("archive/{self}")

@@ -12,7 +12,7 @@ use crate::config::join;
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Offline};
 use crate::passthrough;
-use crate::store::{Object, Trust, SYMBOLS_KEY};
+use crate::store::{Object, Trust};
 
 /// Dependencies prefetched for one archive request, at most.
 const PREFETCH_LIMIT: usize = 256;
@@ -175,16 +175,12 @@ async fn dispatch(
         }
         Route::Asset(asset) => {
             let path = format!("/assets/{}", asset.raw);
-            let object = Object {
-                key: asset.store_key(),
-                urls: app
-                    .sources
-                    .iter()
-                    .map(|s| join(&s.registry, &path))
-                    .collect(),
-                content_type: asset.content_type(),
-                trust: Trust::Complete,
-            };
+            let urls = app
+                .sources
+                .iter()
+                .map(|s| join(&s.registry, &path))
+                .collect();
+            let object = Object::asset(&asset, urls);
             app.store.respond(object, head).await
         }
         Route::Index(rest) => {
@@ -203,15 +199,7 @@ async fn dispatch(
             match app.mutable.respond(&url, req.headers(), head).await {
                 Some(resp) => resp,
                 // No upstream and no copy of its own: the one an imported bundle brought.
-                None => {
-                    let object = Object {
-                        key: SYMBOLS_KEY.into(),
-                        urls: Vec::new(),
-                        content_type: "application/zip",
-                        trust: Trust::Complete,
-                    };
-                    app.store.respond(object, head).await
-                }
+                None => app.store.respond(Object::symbols(Vec::new()), head).await,
             }
         }
         Route::Pass => {
@@ -251,14 +239,12 @@ fn health(app: &Services) -> Response<GatewayBody> {
 /// index lists it, or every source (unverified, not stored) if none does.
 fn object_for(app: &Services, key: &ArchiveKey, expectation: Expectation) -> Object {
     let path = key.upstream_path();
-    let (urls, trust) = match expectation {
-        Expectation::Known { source, checksum } => (
+    match expectation {
+        Expectation::Known { source, checksum } => Object::archive(
+            key,
+            checksum,
+            app.index.refreshes(),
             vec![join(&app.sources[source].archive, &path)],
-            Trust::Checksum {
-                label: format!("{}@{}", key.name(), key.version),
-                expected: checksum,
-                refreshes: app.index.refreshes(),
-            },
         ),
         Expectation::Unknown => {
             tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");
@@ -267,14 +253,8 @@ fn object_for(app: &Services, key: &ArchiveKey, expectation: Expectation) -> Obj
                 .iter()
                 .map(|s| join(&s.archive, &path))
                 .collect();
-            (urls, Trust::Unverified)
+            Object::unlisted_archive(key, urls)
         }
-    };
-    Object {
-        key: key.store_key(),
-        urls,
-        content_type: "application/zip",
-        trust,
     }
 }
 

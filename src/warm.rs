@@ -26,7 +26,7 @@ use crate::index::selection::{Chosen, Selection};
 use crate::index::Expectation;
 use crate::progress::Progress;
 use crate::store::ahead::Ahead;
-use crate::store::{Object, Trust};
+use crate::store::Object;
 use crate::upstream::Upstream;
 
 /// Archives downloaded at once unless `--jobs` says otherwise.
@@ -60,21 +60,13 @@ pub fn object(app: &Services, key: &ArchiveKey, expectation: &Expectation) -> Op
     let Expectation::Known { source, checksum } = expectation else {
         return None;
     };
-    Some(Object {
-        key: key.store_key(),
-        urls: vec![join(&app.sources[*source].archive, &key.upstream_path())],
-        content_type: "application/zip",
-        trust: Trust::Checksum {
-            label: label(key),
-            expected: checksum.clone(),
-            refreshes: app.index.refreshes(),
-        },
-    })
-}
-
-/// `user/module@version`, as people write it.
-pub fn label(key: &ArchiveKey) -> String {
-    format!("{}@{}", key.name(), key.version)
+    let url = join(&app.sources[*source].archive, &key.upstream_path());
+    Some(Object::archive(
+        key,
+        checksum.clone(),
+        app.index.refreshes(),
+        vec![url],
+    ))
 }
 
 /// How a run ended, per archive.
@@ -123,7 +115,7 @@ pub async fn fetch_all(
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for (key, expectation) in &chosen.archives {
-        let name = label(key);
+        let name = key.label();
         let Some(object) = object(app, key, expectation) else {
             summary.failed.push((name, "not in the index".into()));
             continue;
@@ -185,7 +177,7 @@ pub async fn dry_run(app: &Services, chosen: &Chosen, jobs: usize) -> bool {
         if app.store.stored_size(&object).await.is_some() {
             present += 1;
         } else {
-            to_fetch.push((label(key), object.urls[0].clone()));
+            to_fetch.push((key.label(), object.urls[0].clone()));
         }
     }
     let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));

@@ -18,7 +18,7 @@ use crate::index::selection::Selection;
 use crate::index::Expectation;
 use crate::store::ahead::Ahead;
 use crate::store::SYMBOLS_KEY;
-use crate::store::{usage, Object, Trust};
+use crate::store::{usage, Object};
 use crate::warm;
 
 /// Run `export`. Returns whether everything selected went into the bundle.
@@ -47,7 +47,7 @@ pub async fn run(
     {
         bail!(
             "{} is only in the index of another source than `{}`; a bundle carries one source's index",
-            warm::label(key),
+            key.label(),
             primary.name
         );
     }
@@ -72,12 +72,12 @@ pub async fn run(
         app.store
             .stored_size(&object)
             .await
-            .with_context(|| format!("{} is no longer in the store", warm::label(key)))?;
+            .with_context(|| format!("{} is no longer in the store", key.label()))?;
         // The content file's length: the store record says 0 when the length was unknown.
         let size = usage::content_path(app.store.disk().dir(), checksum)
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
-            .with_context(|| format!("{} is no longer in the store", warm::label(key)))?;
+            .with_context(|| format!("{} is no longer in the store", key.label()))?;
         archives.push(ArchiveEntry {
             module: key.name(),
             version: key.version.clone(),
@@ -94,12 +94,7 @@ pub async fn run(
     let index_commit = git_bundle(mirror.dir(), &index_file).await?;
 
     // The latest stored symbols.zip, or the source's current one (moon update asks for it).
-    let symbols_object = Object {
-        key: SYMBOLS_KEY.into(),
-        urls: vec![primary.symbols.to_string()],
-        content_type: "application/zip",
-        trust: Trust::Complete,
-    };
+    let symbols_object = Object::symbols(vec![primary.symbols.to_string()]);
     let symbols = match app.store.fetch_ahead(symbols_object, |_| {}).await {
         Ahead::Present { .. } | Ahead::Fetched { .. } => {
             let file = scratch.path().join(SYMBOLS);

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::flight::FlightState;
+use super::flight::Outcome;
 use super::{Object, Store, Trust};
 
 /// How fetching one object ahead of time ended.
@@ -37,39 +37,34 @@ impl Store {
                 ));
             }
         }
-        let mut rx = self.flights.join(self, &object);
-        loop {
-            let state = rx.borrow_and_update().clone();
-            match state {
-                FlightState::Connecting => {}
-                FlightState::Streaming { written, .. } => progress(written),
-                FlightState::Complete { len, .. } => {
-                    progress(len);
-                    return match self.stored_size(&object).await {
-                        Some(size) => Ahead::Fetched { size },
-                        None => Ahead::Failed(
-                            "downloaded but could not be written to the store (see the log)".into(),
-                        ),
-                    };
-                }
-                // Another process or flight committed it meanwhile.
-                FlightState::Stored => {
-                    return match self.stored_size(&object).await {
-                        Some(size) => Ahead::Present { size },
-                        None => Ahead::Failed("stored by another fetch, then gone".into()),
-                    }
-                }
-                FlightState::Broken { reason, .. } => return Ahead::Failed(reason.to_string()),
-                FlightState::Refused { status, .. } => {
-                    return Ahead::Failed(format!("the upstream answered {status}"))
-                }
-                FlightState::Unreachable(reason) => {
-                    return Ahead::Failed(format!("no source could be reached: {reason}"))
+        match self
+            .flights
+            .join(self, &object)
+            .outcome(&mut progress)
+            .await
+        {
+            Outcome::Fetched { len } => {
+                progress(len);
+                match self.stored_size(&object).await {
+                    Some(size) => Ahead::Fetched { size },
+                    None => Ahead::Failed(
+                        "downloaded but could not be written to the store (see the log)".into(),
+                    ),
                 }
             }
-            if rx.changed().await.is_err() {
-                return Ahead::Failed("the fetch ended without an answer".into());
+            // Another process or flight committed it meanwhile.
+            Outcome::Stored => match self.stored_size(&object).await {
+                Some(size) => Ahead::Present { size },
+                None => Ahead::Failed("stored by another fetch, then gone".into()),
+            },
+            Outcome::Broken(reason) => Ahead::Failed(reason.to_string()),
+            Outcome::Refused { status, .. } => {
+                Ahead::Failed(format!("the upstream answered {status}"))
             }
+            Outcome::Unreachable(reason) => {
+                Ahead::Failed(format!("no source could be reached: {reason}"))
+            }
+            Outcome::Abandoned => Ahead::Failed("the fetch ended without an answer".into()),
         }
     }
 

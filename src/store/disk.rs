@@ -1,6 +1,7 @@
 //! The disk tier: a cacache store (content addressed by sha256, index keyed by
 //! `archive/<user>/<module>/<version>`), written atomically so a crash never leaves a
-//! half entry visible, and read back with the digest checked at the end.
+//! half entry visible, and read back with the digest checked at the end. A fetched
+//! body enters it as its spool file, under the digest computed as it arrived.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::io::AsyncReadExt;
 
-use super::usage::Hold;
+use super::usage::{self, Hold};
 use crate::body::{BoxError, GatewayBody};
 
 /// Chunk size for streaming from disk; `moon` reads in 64 KiB pieces too.
@@ -137,19 +138,30 @@ impl Disk {
         }
     }
 
-    /// Store the file at `path` (`size` bytes) under `key`, atomically.
-    pub async fn commit_file(
+    /// Store the file at `path` (`size` bytes) under `key`, as content whose sha256
+    /// (lowercase hex) the caller computed while writing it: cacache is given that
+    /// integrity, so the bytes are neither hashed nor, on one file system, copied
+    /// again. Reads still check them against it. Nothing is visible under `key`
+    /// until the content is in place.
+    pub async fn commit_hashed(
         &self,
         key: &str,
         path: &Path,
         size: u64,
+        sha256: &str,
     ) -> Result<Integrity, cacache::Error> {
-        let mut writer = self.writer(key, Some(size)).await?;
-        let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
-        tokio::io::copy(&mut file, &mut writer)
+        let integrity = Integrity::from_hex(sha256, Algorithm::Sha256)?;
+        let dest = usage::content_path(&self.dir, sha256)
+            .ok_or_else(|| io_error(std::io::Error::other(format!("bad sha256 {sha256}"))))?;
+        let (src, tmp_dir) = (path.to_path_buf(), self.dir.join("tmp"));
+        tokio::task::spawn_blocking(move || place_content(&src, &tmp_dir, &dest))
             .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?
             .map_err(io_error)?;
-        writer.commit().await
+        let opts = cacache::WriteOpts::new()
+            .integrity(integrity)
+            .size(usize::try_from(size).unwrap_or(usize::MAX));
+        cacache::index::insert_async(&self.dir, key, opts).await
     }
 
     /// Start writing an entry. Nothing is visible under `key` until
@@ -178,6 +190,75 @@ struct Streaming {
     _hold: Hold,
 }
 
+/// Put the file at `src` at `dest` in cacache's content directory: hard-linked
+/// (or, across file systems, copied) to a temp file in `tmp_dir`, then renamed
+/// over `dest`, so a reader sees either no file or the whole one, as with
+/// cacache's own writer.
+fn place_content(src: &Path, tmp_dir: &Path, dest: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(tmp_dir)?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = match tempfile::Builder::new().make_in(tmp_dir, |p| std::fs::hard_link(src, p)) {
+        Ok(linked) => linked.into_temp_path(),
+        Err(_) => {
+            let mut copy = tempfile::NamedTempFile::new_in(tmp_dir)?;
+            std::io::copy(&mut std::fs::File::open(src)?, &mut copy)?;
+            copy.into_temp_path()
+        }
+    };
+    tmp.persist(dest).map_err(|e| e.error)
+}
+
 fn io_error(e: std::io::Error) -> cacache::Error {
-    cacache::Error::IoError(e, "copying a spooled body into the store".into())
+    cacache::Error::IoError(e, "moving a spooled body into the store".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[tokio::test]
+    async fn a_hashed_commit_is_what_cacache_would_have_written_and_outlives_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path().join("store"));
+        let body = b"the bytes of one archive".repeat(1000);
+        let sha = hex::encode(Sha256::digest(&body));
+        let spool = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        std::fs::write(spool.path(), &body).unwrap();
+
+        let integrity = disk
+            .commit_hashed("archive/a/b/1.0.0", spool.path(), body.len() as u64, &sha)
+            .await
+            .unwrap();
+        assert_eq!(integrity.to_hex().1, sha);
+        drop(spool);
+        let entry = disk.lookup("archive/a/b/1.0.0").await.unwrap().unwrap();
+        assert_eq!((entry.sha256(), entry.size), (sha, body.len() as u64));
+        // cacache's own read checks the bytes against the integrity it was given.
+        let read = cacache::read(disk.dir(), "archive/a/b/1.0.0")
+            .await
+            .unwrap();
+        assert_eq!(read, body);
+        let tmp = std::fs::read_dir(disk.dir().join("tmp")).unwrap().count();
+        assert_eq!(tmp, 0, "a temp link was left behind");
+    }
+
+    #[tokio::test]
+    async fn reads_check_the_bytes_against_the_digest_given_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path().join("store"));
+        let spool = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        std::fs::write(spool.path(), b"other bytes").unwrap();
+        let claimed = hex::encode(Sha256::digest(b"some bytes"));
+        disk.commit_hashed("k", spool.path(), 11, &claimed)
+            .await
+            .unwrap();
+        let entry = disk.lookup("k").await.unwrap().unwrap();
+        assert!(matches!(
+            disk.read(&entry).await,
+            Err(cacache::Error::IntegrityError(_))
+        ));
+    }
 }

@@ -1,27 +1,31 @@
 //! Single flight: one upstream fetch per key, however many clients miss at once.
 //!
 //! The fetch runs in its own task, so it finishes (and fills the store) even if the
-//! client that started it goes away. It appends the body to a spool file and tees it
-//! into a cacache writer; every waiting client, the first one included, streams the
-//! spool file as it grows, so late joiners still get every byte from the start and
-//! memory stays bounded whatever the archive size. The entry is committed only when
-//! the body is complete (length as announced, no reset); otherwise every reader's
+//! client that started it goes away. It goes in four steps: `head` asks the
+//! upstream, `spool` appends the body to a spool file (digesting it on the way),
+//! `verify` checks the digest, `commit` links the spool file into the store.
+//! Every waiting client, the first one included, streams the spool file as it
+//! grows, so late joiners still get every byte from the start and memory stays
+//! bounded whatever the archive size. The entry is committed only when the body is
+//! complete (length as announced, no reset) and verified; otherwise every reader's
 //! transfer is aborted and nothing is stored.
+//!
+//! Waiters hold a [`Flight`]: [`Flight::answer`] for a client that streams the body
+//! as it arrives, [`Flight::outcome`] for one that only waits for the end.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{stream, FutureExt};
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
+use sha2::{Digest, Sha256};
 use tempfile::TempPath;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-
-use sha2::{Digest, Sha256};
 
 use super::memory::Hot;
 use super::quarantine::Mismatch;
@@ -31,30 +35,17 @@ use crate::upstream::{body_is_delimited, collect_limited, content_length, next_c
 
 /// Bytes a reader takes from the spool file at a time.
 const READ_CHUNK: usize = 256 * 1024;
-/// Most bytes gathered from the upstream before one write to spool and store.
+/// Most bytes gathered from the upstream before one write to the spool file.
 const WRITE_BATCH: usize = 256 * 1024;
 /// Error pages from the upstream are handed on, but only this much of them.
 const REFUSAL_BODY_MAX: usize = 64 * 1024;
 
-/// Where one fetch stands; every waiting client watches this.
+/// How a fetch ended.
 #[derive(Clone, Debug)]
-pub enum FlightState {
-    /// Asking the upstream; no response head yet.
-    Connecting,
-    /// The upstream answered 200; `written` bytes of the body are in the spool file.
-    Streaming {
-        spool: Arc<TempPath>,
-        len: Option<u64>,
-        written: u64,
-    },
-    /// Every byte arrived; the object is committed to the store (unless the store
-    /// itself failed, which only costs a later refetch).
-    Complete { spool: Arc<TempPath>, len: u64 },
-    /// The body broke off, ran long or short: readers abort, nothing was stored.
-    Broken {
-        spool: Option<Arc<TempPath>>,
-        reason: Arc<str>,
-    },
+pub enum Outcome {
+    /// Every byte arrived and passed verification; the object is committed to the
+    /// store (unless the store itself failed, which only costs a later refetch).
+    Fetched { len: u64 },
     /// Another fetch committed the object just before this one started.
     Stored,
     /// The upstream answered something other than 200 (e.g. 404): handed on, not stored.
@@ -63,8 +54,88 @@ pub enum FlightState {
         content_type: Option<HeaderValue>,
         body: Bytes,
     },
+    /// The body broke off, ran long or short, or failed verification: readers
+    /// abort, nothing was stored.
+    Broken(Arc<str>),
     /// No source could be reached.
     Unreachable(Arc<str>),
+    /// The fetch task went away without saying how it ended (it panicked).
+    Abandoned,
+}
+
+/// What a client streaming a fetch gets once the upstream has answered.
+pub enum Answer {
+    /// The upstream's 200 body (`len` as announced), followed from the spool file as
+    /// the fetch fills it. It ends in an error, never cleanly, if the fetch breaks
+    /// or fails verification.
+    Body { len: Option<u64>, body: GatewayBody },
+    /// The spool file could not be opened.
+    Unreadable(std::io::Error),
+    /// The fetch ended with no body to follow (so never [`Outcome::Fetched`]).
+    Ended(Outcome),
+}
+
+/// Where one fetch stands; every waiter watches it through its [`Flight`].
+#[derive(Clone, Debug)]
+enum FlightState {
+    /// Asking the upstream; no response head yet.
+    Connecting,
+    /// The upstream answered 200; `written` bytes of the body are in the spool file.
+    Streaming {
+        spool: Arc<TempPath>,
+        len: Option<u64>,
+        written: u64,
+    },
+    /// Every byte arrived and passed verification; the spool file stays readable
+    /// for the clients still following it.
+    Complete { spool: Arc<TempPath>, len: u64 },
+    /// The fetch ended without a body to follow.
+    Ended(Outcome),
+}
+
+/// One waiter's hold on a fetch, from [`Flights::join`].
+pub struct Flight {
+    rx: watch::Receiver<FlightState>,
+}
+
+impl Flight {
+    /// Wait for the upstream's answer: the body, to stream as it arrives, or how
+    /// the fetch ended without one.
+    pub async fn answer(mut self) -> Answer {
+        let (spool, len) = loop {
+            let state = self.rx.borrow_and_update().clone();
+            match state {
+                FlightState::Connecting => {}
+                FlightState::Streaming { spool, len, .. } => break (spool, len),
+                FlightState::Complete { spool, len } => break (spool, Some(len)),
+                FlightState::Ended(outcome) => return Answer::Ended(outcome),
+            }
+            if self.rx.changed().await.is_err() {
+                return Answer::Ended(Outcome::Abandoned);
+            }
+        };
+        match follow(spool, self.rx).await {
+            Ok(body) => Answer::Body { len, body },
+            Err(e) => Answer::Unreadable(e),
+        }
+    }
+
+    /// Wait for the fetch to end; `progress` is called with the bytes spooled so
+    /// far while the body arrives.
+    pub async fn outcome(mut self, mut progress: impl FnMut(u64)) -> Outcome {
+        loop {
+            let state = self.rx.borrow_and_update().clone();
+            match state {
+                FlightState::Connecting => {}
+                FlightState::Streaming { written, .. } => progress(written),
+                FlightState::Complete { len, .. } => return Outcome::Fetched { len },
+                FlightState::Ended(outcome) => return outcome,
+            }
+            if self.rx.changed().await.is_err() {
+                return Outcome::Abandoned;
+            }
+        }
+    }
 }
 
 /// The fetches in progress, by store key.
@@ -75,13 +146,13 @@ pub struct Flights {
 
 impl Flights {
     /// Join the fetch for `object`, starting it if there is none.
-    pub fn join(&self, store: &Arc<Store>, object: &Object) -> watch::Receiver<FlightState> {
+    pub fn join(&self, store: &Arc<Store>, object: &Object) -> Flight {
         // Keyed by what the fetch will be checked against too: a client that expects
         // a digest never shares a fetch made under weaker (or other) expectations.
         let flight = flight_key(object);
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rx) = live.get(&flight) {
-            return rx.clone();
+            return Flight { rx: rx.clone() };
         }
         let (tx, rx) = watch::channel(FlightState::Connecting);
         live.insert(flight.clone(), rx.clone());
@@ -91,22 +162,7 @@ impl Flights {
             key: flight,
         };
         tokio::spawn(fetch(store.clone(), object.clone(), tx, landing));
-        rx
-    }
-
-    /// Wait until the fetch behind `rx` has ended, however it ended.
-    pub async fn settle(mut rx: watch::Receiver<FlightState>) {
-        loop {
-            if !matches!(
-                *rx.borrow_and_update(),
-                FlightState::Connecting | FlightState::Streaming { .. }
-            ) {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
+        Flight { rx }
     }
 
     fn land(&self, key: &str) {
@@ -154,222 +210,77 @@ async fn fetch(
     // and our registration: without it, that object would be fetched twice.
     if let Ok(Some(entry)) = store.disk.lookup(&object.key).await {
         if object.accepts(&entry.sha256()) {
-            tx.send_replace(FlightState::Stored);
+            tx.send_replace(FlightState::Ended(Outcome::Stored));
             return;
         }
     }
-    let final_state = match run(&store, &object, &tx).await {
-        Ok(state) => state,
-        Err(state) => state,
+    let end = match run(&store, &object, &tx).await {
+        Ok(complete) => complete,
+        Err(outcome) => FlightState::Ended(outcome),
     };
-    match &final_state {
-        FlightState::Complete { len, .. } => tracing::info!(
-            key = %object.key, bytes = len, ms = started.elapsed().as_millis() as u64,
-            stored = object.trust != Trust::Unverified,
-            "fetched from upstream"
-        ),
-        FlightState::Broken { reason, .. } => tracing::warn!(
-            key = %object.key, %reason, "upstream transfer failed; nothing stored"
-        ),
-        FlightState::Refused { status, .. } => {
-            tracing::info!(key = %object.key, %status, "upstream refused; passed on, not stored");
-            if *status == StatusCode::NOT_FOUND {
-                let listed = matches!(object.trust, Trust::Checksum { .. });
-                store.not_found.record(&object.key, listed);
-            }
-        }
-        FlightState::Unreachable(reason) => tracing::warn!(
-            key = %object.key, %reason, "no source could be reached"
-        ),
-        _ => {}
-    }
+    report(&store, &object, &end, started);
     // Land before announcing the end: a client that sees `Complete` and asks again
     // must find the store, not this finished flight.
     drop(landing);
-    tx.send_replace(final_state);
+    tx.send_replace(end);
 }
 
-/// The fetch proper. `Err` carries a failure state, so `?` reads naturally.
+/// The fetch proper: [`head`], [`spool`], [`verify`], [`commit`]. `Err` is how
+/// it ended early, so `?` reads naturally.
 async fn run(
     store: &Store,
     object: &Object,
     tx: &watch::Sender<FlightState>,
-) -> Result<FlightState, FlightState> {
+) -> Result<FlightState, Outcome> {
+    let answer = head(store, object).await?;
+    let spooled = spool(store, object, answer, tx).await?;
+    verify(store, object, &spooled)?;
+    commit(store, object, &spooled).await;
+    Ok(FlightState::Complete {
+        spool: spooled.file,
+        len: spooled.len,
+    })
+}
+
+/// The upstream's 200 answer, its body still to come.
+struct Head {
+    body: Incoming,
+    len: Option<u64>,
+    /// Whether the body's end can be told from a cut (see [`body_is_delimited`]).
+    delimited: bool,
+}
+
+/// Send the request and check the answer: anything but 200 is handed on as
+/// refused, a body announced larger than `archive_max` is refused unread.
+async fn head(store: &Store, object: &Object) -> Result<Head, Outcome> {
     let resp = first_answer(store, object).await?;
     let status = resp.status();
-    let idle = store.upstream.timeouts().idle_read;
     if status != StatusCode::OK {
         let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
+        let idle = store.upstream.timeouts().idle_read;
         let body = collect_limited(resp.into_body(), REFUSAL_BODY_MAX, idle).await;
-        return Ok(FlightState::Refused {
+        return Err(Outcome::Refused {
             status,
             content_type,
             body,
         });
     }
     let len = content_length(resp.headers());
-    let delimited = body_is_delimited(&resp);
     let limit = store.limits.archive_max;
     if len.is_some_and(|len| len > limit) {
-        return Err(broken(
-            None,
-            format!("upstream object is larger than the {limit}-byte limit"),
-        ));
-    }
-
-    let spool = tempfile::NamedTempFile::new_in(&store.spool_dir)
-        .map_err(|e| broken(None, format!("cannot create spool file: {e}")))?;
-    let (file, path) = spool.into_parts();
-    let spool = Arc::new(path);
-    let mut file = tokio::fs::File::from_std(file);
-    let keep = match object.trust {
-        Trust::Checksum { .. } => true,
-        Trust::Complete => delimited,
-        Trust::Unverified => false,
-    };
-    // Without a Content-Length the store's record would carry no size, so such a
-    // body is committed from the spool file once its length is known (below).
-    let tee = keep && len.is_some();
-    let mut writer = match store.disk.writer(&object.key, len).await {
-        Ok(w) if tee => Some(w),
-        Ok(_) => None,
-        Err(e) => {
-            // The client still gets its bytes; only the caching is lost.
-            tracing::warn!(key = %object.key, error = %e, "cannot write to the store; streaming without caching");
-            None
-        }
-    };
-    let mut hasher = Sha256::new();
-    let mut hot = len
-        .filter(|&l| keep && store.memory.fits(l))
-        .map(|l| BytesMut::with_capacity(l as usize));
-    tx.send_replace(FlightState::Streaming {
-        spool: spool.clone(),
-        len,
-        written: 0,
-    });
-
-    let mut body: Incoming = resp.into_body();
-    let mut written: u64 = 0;
-    let fail = |reason: String| broken(Some(spool.clone()), reason);
-    let mut ended = false;
-    while !ended {
-        let first = match next_chunk(&mut body, idle).await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(e) => return Err(fail(e.to_string())),
-        };
-        // Take whatever else has already arrived, up to a batch: one spool write and
-        // one store write per batch instead of per 16 KiB frame, without ever waiting
-        // for more (the first bytes still go out at once).
-        let mut batch = BytesMut::from(&first[..]);
-        while batch.len() < WRITE_BATCH {
-            match body.frame().now_or_never() {
-                Some(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        batch.extend_from_slice(&data);
-                    }
-                }
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                Some(Some(Err(e))) => return Err(fail(format!("upstream body broke off: {e}"))),
-                None => break,
-            }
-        }
-        let chunk = batch.freeze();
-        let now = written + chunk.len() as u64;
-        if now > len.unwrap_or(limit) {
-            return Err(fail(format!(
-                "upstream sent more than the {} bytes announced",
-                len.unwrap_or(limit)
-            )));
-        }
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| fail(format!("spool write failed: {e}")))?;
-        // Readers open the spool by path: bytes must reach the file before they are announced.
-        file.flush()
-            .await
-            .map_err(|e| fail(format!("spool write failed: {e}")))?;
-        if let Some(w) = writer.as_mut() {
-            if let Err(e) = w.write_all(&chunk).await {
-                tracing::warn!(key = %object.key, error = %e, "store write failed; streaming without caching");
-                writer = None;
-            }
-        }
-        hasher.update(&chunk);
-        if let Some(h) = hot.as_mut() {
-            h.extend_from_slice(&chunk);
-        }
-        written = now;
-        tx.send_modify(|state| {
-            if let FlightState::Streaming { written: w, .. } = state {
-                *w = written;
-            }
-        });
-    }
-    if let Some(len) = len.filter(|&len| len != written) {
-        return Err(fail(format!(
-            "upstream body ended after {written} of {len} bytes"
+        return Err(broken(format!(
+            "upstream object is larger than the {limit}-byte limit"
         )));
     }
-    let actual = hex::encode(hasher.finalize());
-    if let Trust::Checksum {
-        label,
-        expected,
-        refreshes,
-    } = &object.trust
-    {
-        if *expected != actual {
-            let mismatch = Mismatch {
-                label: label.clone(),
-                expected: expected.clone(),
-                actual: actual.clone(),
-            };
-            tracing::error!(
-                key = %object.key, module = %label, %expected, %actual,
-                "upstream archive does not match the index checksum; refused, not stored"
-            );
-            store.quarantine.record(&object.key, mismatch, *refreshes);
-            return Err(fail(format!(
-                "{label}: the index says sha256 {expected}, the upstream sent {actual}"
-            )));
-        }
-    }
-    if keep && !tee {
-        if let Err(e) = store.disk.commit_file(&object.key, &spool, written).await {
-            tracing::warn!(key = %object.key, error = %e, "store commit failed; served without caching");
-        }
-    }
-    if let Some(w) = writer {
-        match w.commit().await {
-            Ok(integrity) => {
-                if let Some(h) = hot {
-                    let hot = Hot {
-                        bytes: h.freeze(),
-                        sha256: integrity.to_hex().1,
-                    };
-                    store.memory.insert(object.key.clone(), hot).await;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(key = %object.key, error = %e, "store commit failed; served without caching")
-            }
-        }
-    }
-    Ok(FlightState::Complete {
-        spool,
-        len: written,
+    Ok(Head {
+        delimited: body_is_delimited(&resp),
+        body: resp.into_body(),
+        len,
     })
 }
 
 /// Ask each source in order; a 404 or an unreachable source moves on to the next.
-async fn first_answer(
-    store: &Store,
-    object: &Object,
-) -> Result<http::Response<Incoming>, FlightState> {
+async fn first_answer(store: &Store, object: &Object) -> Result<http::Response<Incoming>, Outcome> {
     let mut last = None;
     for (i, url) in object.urls.iter().enumerate() {
         let more = i + 1 < object.urls.len();
@@ -384,21 +295,218 @@ async fn first_answer(
             }
         }
     }
-    Err(FlightState::Unreachable(
+    Err(Outcome::Unreachable(
         last.unwrap_or_else(|| "no source answered".into()).into(),
     ))
 }
 
-fn broken(spool: Option<Arc<TempPath>>, reason: String) -> FlightState {
-    FlightState::Broken {
-        spool,
-        reason: reason.into(),
+/// A body wholly in its spool file.
+struct Spooled {
+    file: Arc<TempPath>,
+    len: u64,
+    /// Lowercase hex sha256 of the body if it is to be kept; `None` for a body that
+    /// is only streamed (nothing to verify or store, so nothing to hash).
+    sha256: Option<String>,
+    /// The body again, for the memory tier, if it is to be kept and small enough.
+    hot: Option<Bytes>,
+}
+
+/// Write the body to the spool file as it arrives, announcing each batch to the
+/// followers, and digest it on the way if it is to be kept: the one pass over
+/// its bytes that [`verify`] and [`commit`] rely on. Fails if the body breaks
+/// off, or runs longer or shorter than announced (or than `archive_max`).
+async fn spool(
+    store: &Store,
+    object: &Object,
+    head: Head,
+    tx: &watch::Sender<FlightState>,
+) -> Result<Spooled, Outcome> {
+    let Head {
+        mut body,
+        len,
+        delimited,
+    } = head;
+    let idle = store.upstream.timeouts().idle_read;
+    let limit = len.unwrap_or(store.limits.archive_max);
+    let spool = tempfile::NamedTempFile::new_in(&store.spool_dir)
+        .map_err(|e| broken(format!("cannot create spool file: {e}")))?;
+    let (file, path) = spool.into_parts();
+    let path = Arc::new(path);
+    let mut file = tokio::fs::File::from_std(file);
+    let keep = match object.trust {
+        Trust::Checksum { .. } => true,
+        Trust::Complete => delimited,
+        Trust::Unverified => false,
+    };
+    let mut hasher = keep.then(Sha256::new);
+    let mut hot = len
+        .filter(|&l| keep && store.memory.fits(l))
+        .map(|l| BytesMut::with_capacity(l as usize));
+    tx.send_replace(FlightState::Streaming {
+        spool: path.clone(),
+        len,
+        written: 0,
+    });
+
+    let mut written: u64 = 0;
+    loop {
+        let Some((chunk, last)) = next_batch(&mut body, idle).await.map_err(broken)? else {
+            break;
+        };
+        let now = written + chunk.len() as u64;
+        if now > limit {
+            return Err(broken(format!(
+                "upstream sent more than the {limit} bytes announced"
+            )));
+        }
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| broken(format!("spool write failed: {e}")))?;
+        // Readers open the spool by path: bytes must reach the file before they are announced.
+        file.flush()
+            .await
+            .map_err(|e| broken(format!("spool write failed: {e}")))?;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk);
+        }
+        if let Some(h) = hot.as_mut() {
+            h.extend_from_slice(&chunk);
+        }
+        written = now;
+        tx.send_modify(|state| {
+            if let FlightState::Streaming { written: w, .. } = state {
+                *w = written;
+            }
+        });
+        if last {
+            break;
+        }
     }
+    if let Some(len) = len.filter(|&len| len != written) {
+        return Err(broken(format!(
+            "upstream body ended after {written} of {len} bytes"
+        )));
+    }
+    Ok(Spooled {
+        file: path,
+        len: written,
+        sha256: hasher.map(|h| hex::encode(h.finalize())),
+        hot: hot.map(BytesMut::freeze),
+    })
+}
+
+/// The next bytes of `body`, and whether it ended right after them; `None` at its
+/// end. One chunk is waited for, then whatever else has already arrived is taken,
+/// up to a batch: one spool write per batch instead of per 16 KiB frame, without
+/// ever waiting for more (the first bytes still go out at once).
+async fn next_batch(body: &mut Incoming, idle: Duration) -> Result<Option<(Bytes, bool)>, String> {
+    let Some(first) = next_chunk(body, idle).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let mut batch = BytesMut::from(&first[..]);
+    while batch.len() < WRITE_BATCH {
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    batch.extend_from_slice(&data);
+                }
+            }
+            Some(None) => return Ok(Some((batch.freeze(), true))),
+            Some(Some(Err(e))) => return Err(format!("upstream body broke off: {e}")),
+            None => break,
+        }
+    }
+    Ok(Some((batch.freeze(), false)))
+}
+
+/// Check the body against the sha256 the index gives for it. A mismatch is logged
+/// loudly and remembered until the index refreshes, and the fetch ends broken:
+/// no follower sees a clean end, and [`commit`] is never reached.
+fn verify(store: &Store, object: &Object, spooled: &Spooled) -> Result<(), Outcome> {
+    let Trust::Checksum {
+        label,
+        expected,
+        refreshes,
+    } = &object.trust
+    else {
+        return Ok(());
+    };
+    // A checksum always makes the body one to keep, so it was digested.
+    let actual = spooled.sha256.clone().unwrap_or_default();
+    if *expected == actual {
+        return Ok(());
+    }
+    tracing::error!(
+        key = %object.key, module = %label, %expected, %actual,
+        "upstream archive does not match the index checksum; refused, not stored"
+    );
+    let reason = format!("{label}: the index says sha256 {expected}, the upstream sent {actual}");
+    let mismatch = Mismatch {
+        label: label.clone(),
+        expected: expected.clone(),
+        actual,
+    };
+    store.quarantine.record(&object.key, mismatch, *refreshes);
+    Err(broken(reason))
+}
+
+/// Keep a verified body: the spool file goes into the disk tier under the digest
+/// [`spool`] computed (nothing is read or hashed again), a small body into the
+/// memory tier too. A store failure is only logged: the clients have their bytes,
+/// and a later request fetches again.
+async fn commit(store: &Store, object: &Object, spooled: &Spooled) {
+    let Some(sha256) = &spooled.sha256 else {
+        return;
+    };
+    let committed = store
+        .disk
+        .commit_hashed(&object.key, &spooled.file, spooled.len, sha256)
+        .await;
+    if let Err(e) = committed {
+        tracing::warn!(key = %object.key, error = %e, "store commit failed; served without caching");
+        return;
+    }
+    if let Some(bytes) = &spooled.hot {
+        let hot = Hot {
+            bytes: bytes.clone(),
+            sha256: sha256.clone(),
+        };
+        store.memory.insert(object.key.clone(), hot).await;
+    }
+}
+
+/// Say how the fetch ended in the log, and remember an upstream 404.
+fn report(store: &Store, object: &Object, end: &FlightState, started: Instant) {
+    match end {
+        FlightState::Complete { len, .. } => tracing::info!(
+            key = %object.key, bytes = len, ms = started.elapsed().as_millis() as u64,
+            stored = object.trust != Trust::Unverified,
+            "fetched from upstream"
+        ),
+        FlightState::Ended(Outcome::Broken(reason)) => tracing::warn!(
+            key = %object.key, %reason, "upstream transfer failed; nothing stored"
+        ),
+        FlightState::Ended(Outcome::Refused { status, .. }) => {
+            tracing::info!(key = %object.key, %status, "upstream refused; passed on, not stored");
+            if *status == StatusCode::NOT_FOUND {
+                let listed = matches!(object.trust, Trust::Checksum { .. });
+                store.not_found.record(&object.key, listed);
+            }
+        }
+        FlightState::Ended(Outcome::Unreachable(reason)) => tracing::warn!(
+            key = %object.key, %reason, "no source could be reached"
+        ),
+        _ => {}
+    }
+}
+
+fn broken(reason: String) -> Outcome {
+    Outcome::Broken(reason.into())
 }
 
 /// A body that follows the spool file as the fetch fills it, ending cleanly only
 /// once the fetch is complete and every byte has been read.
-pub async fn follow(
+async fn follow(
     spool: Arc<TempPath>,
     rx: watch::Receiver<FlightState>,
 ) -> std::io::Result<GatewayBody> {
@@ -439,7 +547,7 @@ impl Follower {
                 }
                 FlightState::Streaming { written, .. } => (*written, false),
                 FlightState::Complete { len, .. } => (*len, true),
-                FlightState::Broken { reason, .. } => {
+                FlightState::Ended(Outcome::Broken(reason)) => {
                     return Err(format!("upstream transfer failed: {reason}").into())
                 }
                 other => return Err(format!("flight ended unexpectedly: {other:?}").into()),

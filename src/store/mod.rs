@@ -8,6 +8,7 @@ pub mod eviction;
 pub mod flight;
 pub mod memory;
 pub mod not_found;
+pub mod object;
 pub mod quarantine;
 pub mod usage;
 
@@ -21,42 +22,14 @@ use crate::body::{self, GatewayBody};
 use crate::config::StoreSettings;
 use crate::upstream::Upstream;
 use disk::{Disk, Entry};
-use flight::{FlightState, Flights};
+use flight::{Answer, Flight, Flights, Outcome};
 use memory::{Hot, Memory};
 use not_found::NotFound;
+pub use object::{Object, Trust};
 use quarantine::{Mismatch, Quarantine};
 
 /// Store key of the `symbols.zip` kept for offline use (by `export` and `import`).
 pub const SYMBOLS_KEY: &str = "symbols/symbols.zip";
-
-/// One immutable object a client asked for.
-#[derive(Clone, Debug)]
-pub struct Object {
-    /// Store key, e.g. `archive/alice/json/0.1.0`.
-    pub key: String,
-    /// Where to fetch it, in source order.
-    pub urls: Vec<String>,
-    pub content_type: &'static str,
-    pub trust: Trust,
-}
-
-/// What the gateway may check a fetched body against, and so whether it may keep it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Trust {
-    /// The index vouches for this sha256: a body with any other digest is refused,
-    /// never stored, and remembered as bad until the index refreshes.
-    Checksum {
-        /// `user/module@version`, for messages.
-        label: String,
-        expected: String,
-        /// Index refresh count when the expectation was read.
-        refreshes: u64,
-    },
-    /// Nothing to check against (wasm assets): stored once complete.
-    Complete,
-    /// Unknown to the index: streamed to the client, never stored.
-    Unverified,
-}
 
 pub struct Limits {
     pub archive_max: u64,
@@ -194,8 +167,8 @@ impl Store {
         if head {
             return self.head_upstream(&object).await;
         }
-        let rx = self.flights.join(self, &object);
-        self.await_flight(&object, rx).await
+        let flight = self.flights.join(self, &object);
+        self.serve_flight(&object, flight).await
     }
 
     /// Answer from the memory tier, else the disk tier; `None` if neither holds it.
@@ -256,7 +229,7 @@ impl Store {
             return;
         };
         tracing::debug!(key = %object.key, "prefetching");
-        Flights::settle(self.flights.join(self, &object)).await;
+        self.flights.join(self, &object).outcome(|_| {}).await;
     }
 
     async fn serve_stored(&self, object: &Object, head: bool) -> Option<Response<GatewayBody>> {
@@ -340,81 +313,54 @@ impl Store {
         }
     }
 
-    async fn await_flight(
-        self: &Arc<Self>,
-        object: &Object,
-        mut rx: tokio::sync::watch::Receiver<FlightState>,
-    ) -> Response<GatewayBody> {
-        loop {
-            let state = rx.borrow_and_update().clone();
-            match state {
-                FlightState::Connecting => {
-                    if rx.changed().await.is_err() {
-                        return body::text(
-                            StatusCode::BAD_GATEWAY,
-                            "upstream fetch ended without an answer",
-                        );
-                    }
-                }
-                FlightState::Streaming { spool, len, .. } => {
-                    return self.follow(object, spool, len, rx).await;
-                }
-                FlightState::Complete { spool, len } => {
-                    return self.follow(object, spool, Some(len), rx).await;
-                }
-                FlightState::Broken { reason, .. } => {
-                    return body::text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("upstream transfer of {} failed: {reason}", object.key),
-                    );
-                }
-                FlightState::Stored => {
-                    return match self.serve_stored(object, false).await {
-                        Some(resp) => resp,
-                        None => {
-                            body::text(StatusCode::BAD_GATEWAY, "stored object vanished; retry")
-                        }
-                    };
-                }
-                FlightState::Refused {
-                    status,
-                    content_type,
-                    body: bytes,
-                } => {
-                    let mut resp = Response::new(body::full(bytes));
-                    *resp.status_mut() = status;
-                    if let Some(ct) = content_type {
-                        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
-                    }
-                    resp.headers_mut()
-                        .insert("x-cache", HeaderValue::from_static("miss"));
-                    return resp;
-                }
-                FlightState::Unreachable(reason) => {
-                    return body::text(
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "{} is not stored and no source could be reached: {reason}",
-                            object.key
-                        ),
-                    );
+    /// Answer a client from a fetch: the body as it arrives, or what ended the fetch.
+    async fn serve_flight(&self, object: &Object, flight: Flight) -> Response<GatewayBody> {
+        let outcome = match flight.answer().await {
+            Answer::Body { len, body } => return object_response(object, len, None, "miss", body),
+            Answer::Unreadable(e) => {
+                return body::text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not read the spool file: {e}"),
+                )
+            }
+            Answer::Ended(outcome) => outcome,
+        };
+        match outcome {
+            // Committed by another fetch (a fetch that completes gives a body instead).
+            Outcome::Stored | Outcome::Fetched { .. } => {
+                match self.serve_stored(object, false).await {
+                    Some(resp) => resp,
+                    None => body::text(StatusCode::BAD_GATEWAY, "stored object vanished; retry"),
                 }
             }
-        }
-    }
-
-    async fn follow(
-        &self,
-        object: &Object,
-        spool: Arc<tempfile::TempPath>,
-        len: Option<u64>,
-        rx: tokio::sync::watch::Receiver<FlightState>,
-    ) -> Response<GatewayBody> {
-        match flight::follow(spool, rx).await {
-            Ok(body) => object_response(object, len, None, "miss", body),
-            Err(e) => body::text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("could not read the spool file: {e}"),
+            Outcome::Refused {
+                status,
+                content_type,
+                body: bytes,
+            } => {
+                let mut resp = Response::new(body::full(bytes));
+                *resp.status_mut() = status;
+                if let Some(ct) = content_type {
+                    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                resp.headers_mut()
+                    .insert("x-cache", HeaderValue::from_static("miss"));
+                resp
+            }
+            Outcome::Broken(reason) => body::text(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream transfer of {} failed: {reason}", object.key),
+            ),
+            Outcome::Unreachable(reason) => body::text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "{} is not stored and no source could be reached: {reason}",
+                    object.key
+                ),
+            ),
+            Outcome::Abandoned => body::text(
+                StatusCode::BAD_GATEWAY,
+                "upstream fetch ended without an answer",
             ),
         }
     }
@@ -477,16 +423,6 @@ impl Drop for PendingPrefetch<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         pending.remove(&self.key);
-    }
-}
-
-impl Object {
-    /// Whether a stored copy with this digest may answer for the object.
-    fn accepts(&self, sha256: &str) -> bool {
-        match &self.trust {
-            Trust::Checksum { expected, .. } => expected == sha256,
-            Trust::Complete | Trust::Unverified => true,
-        }
     }
 }
 
