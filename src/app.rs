@@ -52,6 +52,9 @@ pub struct Services {
     pub mutable: Arc<MutableCache>,
     /// Fetch an archive's dependencies in the background when it is requested.
     pub prefetch: bool,
+    /// Bearer token the admin endpoints require (`admin.token_env`); without one
+    /// they answer loopback clients only.
+    pub admin_token: Option<String>,
     /// A command's spool files and git CA bundle; removed when it ends.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -60,6 +63,15 @@ impl Services {
     /// Open the data dir `config` names (creating it) and build every service.
     pub fn open(config: &Config, mode: Mode) -> anyhow::Result<Services> {
         let sources = config.sources()?;
+        let admin_token = match (&config.admin.token_env, mode) {
+            (Some(var), Mode::Serve | Mode::Offline) => Some(
+                std::env::var(var)
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .with_context(|| format!("admin.token_env names `{var}`, which is not set"))?,
+            ),
+            _ => None,
+        };
         let data_dir = &config.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("could not create data dir {}", data_dir.display()))?;
@@ -126,6 +138,7 @@ impl Services {
         )?;
         Ok(Services {
             prefetch: config.prefetch && mode == Mode::Serve,
+            admin_token,
             config: config.clone(),
             mode,
             sources,

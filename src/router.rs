@@ -8,6 +8,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use crate::app::Services;
 use crate::archive::{ArchiveKey, AssetPath, PathError};
 use crate::body::{self, GatewayBody};
+use crate::client::{bearer_matches, Client};
 use crate::config::join;
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Offline};
@@ -140,24 +141,9 @@ async fn dispatch(
     let head = req.method() == Method::HEAD;
     match route {
         Route::Health => health(app),
-        Route::IndexRefresh => match app.index.refresh_all(true).await {
-            Ok(results) => {
-                let ok = results.iter().all(|(_, f)| *f == Freshness::Fresh);
-                let body = results
-                    .iter()
-                    .map(|(source, f)| serde_json::json!({"source": source, "result": format!("{f:?}")}))
-                    .collect::<Vec<_>>();
-                let status = if ok {
-                    StatusCode::OK
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                body::json(
-                    status,
-                    &serde_json::json!({ "refreshed": ok, "sources": body }),
-                )
-            }
-            Err(Offline) => body::offline(),
+        Route::IndexRefresh => match admin_refusal(app, &req) {
+            Some(refusal) => refusal,
+            None => refresh_asked(app).await,
         },
         Route::Archive(key) => {
             // Before the index is asked (which may refresh it): a recent 404 answers.
@@ -211,6 +197,53 @@ async fn dispatch(
             passthrough::forward(&app.upstream, req, &url).await
         }
         Route::Refuse(status, reason) => body::text(status, reason),
+    }
+}
+
+/// Admin endpoints answer a bearer token when `admin.token_env` is set, else
+/// loopback clients only; `Some` is the refusal.
+fn admin_refusal(app: &Services, req: &Request<GatewayBody>) -> Option<Response<GatewayBody>> {
+    match &app.admin_token {
+        Some(token) if bearer_matches(req.headers().get(header::AUTHORIZATION), token) => None,
+        Some(_) => Some(body::text(
+            StatusCode::UNAUTHORIZED,
+            "this admin endpoint needs the admin bearer token",
+        )),
+        // No door attached a client (a request built in-process): nothing to check.
+        None => match Client::of(req) {
+            Some(Client(addr)) if !addr.ip().is_loopback() => Some(body::text(
+                StatusCode::FORBIDDEN,
+                "admin endpoints answer loopback clients only (set admin.token_env to allow others)",
+            )),
+            _ => None,
+        },
+    }
+}
+
+/// `POST /-/index/refresh`: refresh every mirror now, sharing a refresh that
+/// started within the last few seconds (callers cannot make the gateway hammer
+/// its sources).
+async fn refresh_asked(app: &Services) -> Response<GatewayBody> {
+    match app.index.refresh_asked().await {
+        Ok(results) => {
+            let ok = results.iter().all(|(_, f)| *f == Freshness::Fresh);
+            let body = results
+                .iter()
+                .map(
+                    |(source, f)| serde_json::json!({"source": source, "result": format!("{f:?}")}),
+                )
+                .collect::<Vec<_>>();
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            body::json(
+                status,
+                &serde_json::json!({ "refreshed": ok, "sources": body }),
+            )
+        }
+        Err(Offline) => body::offline(),
     }
 }
 

@@ -11,7 +11,8 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::{http_builder, transparent, Doors};
+use super::send_timeout::SendTimeout;
+use super::{transparent, Doors};
 use crate::app::Services;
 
 /// How long shutdown waits for open transfers.
@@ -54,10 +55,17 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
         tokio::spawn(transparent::accept(listener, doors.clone()));
     }
 
-    let http = http_builder();
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
+        // Past server.max_connections, new clients wait in the accept queue.
+        let permit = tokio::select! {
+            permit = doors.connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -70,14 +78,18 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let doors = doors.clone();
-                let service = service_fn(move |req| doors.clone().main(req, peer));
-                let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let io = TokioIo::new(SendTimeout::new(stream, doors.send_timeout));
+                let service = {
+                    let doors = doors.clone();
+                    service_fn(move |req| doors.clone().main(req, peer))
+                };
+                let conn = doors.http.serve_connection_with_upgrades(io, service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             _ = &mut shutdown => break,

@@ -7,6 +7,7 @@
 
 pub mod listener;
 pub mod proxy;
+pub mod send_timeout;
 pub mod sni;
 pub mod tls;
 pub mod transparent;
@@ -21,10 +22,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
 use crate::app::Services;
 use crate::body::{self, GatewayBody};
-use crate::client::Client;
+use crate::client::{basic_matches, Client};
 use crate::intercept::{load_ca, Interceptor};
 use crate::router::{self, Door};
 use tunnel::TunnelPolicy;
@@ -44,6 +46,14 @@ pub struct Doors {
     /// The addresses the gateway's own listeners are bound to: a tunnel there
     /// would come back to the gateway, again and again.
     pub listening: Vec<SocketAddr>,
+    /// One permit per open client connection, over every door (`server.max_connections`).
+    pub connections: Arc<Semaphore>,
+    /// HTTP/1.1 + h2 settings every door serves with (head size and time bounds).
+    pub http: auto::Builder<TokioExecutor>,
+    /// A client that takes no response bytes for this long is disconnected.
+    pub send_timeout: Duration,
+    /// `user:password` required on the registry endpoint (`server.auth`), if set.
+    pub server_auth: Option<String>,
 }
 
 /// What a connection opened by the doors carries, and so where it may not go.
@@ -92,7 +102,12 @@ impl Doors {
                 "tunnelling of non-registry hosts is off (set proxy.tunnel to allow some)"
             );
         }
+        let server = &config.server;
         Ok(Doors {
+            connections: Arc::new(Semaphore::new(server.max_connections)),
+            http: http_builder(server.max_header_size.as_u64()),
+            send_timeout: server.send_timeout,
+            server_auth: server.auth.clone(),
             listening,
             proxy_auth: config.proxy.auth.clone(),
             app,
@@ -154,6 +169,32 @@ impl Doors {
         })
     }
 
+    /// With `server.auth`, a registry-endpoint request must carry those Basic
+    /// credentials; they are the gateway's, so they are taken off the request
+    /// (which is then cached like any other, not passed through as personal).
+    #[allow(clippy::result_large_err)]
+    fn endpoint_credentials(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<Request<Incoming>, Response<GatewayBody>> {
+        let Some(expected) = &self.server_auth else {
+            return Ok(req);
+        };
+        if basic_matches(req.headers().get(header::AUTHORIZATION), expected) {
+            req.headers_mut().remove(header::AUTHORIZATION);
+            return Ok(req);
+        }
+        let mut resp = body::text(
+            http::StatusCode::UNAUTHORIZED,
+            "this gateway requires credentials (server.auth)",
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Basic realm=\"moonbit-registry\""),
+        );
+        Err(resp)
+    }
+
     /// Hand an origin-form request to the router, with the client it came from.
     async fn route(
         &self,
@@ -179,7 +220,10 @@ impl Doors {
             // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
             proxy::absolute(&self, req, peer).await
         } else {
-            self.route(req, Door::Endpoint, peer).await
+            match self.endpoint_credentials(req) {
+                Ok(req) => self.route(req, Door::Endpoint, peer).await,
+                Err(refusal) => refusal,
+            }
         };
         log_request(&method, &target, None, &resp, started);
         Ok(resp)
@@ -210,13 +254,19 @@ impl Doors {
     }
 }
 
-/// The HTTP/1.1 + h2 connection settings every door uses.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
+/// The HTTP/1.1 + h2 connection settings every door uses: a request head takes
+/// at most `HEADER_READ_TIMEOUT` and `max_header` bytes (HTTP/1.1 read buffer, h2
+/// header list).
+pub fn http_builder(max_header: u64) -> auto::Builder<TokioExecutor> {
+    let max_header = max_header.clamp(8 * 1024, 1024 * 1024);
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    http.http2().timer(TokioTimer::new());
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(max_header as usize);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(max_header as u32);
     http
 }
 

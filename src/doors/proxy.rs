@@ -6,13 +6,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use base64::Engine;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::{tls, tunnel, Carrying, Doors, TunnelRefused};
 use crate::body::{self, GatewayBody};
+use crate::client::basic_matches;
 use crate::passthrough;
 use crate::router::Door;
 
@@ -22,22 +22,7 @@ const HTTPS_PORT: u16 = 443;
 /// Check `Proxy-Authorization` when the gateway requires it; `Some` is the 407.
 fn refuse_unauthorized(doors: &Doors, req: &Request<Incoming>) -> Option<Response<GatewayBody>> {
     let expected = doors.proxy_auth.as_ref()?;
-    let given = req
-        .headers()
-        .get(header::PROXY_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Basic ")
-                .or_else(|| v.strip_prefix("basic "))
-        })
-        .and_then(|b64| {
-            base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .ok()
-        });
-    // Compared in constant time so the answer's timing tells nothing about the secret.
-    let ok = given.is_some_and(|g| constant_time_eq(&g, expected.as_bytes()));
-    if ok {
+    if basic_matches(req.headers().get(header::PROXY_AUTHORIZATION), expected) {
         return None;
     }
     let mut resp = body::text(
@@ -49,10 +34,6 @@ fn refuse_unauthorized(doors: &Doors, req: &Request<Incoming>) -> Option<Respons
         HeaderValue::from_static("Basic realm=\"moonbit-registry\""),
     );
     Some(resp)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The `host:port` of a `CONNECT` target (RFC 9110 §9.3.6 authority-form), strictly:

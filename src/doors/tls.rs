@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::{http_builder, Doors};
+use super::Doors;
 
 /// Bound on the TLS handshake with the client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -60,8 +60,8 @@ where
         }
     };
     tracing::debug!(%host, "intercepted TLS connection");
+    let http = doors.http.clone();
     let service = service_fn(move |req| doors.clone().intercepted(req, source, peer));
-    let http = http_builder();
     if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(%host, error = %e, "intercepted connection ended with an error");
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use super::send_timeout::SendTimeout;
 use super::{sni, tls, tunnel, Carrying, Doors, TunnelRefused};
 
 /// How long a redirected client may take to send its TLS ClientHello.
@@ -17,6 +18,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// between interception and a tunnel to that name on port 443.
 pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
     loop {
+        // The same bound on open connections as the main listener's.
+        let Ok(permit) = doors.connections.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -34,6 +39,8 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
                 }
                 Err(e) => return tracing::info!(%peer, error = %e, "transparent connection closed"),
             };
+            let _permit = permit;
+            let stream = SendTimeout::new(stream, doors.send_timeout);
             if doors.intercepted_source(&name).is_some() {
                 return tls::terminate(doors, stream, Some(name), peer).await;
             }

@@ -182,7 +182,7 @@ impl Mirror {
 
     /// Make sure a refresh succeeded after `since` (`None`: ever), running at most one
     /// git fetch at a time: callers that queued behind a refresh reuse its result.
-    async fn refresh_since(&self, since: Option<Instant>, force: bool) -> Freshness {
+    pub async fn refresh_since(&self, since: Option<Instant>, force: bool) -> Freshness {
         let mut state = self.refresh.lock().await;
         if let (Some(ok), Some(since)) = (state.last_ok, since) {
             if ok >= since {

@@ -58,6 +58,10 @@ pub struct Offline;
 /// most this often.
 const UNKNOWN_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Refreshes asked for by clients (`POST /-/index/refresh`) share one that started
+/// this recently.
+const ASKED_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Longest a clone waits for a refresh of an existing mirror before it is served
 /// what the mirror holds.
 const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -135,6 +139,21 @@ impl Index {
         tokio::spawn(async move {
             let _ = index.refresh_all(false).await;
         });
+    }
+
+    /// A refresh a client asked for: every mirror refreshed unless a refresh that
+    /// started within `ASKED_REFRESH_EVERY` succeeded (so asks are coalesced and
+    /// rate limited), with a recent failure not holding it back.
+    pub async fn refresh_asked(&self) -> Result<Vec<(String, Freshness)>, Offline> {
+        if self.offline {
+            return Err(Offline);
+        }
+        let since = std::time::Instant::now().checked_sub(ASKED_REFRESH_EVERY);
+        let mut out = Vec::new();
+        for m in &self.mirrors {
+            out.push((m.source.clone(), m.refresh_since(since, true).await));
+        }
+        Ok(out)
     }
 
     /// Refresh every mirror (at most one fetch each at a time).
