@@ -78,9 +78,57 @@ pub struct Collected {
     pub skipped_in_use: usize,
 }
 
+/// Temp files in a store's `tmp/` untouched for this long belong to no live writer
+/// (writers append continuously, and commits rename at once): a killed process's.
+pub const TMP_GRACE: Duration = Duration::from_secs(60);
+
+/// Remove the temp files under `store_dir/tmp` untouched for `older_than` (left by
+/// a process killed mid-write); returns how many and how many bytes, and the bytes
+/// of those that remain (writes in progress).
+pub fn sweep_tmp(store_dir: &Path, older_than: Duration) -> (usize, u64, u64) {
+    let (mut removed, mut freed, mut remaining) = (0, 0, 0);
+    let Ok(entries) = std::fs::read_dir(store_dir.join("tmp")) else {
+        return (0, 0, 0);
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let idle = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or_default();
+        let stale = idle >= older_than;
+        let gone = stale
+            && if meta.is_dir() {
+                std::fs::remove_dir_all(entry.path()).is_ok()
+            } else {
+                std::fs::remove_file(entry.path()).is_ok()
+            };
+        if gone {
+            removed += 1;
+            freed += meta.len();
+        } else {
+            remaining += meta.len();
+        }
+    }
+    (removed, freed, remaining)
+}
+
 /// Evict least recently used content until the distinct content fits in `max`
-/// bytes. Content for which `in_use` says yes is kept whatever its age.
+/// bytes. Content for which `in_use` says yes is kept whatever its age. Orphaned
+/// temp files go first; those still being written count against the bound.
 pub fn collect(store_dir: &Path, max: u64, in_use: &dyn Fn(&str) -> bool) -> Collected {
+    let (orphans, orphan_bytes, writing) = sweep_tmp(store_dir, TMP_GRACE);
+    if orphans > 0 {
+        tracing::info!(
+            files = orphans,
+            bytes = orphan_bytes,
+            "removed orphaned temp files from the store"
+        );
+    }
     let mut by_content: HashMap<String, Vec<StoredEntry>> = HashMap::new();
     for entry in list(store_dir) {
         by_content
@@ -101,7 +149,7 @@ pub fn collect(store_dir: &Path, max: u64, in_use: &dyn Fn(&str) -> bool) -> Col
         })
         .collect();
     contents.sort_by_key(|(used, _, _)| *used);
-    let before: u64 = contents.iter().map(|(_, size, _)| size).sum();
+    let before: u64 = contents.iter().map(|(_, size, _)| size).sum::<u64>() + writing;
     let mut report = Collected {
         before,
         after: before,

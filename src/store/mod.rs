@@ -81,6 +81,15 @@ impl Store {
             std::fs::remove_dir_all(&spool_dir)
                 .with_context(|| format!("could not clear {}", spool_dir.display()))?;
         }
+        // So are the store's own temp files; a command beside us writes to fresh ones.
+        let (orphans, bytes, _) = eviction::sweep_tmp(&data_dir.join("store"), eviction::TMP_GRACE);
+        if orphans > 0 {
+            tracing::info!(
+                files = orphans,
+                bytes,
+                "removed temp files left in the store by a crash"
+            );
+        }
         Store::open_with_spool(data_dir, spool_dir, storage, upstream)
     }
 
