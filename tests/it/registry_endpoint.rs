@@ -1,17 +1,15 @@
 //! The gateway as a registry endpoint (`MOONCAKES_REGISTRY=http://gw`): real `git`,
 //! `curl` and `moon` against the real binary, in front of a real TLS test upstream.
 
-mod upstream;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use upstream::clients::sha256_hex;
-use upstream::scenario::{
+use crate::upstream::clients::sha256_hex;
+use crate::upstream::scenario::{
     curl, fetch, fetch_miss_then_hit, git, moon, moon_bin, moon_project, ok, refresh_index, run,
     setup_with,
 };
-use upstream::{Fault, Gateway};
+use crate::upstream::{Fault, Gateway};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn index_clones_shallow_and_pulls_through_the_gateway() {
