@@ -2,7 +2,9 @@
 //! and `git http-backend` (see `side_by_side`). A benchmark, not a test: `cargo test`
 //! never runs it. Peers are installed by `benches/peers.sh` when missing.
 
-#[path = "../tests/upstream/mod.rs"]
+// The integration tests' harness; this benchmark uses only part of it.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/it/upstream/mod.rs"]
 mod upstream;
 
 mod side_by_side;

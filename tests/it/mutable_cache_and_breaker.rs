@@ -3,19 +3,20 @@
 //! is stopped or hangs, a per-source circuit breaker that answers at once while the
 //! source is down and closes after a probe, remembered archive 404s, and the real
 //! `moon` client working at full speed against an upstream that never answers.
-
-mod upstream;
+//! End to end for `src/mutable_cache.rs` and `src/breaker.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use upstream::clients::sha256_hex;
-use upstream::scenario::{
+
+use crate::upstream;
+use crate::upstream::clients::sha256_hex;
+use crate::upstream::scenario::{
     curl, fetch, moon, moon_bin, moon_project, ok, refresh_index, setup_configured,
 };
-use upstream::Fault;
+use crate::upstream::Fault;
 
 /// One response as curl saw it.
 struct Got {

@@ -106,14 +106,6 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed?)"))
 }
 
-/// Runs a blocking command on the blocking thread pool, for async tests on a
-/// current-thread runtime that also drive other futures.
-pub async fn run_async(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || run(&mut cmd))
-        .await
-        .expect("command thread panicked")
-}
-
 /// The `application/x-www-form-urlencoded` byte serializer used by moon for
 /// archive URLs: `A-Z a-z 0-9 * - . _` kept, space -> `+`, every other byte
 /// -> `%XX` with upper-case hex.

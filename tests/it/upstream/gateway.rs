@@ -140,6 +140,7 @@ impl Gateway {
     }
 
     /// The child's process id while it runs.
+    #[allow(dead_code, reason = "used by benches/gateway.rs, not by the tests")]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -150,13 +151,6 @@ impl Gateway {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-
-    /// Kills the process and starts it again with the same port, data dir
-    /// and arguments.
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn_and_wait().await;
     }
 
     async fn spawn_and_wait(&mut self) {

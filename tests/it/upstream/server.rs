@@ -11,7 +11,6 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -108,7 +107,6 @@ pub(super) struct Shared {
     handle: Handle,
     log: Mutex<Vec<SeenRequest>>,
     fault: Mutex<Fault>,
-    connections: AtomicUsize,
     accept_task: Mutex<Option<JoinHandle<()>>>,
     /// Every connection, h2 stream and CGI helper task, so `stop` can abort them.
     tasks: Mutex<JoinSet<()>>,
@@ -152,7 +150,6 @@ impl Upstream {
             handle: runtime.handle().clone(),
             log: Mutex::new(Vec::new()),
             fault: Mutex::new(Fault::None),
-            connections: AtomicUsize::new(0),
             accept_task: Mutex::new(None),
             tasks: Mutex::new(JoinSet::new()),
         });
@@ -208,11 +205,6 @@ impl Upstream {
     /// Forgets the requests seen so far.
     pub fn clear_requests(&self) {
         lock(&self.shared.log).clear();
-    }
-
-    /// TCP connections accepted so far (including failed TLS handshakes).
-    pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::SeqCst)
     }
 
     /// Sets the fault for requests from now on (`Fault::None` clears it).
@@ -284,7 +276,6 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                shared.connections.fetch_add(1, Ordering::SeqCst);
                 let _ = tcp.set_nodelay(true);
                 let conn_shared = shared.clone();
                 shared.spawn(serve_connection(conn_shared, tcp, peer));

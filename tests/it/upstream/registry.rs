@@ -29,7 +29,6 @@ pub const SIZED_IN_MEMORY_LIMIT: u64 = 64 << 20;
 pub struct Published {
     /// `user/module`, e.g. `alice/json` or `bob/lex/runtime`.
     pub name: String,
-    pub version: String,
     /// Lowercase hex SHA-256 of the archive bytes; also in the index line.
     pub checksum: String,
     /// The archive bytes; empty for `publish_sized` archives bigger than
@@ -244,11 +243,6 @@ impl Registry {
         self.lock_state().archives.insert(key.to_string(), archive);
     }
 
-    /// Stops serving `key` (the index keeps its line), so the server answers 404.
-    pub fn remove_archive(&self, key: &str) -> Option<Archive> {
-        self.lock_state().archives.remove(key)
-    }
-
     /// The archive served for `key` (`user/module/version`), if any.
     pub fn archive(&self, key: &str) -> Option<Archive> {
         self.lock_state().archives.get(key).cloned()
@@ -356,7 +350,6 @@ impl Registry {
         };
         Published {
             name: name.to_string(),
-            version: version.to_string(),
             checksum: checksum.to_string(),
             segment: form_urlencode(&key),
             key,

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use super::clients;
 use super::{Gateway, Registry, Upstream};
 
 /// Run a command, returning its output; panics only if it cannot be started.
@@ -50,8 +49,8 @@ pub struct Setup {
     pub registry: Arc<Registry>,
     pub upstream: Upstream,
     pub gateway: Gateway,
-    /// Holds the gateway's config file, if any, for as long as the gateway runs.
-    pub config_dir: Option<tempfile::TempDir>,
+    /// Holds the gateway's config file for as long as the gateway runs.
+    _config_dir: tempfile::TempDir,
 }
 
 /// A registry with what `publish` puts in it, its upstream, and a gateway started
@@ -75,7 +74,7 @@ pub async fn setup_configured<T>(toml: &str, publish: impl FnOnce(&Registry) -> 
         registry,
         upstream,
         gateway,
-        config_dir: Some(config_dir),
+        _config_dir: config_dir,
     };
     (setup, published)
 }
@@ -193,14 +192,22 @@ pub fn moon(bin: &Path, home: &Path, cwd: &Path, registry: &str, args: &[&str]) 
 
 /// Tests that use the real registry host names (mooncakes.io) run inside a network
 /// namespace that holds only loopback, so even a misrouted request cannot leave
-/// the machine. Call first thing in such a test: in the outer process it re-runs
-/// `test_name` inside `unshare -n` and returns `false` (the outer test is then
-/// done); inside the namespace it returns `true` and the test body runs.
-pub fn inside_loopback_namespace(test_name: &str) -> bool {
+/// the machine. Call first thing in such a test, as
+/// `inside_loopback_namespace(module_path!(), "the_test_fn")`: in the outer process
+/// it re-runs exactly that test (this binary, `--exact` on its full libtest name)
+/// inside `unshare -n` and returns `false` (the outer test is then done); inside
+/// the namespace it returns `true` and the test body runs.
+pub fn inside_loopback_namespace(module: &str, test_fn: &str) -> bool {
     const MARK: &str = "MBR_TEST_INSIDE_NETNS";
     if std::env::var_os(MARK).is_some() {
         return true;
     }
+    // libtest names a test by its path without the crate: `it::proxy_intercept`
+    // and `fn x` give `proxy_intercept::x`.
+    let test_name = match module.split_once("::") {
+        Some((_crate, path)) => format!("{path}::{test_fn}"),
+        None => test_fn.to_string(),
+    };
     let exe = std::env::current_exe().expect("test binary path");
     let out = Command::new("unshare")
         .args([
@@ -210,14 +217,18 @@ pub fn inside_loopback_namespace(test_name: &str) -> bool {
             "ip link set lo up && exec \"$0\" \"$@\"",
         ])
         .arg(&exe)
-        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .args(["--exact", &test_name, "--nocapture", "--test-threads=1"])
         .env(MARK, "1")
         .output()
         .unwrap_or_else(|e| panic!("cannot run unshare (util-linux) for {test_name}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Exactly this test ran and passed: a wrong name would filter every test out
+    // and "pass" with 0 tests.
     assert!(
-        out.status.success() && stdout.contains("1 passed"),
+        out.status.success()
+            && stdout.contains(&format!("test {test_name} ... ok"))
+            && stdout.contains("test result: ok. 1 passed;"),
         "{test_name} failed inside its loopback-only network namespace ({}):\n{stdout}\n{stderr}",
         out.status
     );

@@ -1,17 +1,15 @@
-//! Self tests of the integration-test harness in `tests/upstream/`: the test
+//! Self tests of the integration-test harness in `tests/it/upstream/`: the test
 //! registry and its HTTPS server, driven by real `git`, `curl` and reqwest.
 //! They do not need the gateway binary.
-
-mod upstream;
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use upstream::clients::{self, curl, git_trusting, run, run_ok, sha256_file, sha256_hex};
-use upstream::registry::temp_home;
-use upstream::{Fault, Registry, Upstream};
+use crate::upstream::clients::{self, curl, git_trusting, run, run_ok, sha256_file, sha256_hex};
+use crate::upstream::registry::temp_home;
+use crate::upstream::{Fault, Registry, Upstream};
 
 async fn upstream_with(publish: &[(&str, &str)]) -> Upstream {
     let registry = Arc::new(Registry::new());

@@ -3,14 +3,12 @@
 //! same in the background; a byte flipped on disk is caught by `cache verify` and
 //! by `serve`, which never delivers corrupt bytes as a complete transfer.
 
-mod upstream;
-
 use std::time::{Duration, Instant};
 
-use upstream::admin::{self, content_file, flip_byte, stderr, stdout, stored};
-use upstream::clients::sha256_hex;
-use upstream::scenario::{fetch, ok, setup_configured};
-use upstream::{Gateway, Registry, Upstream};
+use crate::upstream::admin::{self, content_file, flip_byte, stderr, stdout, stored};
+use crate::upstream::clients::sha256_hex;
+use crate::upstream::scenario::{fetch, ok, setup_configured};
+use crate::upstream::{Gateway, Registry, Upstream};
 
 fn total(data: &std::path::Path) -> u64 {
     stored(data).iter().map(|(_, _, size)| size).sum()

@@ -4,15 +4,13 @@
 //! or wrongly signed bundles are refused and change nothing. Real binary, real
 //! test upstream, real `git`, `curl` and (with MOON_BIN) `moon`.
 
-mod upstream;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use upstream::admin::{self, flip_byte, stderr, stdout, stored, tree};
-use upstream::clients::sha256_hex;
-use upstream::scenario::{clone_index, curl, fetch, moon, moon_bin, ok};
-use upstream::{Fault, Gateway, Published, Registry, Upstream};
+use crate::upstream::admin::{self, flip_byte, stderr, stdout, stored, tree};
+use crate::upstream::clients::sha256_hex;
+use crate::upstream::scenario::{clone_index, curl, fetch, moon, moon_bin, ok};
+use crate::upstream::{Fault, Gateway, Published, Registry, Upstream};
 
 /// alice/app 1.0.0 -> alice/json 0.1.0 -> alice/core 0.1.0, and
 /// alice/app 1.0.0 -> bob/lex/runtime 0.2.0+build7 -> alice/core 0.2.0.

@@ -2,9 +2,8 @@
 //! archives, symbols, assets) served over HTTPS by [`Upstream`], the gateway
 //! binary under test as [`Gateway`], and the real clients (`git`, `curl`).
 //!
-//! Include it from a test file with `mod upstream;`.
-// Each test file uses a different part of the harness (and of the re-exports).
-#![allow(dead_code, unused_imports)]
+//! Declared once, by the integration-test binary `tests/it/main.rs`, whose test
+//! modules reach it as `crate::upstream`; `benches/gateway.rs` includes it too.
 
 pub mod admin;
 mod cgi;
@@ -15,6 +14,6 @@ pub mod scenario;
 pub mod server;
 mod tls;
 
-pub use gateway::{DataDir, Gateway};
+pub use gateway::Gateway;
 pub use registry::{Published, Registry};
 pub use server::{Fault, SeenRequest, Upstream};

@@ -2,17 +2,17 @@
 //! kept current, served stale when the upstream fails, and used to verify and
 //! prefetch archives. Real `git` and `curl` against the real binary.
 
-mod upstream;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use upstream::clients::sha256_hex;
-use upstream::scenario::{
+
+use crate::upstream;
+use crate::upstream::clients::sha256_hex;
+use crate::upstream::scenario::{
     clone_index, curl, fetch, fetch_miss_then_hit, git, moon, moon_bin, moon_project, ok,
     refresh_index, setup_configured, setup_with,
 };
-use upstream::Fault;
+use crate::upstream::Fault;
 
 fn index_requests(s: &upstream::scenario::Setup) -> usize {
     s.upstream.count("GET", "/git/index") + s.upstream.count("POST", "/git/index")

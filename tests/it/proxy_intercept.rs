@@ -5,16 +5,14 @@
 //! Tests that name mooncakes.io run inside a loopback-only network namespace and
 //! with tunnelling denied, so nothing can leave the machine even if misrouted.
 
-mod upstream;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use upstream::clients::sha256_hex;
-use upstream::scenario::{
+use crate::upstream::clients::sha256_hex;
+use crate::upstream::scenario::{
     curl, gateway_env, inside_loopback_namespace, moon_bin, ok, run, setup_configured, Setup,
 };
-use upstream::{Gateway, Published, Registry};
+use crate::upstream::{Gateway, Published, Registry};
 
 /// Intercept the public registry's names for the loopback test upstream; no tunnels.
 const INTERCEPT: &str =
@@ -61,7 +59,7 @@ async fn json_registry(toml: &str) -> (Setup, Published) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn curl_through_the_proxy_reaches_the_cache() {
-    if !inside_loopback_namespace("curl_through_the_proxy_reaches_the_cache") {
+    if !inside_loopback_namespace(module_path!(), "curl_through_the_proxy_reaches_the_cache") {
         return;
     }
     let (s, json) = json_registry(INTERCEPT).await;
@@ -88,7 +86,10 @@ async fn curl_through_the_proxy_reaches_the_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn git_clones_the_index_through_the_proxy_with_the_env_bundle() {
-    if !inside_loopback_namespace("git_clones_the_index_through_the_proxy_with_the_env_bundle") {
+    if !inside_loopback_namespace(
+        module_path!(),
+        "git_clones_the_index_through_the_proxy_with_the_env_bundle",
+    ) {
         return;
     }
     let (s, _) = json_registry(INTERCEPT).await;
@@ -232,7 +233,7 @@ async fn proxy_authentication_is_required_when_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_ca_is_private_and_name_constrained() {
-    if !inside_loopback_namespace("the_ca_is_private_and_name_constrained") {
+    if !inside_loopback_namespace(module_path!(), "the_ca_is_private_and_name_constrained") {
         return;
     }
     let (s, _) = json_registry(INTERCEPT).await;
@@ -309,7 +310,7 @@ async fn the_ca_is_private_and_name_constrained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_transparent_listener_intercepts_by_sni() {
-    if !inside_loopback_namespace("the_transparent_listener_intercepts_by_sni") {
+    if !inside_loopback_namespace(module_path!(), "the_transparent_listener_intercepts_by_sni") {
         return;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -365,7 +366,10 @@ async fn moon_works_through_https_proxy_with_the_builtin_registry() {
         eprintln!("SKIPPED moon_works_through_https_proxy_with_the_builtin_registry: set MOON_BIN to the moon client");
         return;
     };
-    if !inside_loopback_namespace("moon_works_through_https_proxy_with_the_builtin_registry") {
+    if !inside_loopback_namespace(
+        module_path!(),
+        "moon_works_through_https_proxy_with_the_builtin_registry",
+    ) {
         return;
     }
     let (s, published) = setup_configured(INTERCEPT, |r: &Registry| {

@@ -1,0 +1,31 @@
+//! The one integration-test binary (`cargo test --test it`): the real gateway
+//! binary (`CARGO_BIN_EXE_moonbit-registry`) driven by real clients (`git`, `curl`,
+//! and `moon` when `MOON_BIN` is set or `moon` is on `PATH`) in front of a real
+//! TLS test registry.
+//!
+//! One binary rather than one per file, so the harness is compiled and linked
+//! once. Its modules:
+//!
+//! - [`upstream`] the harness: the test registry and its HTTPS server (git index by
+//!   `git http-backend`, archives, symbols, faults), the gateway under test, and
+//!   the clients and scenarios the tests share.
+//! - One module per area of the gateway, each holding that area's tests:
+//!   [`registry_endpoint`] (the gateway as `MOONCAKES_REGISTRY`), [`index_mirror`],
+//!   [`proxy_intercept`] (`HTTPS_PROXY` and the transparent TLS gateway),
+//!   [`mutable_cache_and_breaker`] (`symbols.zip` and upstream outages),
+//!   [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
+//!   [`store_admin`] (`cache gc`, `cache verify`, the size bound).
+//! - [`upstream_selftest`] tests of the harness itself, without the gateway.
+//!
+//! Test names carry their module (`index_mirror::clones_and_pulls_are_answered_from_the_mirror`),
+//! so `cargo test --test it index_mirror::` runs one area.
+
+mod upstream;
+
+mod index_mirror;
+mod mutable_cache_and_breaker;
+mod offline_bundle;
+mod proxy_intercept;
+mod registry_endpoint;
+mod store_admin;
+mod upstream_selftest;
