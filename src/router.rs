@@ -15,6 +15,10 @@ use crate::index::{Expectation, Offline};
 use crate::passthrough;
 use crate::store::{Object, Trust};
 
+/// An archive refused for a copy that failed verification this long ago triggers
+/// a fresh look at the index and the upstream when asked for again.
+const RECHECK_BAD_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Dependencies prefetched for one archive request, at most.
 const PREFETCH_LIMIT: usize = 256;
 
@@ -153,7 +157,16 @@ async fn dispatch(
             {
                 return resp;
             }
-            let object = object_for(app, &key, app.index.expect(&key).await);
+            let mut object = object_for(app, &key, app.index.expect(&key).await);
+            if let Trust::Checksum { refreshes, .. } = object.trust {
+                // Held back for a bad upstream copy for a while: look again (rate
+                // limited), so a corrected upstream heals within seconds.
+                let held = app.store.held_back_for(&object.key, refreshes);
+                if held.is_some_and(|age| age >= RECHECK_BAD_AFTER) {
+                    app.index.recheck().await;
+                    object = object_for(app, &key, app.index.expect(&key).await);
+                }
+            }
             if app.prefetch && !head && matches!(object.trust, Trust::Checksum { .. }) {
                 prefetch_closure(app, &key);
             }

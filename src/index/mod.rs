@@ -40,7 +40,10 @@ pub struct Index {
     root: PathBuf,
     mirrors: Vec<Arc<Mirror>>,
     /// When the next refresh for an unknown archive may start.
-    unknown_refresh_at: std::sync::Mutex<tokio::time::Instant>,
+    /// Refreshes for archives the index does not know.
+    unknown_pacer: Pacer,
+    /// Refreshes asked for by clients, and rechecks after a bad upstream copy.
+    asked_pacer: Pacer,
     /// Where computed packs are shared between clients, if they are.
     pack_cache: Option<pack_cache::Hook>,
     /// Bounds the git processes serving clients at once.
@@ -60,7 +63,39 @@ const UNKNOWN_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_mil
 
 /// Refreshes asked for by clients (`POST /-/index/refresh`) share one that started
 /// this recently.
-const ASKED_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const ASKED_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Starts of one kind of refresh, at most one per `every`: a caller waits for the
+/// next start, and callers waiting together share it, so requests cannot make the
+/// gateway hammer its sources, and each caller still sees a refresh that started
+/// after it asked.
+struct Pacer {
+    every: std::time::Duration,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    fn new(every: std::time::Duration) -> Pacer {
+        Pacer {
+            every,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Wait for the next start; returns it.
+    async fn wait(&self) -> std::time::Instant {
+        let slot = {
+            let mut scheduled = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            if *scheduled <= now {
+                *scheduled = now.max(*scheduled + self.every);
+            }
+            *scheduled
+        };
+        tokio::time::sleep_until(slot).await;
+        slot.into_std()
+    }
+}
 
 /// Longest a clone waits for a refresh of an existing mirror before it is served
 /// what the mirror holds.
@@ -91,7 +126,8 @@ impl Index {
             root,
             mirrors,
             pack_cache,
-            unknown_refresh_at: std::sync::Mutex::new(tokio::time::Instant::now()),
+            unknown_pacer: Pacer::new(UNKNOWN_REFRESH_EVERY),
+            asked_pacer: Pacer::new(ASKED_REFRESH_EVERY),
             git_slots: Arc::new(tokio::sync::Semaphore::new(GIT_SLOTS)),
             offline: false,
         }
@@ -141,19 +177,33 @@ impl Index {
         });
     }
 
-    /// A refresh a client asked for: every mirror refreshed unless a refresh that
-    /// started within `ASKED_REFRESH_EVERY` succeeded (so asks are coalesced and
-    /// rate limited), with a recent failure not holding it back.
+    /// A refresh a client asked for: every mirror refreshed by a fetch that started
+    /// after the ask, at most one per `ASKED_REFRESH_EVERY` (asks in between share
+    /// it), with a recent failure not holding it back.
     pub async fn refresh_asked(&self) -> Result<Vec<(String, Freshness)>, Offline> {
         if self.offline {
             return Err(Offline);
         }
-        let since = std::time::Instant::now().checked_sub(ASKED_REFRESH_EVERY);
+        let slot = self.asked_pacer.wait().await;
         let mut out = Vec::new();
         for m in &self.mirrors {
-            out.push((m.source.clone(), m.refresh_since(since, true).await));
+            out.push((m.source.clone(), m.refresh_since(Some(slot), true).await));
         }
         Ok(out)
+    }
+
+    /// Look again after an archive failed verification (the index or the upstream
+    /// copy may have been corrected): a refresh that counts as asked for, so the
+    /// verdicts it outdates are forgotten. Paced like asked refreshes; sources that
+    /// are down are not waited for.
+    pub async fn recheck(&self) {
+        if self.offline {
+            return;
+        }
+        let slot = self.asked_pacer.wait().await;
+        for m in self.mirrors.iter().filter(|m| !m.source_down()) {
+            m.refresh_since(Some(slot), true).await;
+        }
     }
 
     /// Refresh every mirror (at most one fetch each at a time).
@@ -258,24 +308,11 @@ impl Index {
         if self.offline {
             return Expectation::Unknown;
         }
-        // Requests for unknown archives cannot make the gateway hammer the upstream:
-        // such refreshes start at most once per UNKNOWN_REFRESH_EVERY (a caller waits
-        // for the next slot, and callers waiting together share one refresh).
-        let slot = {
-            let mut scheduled = self
-                .unknown_refresh_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let now = tokio::time::Instant::now();
-            if *scheduled <= now {
-                *scheduled = now.max(*scheduled + UNKNOWN_REFRESH_EVERY);
-            }
-            *scheduled
-        };
-        tokio::time::sleep_until(slot).await;
+        // Requests for unknown archives cannot make the gateway hammer the upstream.
+        let slot = self.unknown_pacer.wait().await;
         // A source that is down is not waited for (its probe may be running).
         for m in self.mirrors.iter().filter(|m| !m.source_down()) {
-            m.refresh_started_after(slot.into_std()).await;
+            m.refresh_started_after(slot).await;
         }
         self.lookup(key).unwrap_or(Expectation::Unknown)
     }

@@ -130,6 +130,12 @@ impl Store {
         self.flights.in_flight()
     }
 
+    /// How long `key` has been held back for a copy that failed verification, if it
+    /// is (`refreshes`: the index refresh count the caller's expectation was read at).
+    pub fn held_back_for(&self, key: &str, refreshes: u64) -> Option<std::time::Duration> {
+        self.quarantine.age(key, refreshes)
+    }
+
     /// The answer for `key` if the upstream said 404 for it recently and the index
     /// (`listed`: whether it lists the version now) has not changed its mind.
     pub fn remembered_not_found(&self, key: &str, listed: bool) -> Option<Response<GatewayBody>> {

@@ -49,6 +49,14 @@ impl Quarantine {
         );
     }
 
+    /// How long ago the still-current verdict on `key` was reached, if there is one.
+    pub fn age(&self, key: &str, refreshes: u64) -> Option<Duration> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = entries.get(key)?;
+        let age = entry.at.elapsed();
+        (age < self.ttl && entry.refreshes == refreshes).then_some(age)
+    }
+
     /// The remembered mismatch for `key`, if still current.
     pub fn get(&self, key: &str, refreshes: u64) -> Option<Mismatch> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
