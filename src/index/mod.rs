@@ -43,8 +43,10 @@ pub struct Index {
     unknown_refresh_at: std::sync::Mutex<tokio::time::Instant>,
     /// Where computed packs are shared between clients, if they are.
     pack_cache: Option<pack_cache::Hook>,
-    /// Bounds the git processes serving clients at once.
-    git_slots: Arc<tokio::sync::Semaphore>,
+    /// Bounds the git processes serving clients at once, and each client's share.
+    git_slots: serve::Slots,
+    /// Bounds on a client's request before git is started for it.
+    limits: serve::Limits,
     /// Never refresh (`serve --offline`): the mirrors are served as they are.
     offline: bool,
 }
@@ -66,7 +68,12 @@ const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const GIT_SLOTS: usize = 32;
 
 impl Index {
-    pub fn new(root: PathBuf, sources: &[Source], settings: MirrorSettings) -> Index {
+    pub fn new(
+        root: PathBuf,
+        sources: &[Source],
+        settings: MirrorSettings,
+        limits: serve::Limits,
+    ) -> Index {
         let pack_cache = settings
             .pack_cache
             .then(|| pack_cache::Hook::new(&root.join(".pack-cache")))
@@ -88,7 +95,8 @@ impl Index {
             mirrors,
             pack_cache,
             unknown_refresh_at: std::sync::Mutex::new(tokio::time::Instant::now()),
-            git_slots: Arc::new(tokio::sync::Semaphore::new(GIT_SLOTS)),
+            git_slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
+            limits,
             offline: false,
         }
     }
@@ -225,6 +233,7 @@ impl Index {
             rest,
             req,
             &self.git_slots,
+            &self.limits,
             self.pack_cache.as_ref(),
         )
         .await
