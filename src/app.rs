@@ -126,7 +126,13 @@ impl Services {
             health: breakers.clone(),
             pack_cache: config.index.pack_cache,
         };
-        let mut index = Index::new(data_dir.join("index"), &sources, mirrors);
+        let limits = crate::index::serve::Limits {
+            body_idle: config.index.request_body_idle,
+            body_timeout: config.index.request_body_timeout,
+            body_max: config.index.request_body_max.as_u64(),
+            slots_per_client: config.index.slots_per_client,
+        };
+        let mut index = Index::new(data_dir.join("index"), &sources, mirrors, limits);
         if mode == Mode::Offline {
             index = index.offline();
         }

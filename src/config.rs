@@ -166,6 +166,19 @@ pub struct IndexSettings {
     pub fetch_timeout: Duration,
     /// Keep the packs computed for clients, so identical clones share one computation.
     pub pack_cache: bool,
+    /// Longest pause between two chunks of a client's index request body (a
+    /// `git-upload-pack` POST); a stalled body gets a 408 and its connection closed.
+    #[serde(with = "humantime_serde")]
+    pub request_body_idle: Duration,
+    /// Longest a client's index request body may take to arrive in full (408 past it).
+    #[serde(with = "humantime_serde")]
+    pub request_body_timeout: Duration,
+    /// Largest index request body accepted (413 past it); git is given the same bound.
+    pub request_body_max: ByteSize,
+    /// Index requests (git processes) one client address may have at once, of the
+    /// 32 for everyone; its further requests wait for one of its own to end. Behind a
+    /// reverse proxy every client has the proxy's address: 32 lifts the cap.
+    pub slots_per_client: usize,
     /// Former place of `storage.bad_archive_ttl` (still read, with a warning).
     #[serde(with = "humantime_serde", skip_serializing)]
     pub bad_archive_ttl: Option<Duration>,
@@ -299,6 +312,11 @@ impl Default for IndexSettings {
             retry_after: Duration::from_secs(10),
             fetch_timeout: Duration::from_secs(300),
             pack_cache: true,
+            request_body_idle: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(60),
+            // git http-backend's own default (http.maxRequestBuffer).
+            request_body_max: ByteSize::mib(10),
+            slots_per_client: 8,
             bad_archive_ttl: None,
             prefetch_jobs: None,
         }

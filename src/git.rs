@@ -8,6 +8,11 @@
 //! [`Process`] (and the git slot it may hold). [`clone_mirror`] is the one atomic
 //! "clone into a temp dir, rename into place".
 //!
+//! A streamed run's verdict ([`Process::finish`]) is its exit status and, with
+//! [`Stderr::Log`], what it said: `git http-backend` reports a `die()` that comes
+//! after its response head (a body it cannot inflate, one larger than its
+//! buffer) with a `fatal:` line and exit status 0, which must not pass for success.
+//!
 //! Hygiene, for every run: no system config (`GIT_CONFIG_NOSYSTEM`), never a
 //! prompt (`GIT_TERMINAL_PROMPT=0`), no credential helper, no `GIT_DIR` from our
 //! own environment (the gateway may itself be started from a git hook), stdin
@@ -25,8 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::task::JoinHandle;
 
 /// Set on every git run: no system config, never a prompt.
 const ENV: [(&str, &str); 2] = [("GIT_CONFIG_NOSYSTEM", "1"), ("GIT_TERMINAL_PROMPT", "0")];
@@ -41,6 +47,10 @@ const CONFIG: [&str; 3] = [
 
 /// Bound on what git may print on stderr that we keep for an error message.
 const STDERR_KEEP: usize = 2048;
+
+/// How long [`Process::finish`] waits, once git has exited, for the rest of what
+/// it said ([`Stderr::Log`]): a child git left behind may hold stderr open.
+const STDERR_DRAIN: Duration = Duration::from_secs(5);
 
 /// Why a git run failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +68,9 @@ pub enum Error {
         status: ExitStatus,
         stderr: String,
     },
+    /// git exited 0 but said `fatal:` ([`Stderr::Log`]); `stderr` is the tail.
+    #[error("git {what} failed: {stderr}")]
+    Fatal { what: String, stderr: String },
     /// Talking to git, or moving what it made, failed.
     #[error("{context}: {error}")]
     Io { context: String, error: io::Error },
@@ -86,8 +99,9 @@ pub struct Options {
 pub enum Stderr {
     /// Dropped: what git says there is not needed.
     Discard,
-    /// Piped to [`Spawned::stderr`]; the caller must drain it, or git may block.
-    Pipe,
+    /// Each line logged as a warning, the tail kept for [`Process::finish`], and a
+    /// `fatal:` line a failure whatever the exit status.
+    Log,
 }
 
 /// A git command line being built.
@@ -100,8 +114,11 @@ pub struct Git {
     /// Protected config passed through `GIT_CONFIG_COUNT`/`KEY_n`/`VALUE_n`.
     config_env: Vec<(String, String)>,
     options: Options,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Option<Slot>,
 }
+
+/// Whatever bounds the git processes serving clients (see [`Git::holding`]).
+type Slot = Box<dyn Send>;
 
 impl Git {
     /// `git ARGS` outside any repository (clone, init, bundle list-heads).
@@ -182,10 +199,10 @@ impl Git {
         self
     }
 
-    /// Hold `slot` until git has ended or its [`Process`] is dropped: bounds how
-    /// many git processes serve clients at once.
-    pub fn holding(mut self, slot: OwnedSemaphorePermit) -> Git {
-        self.slot = Some(slot);
+    /// Hold `slot` (e.g. semaphore permits) until git has ended or its
+    /// [`Process`] is dropped: bounds how many git processes serve clients at once.
+    pub fn holding(mut self, slot: impl Send + 'static) -> Git {
+        self.slot = Some(Box::new(slot));
         self
     }
 
@@ -290,7 +307,7 @@ impl Git {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         cmd.stderr(match stderr {
             Stderr::Discard => Stdio::null(),
-            Stderr::Pipe => Stdio::piped(),
+            Stderr::Log => Stdio::piped(),
         });
         let mut child = cmd.spawn().map_err(|error| Error::Spawn {
             what: what.clone(),
@@ -302,16 +319,51 @@ impl Git {
                 error: io::Error::other("pipes missing"),
             });
         };
+        // Drained from the start: git blocks once the pipe is full.
+        let said = child.stderr.take().map(|stderr| {
+            let what = what.clone();
+            tokio::spawn(async move {
+                let mut said = Said::default();
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::warn!(%line, "git {what}");
+                    said.hear(&line);
+                }
+                said
+            })
+        });
         Ok(Spawned {
             stdin,
             stdout,
-            stderr: child.stderr.take(),
             process: Process {
                 child,
                 what,
+                said,
                 _slot: self.slot,
             },
         })
+    }
+}
+
+/// What a streamed git said on stderr ([`Stderr::Log`]).
+#[derive(Debug, Default)]
+struct Said {
+    /// The last lines, up to about [`STDERR_KEEP`] bytes.
+    tail: String,
+    fatal: bool,
+}
+
+impl Said {
+    fn hear(&mut self, line: &str) {
+        // git's die() prefix; a child's die is relayed with the same prefix.
+        self.fatal |= line.starts_with("fatal:");
+        if !self.tail.is_empty() {
+            self.tail.push('\n');
+        }
+        self.tail.push_str(line);
+        if self.tail.len() > 2 * STDERR_KEEP {
+            self.tail = tail(self.tail.as_bytes());
+        }
     }
 }
 
@@ -319,8 +371,6 @@ impl Git {
 pub struct Spawned {
     pub stdin: ChildStdin,
     pub stdout: ChildStdout,
-    /// With [`Stderr::Pipe`].
-    pub stderr: Option<ChildStderr>,
     pub process: Process,
 }
 
@@ -328,25 +378,44 @@ pub struct Spawned {
 pub struct Process {
     child: Child,
     what: String,
-    _slot: Option<OwnedSemaphorePermit>,
+    /// With [`Stderr::Log`]: the task draining stderr, and what it heard.
+    said: Option<JoinHandle<Said>>,
+    _slot: Option<Slot>,
 }
 
 impl Process {
     /// Wait for git to exit (after its output ended): a failure must not pass
-    /// for success, e.g. a pack cut short.
+    /// for success, e.g. a pack cut short, or (with [`Stderr::Log`]) a `fatal:`
+    /// git reported and then exited 0 for.
     pub async fn finish(&mut self) -> Result<(), Error> {
         let status = self.child.wait().await.map_err(|error| Error::Io {
             context: format!("waiting for git {}", self.what),
             error,
         })?;
-        if status.success() {
-            return Ok(());
+        // git has exited, so what it said is in the pipe; bounded, since a child it
+        // left behind may keep the pipe open.
+        let said = match self.said.take() {
+            Some(task) => match tokio::time::timeout(STDERR_DRAIN, task).await {
+                Ok(Ok(said)) => said,
+                _ => Said::default(),
+            },
+            None => Said::default(),
+        };
+        let stderr = tail(said.tail.as_bytes());
+        if !status.success() {
+            return Err(Error::Failed {
+                what: self.what.clone(),
+                status,
+                stderr,
+            });
         }
-        Err(Error::Failed {
-            what: self.what.clone(),
-            status,
-            stderr: String::new(),
-        })
+        if said.fatal {
+            return Err(Error::Fatal {
+                what: self.what.clone(),
+                stderr,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -485,6 +554,45 @@ mod tests {
             .unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(10));
         assert_eq!(err.to_string(), "git ls-remote took longer than 300ms");
+    }
+
+    #[tokio::test]
+    async fn a_fatal_after_exit_status_0_is_a_failure() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        Git::new(["init", "--quiet", "--bare"])
+            .arg(dir.path().join("repo.git"))
+            .output()
+            .await
+            .unwrap();
+        // git http-backend writes its head, cannot inflate a body said to be gzip,
+        // says so and exits 0.
+        let garbage = b"not gzip";
+        let Spawned {
+            mut stdin,
+            mut stdout,
+            mut process,
+        } = Git::http_backend(dir.path())
+            .env("REQUEST_METHOD", "POST")
+            .env("PATH_INFO", "/repo.git/git-upload-pack")
+            .env("CONTENT_TYPE", "application/x-git-upload-pack-request")
+            .env("CONTENT_LENGTH", garbage.len().to_string())
+            .env("HTTP_CONTENT_ENCODING", "gzip")
+            .spawn(Stderr::Log)
+            .unwrap();
+        stdin.write_all(garbage).await.unwrap();
+        drop(stdin);
+        let mut out = Vec::new();
+        stdout.read_to_end(&mut out).await.unwrap();
+        assert!(String::from_utf8_lossy(&out).contains("x-git-upload-pack-result"));
+        let err = process.finish().await.unwrap_err();
+        assert!(matches!(err, Error::Fatal { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.starts_with("git http-backend failed: "), "{text}");
+        assert!(
+            text.contains("fatal: zlib error inflating request"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -46,8 +46,10 @@ pub struct Index {
     asked_pacer: Pacer,
     /// Where computed packs are shared between clients, if they are.
     pack_cache: Option<pack_cache::Hook>,
-    /// Bounds the git processes serving clients at once.
-    git_slots: Arc<tokio::sync::Semaphore>,
+    /// Bounds the git processes serving clients at once, and each client's share.
+    git_slots: serve::Slots,
+    /// Bounds on a client's request before git is started for it.
+    limits: serve::Limits,
     /// Never refresh (`serve --offline`): the mirrors are served as they are.
     offline: bool,
 }
@@ -105,7 +107,12 @@ const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const GIT_SLOTS: usize = 32;
 
 impl Index {
-    pub fn new(root: PathBuf, sources: &[Source], settings: MirrorSettings) -> Index {
+    pub fn new(
+        root: PathBuf,
+        sources: &[Source],
+        settings: MirrorSettings,
+        limits: serve::Limits,
+    ) -> Index {
         let pack_cache = settings
             .pack_cache
             .then(|| pack_cache::Hook::new(&root.join(".pack-cache")))
@@ -128,7 +135,8 @@ impl Index {
             pack_cache,
             unknown_pacer: Pacer::new(UNKNOWN_REFRESH_EVERY),
             asked_pacer: Pacer::new(ASKED_REFRESH_EVERY),
-            git_slots: Arc::new(tokio::sync::Semaphore::new(GIT_SLOTS)),
+            git_slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
+            limits,
             offline: false,
         }
     }
@@ -294,6 +302,7 @@ impl Index {
             rest,
             req,
             &self.git_slots,
+            &self.limits,
             self.pack_cache.as_ref(),
         )
         .await

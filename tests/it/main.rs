@@ -14,7 +14,8 @@
 //!   [`proxy_intercept`] (`HTTPS_PROXY` and the transparent TLS gateway),
 //!   [`mutable_cache_and_breaker`] (`symbols.zip` and upstream outages),
 //!   [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
-//!   [`store_admin`] (`cache gc`, `cache verify`, the size bound).
+//!   [`store_admin`] (`cache gc`, `cache verify`, the size bound),
+//!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
 //! - [`upstream_selftest`] tests of the harness itself, without the gateway.
 //!
 //! Test names carry their module (`index_mirror::clones_and_pulls_are_answered_from_the_mirror`),
@@ -22,6 +23,7 @@
 
 mod upstream;
 
+mod hostile_git;
 mod index_mirror;
 mod mutable_cache_and_breaker;
 mod offline_bundle;
