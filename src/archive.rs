@@ -222,4 +222,25 @@ mod tests {
         assert_eq!(a.content_type(), "application/wasm");
         assert!(AssetPath::parse("a/../../x.wasm").is_err());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_archive_path_is_a_safe_key_or_an_error(raw in "(\\PC|%[0-9a-fA-F]{2}|/|\\.){0,120}") {
+                if let Ok(key) = ArchiveKey::parse(&raw) {
+                    let store_key = key.store_key();
+                    for part in store_key.split('/') {
+                        prop_assert!(!part.is_empty() && part != "." && part != "..", "{store_key}");
+                    }
+                    prop_assert!(!store_key.contains(['\\', '\0']));
+                    // One encoded segment under the archive base: it cannot climb out.
+                    prop_assert!(!key.upstream_path()[1..].contains('/'), "{}", key.upstream_path());
+                }
+                let _ = AssetPath::parse(&raw);
+            }
+        }
+    }
 }

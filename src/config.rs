@@ -713,4 +713,22 @@ mod tests {
             .extract::<Config>();
         assert!(unknown.is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any TOML text (often not even TOML) is a config or one clear error.
+            #[test]
+            fn any_config_text_is_a_config_or_an_error(
+                text in "(\\[?(storage|index|server|proxy|breaker|health|mutable|freshness|timeouts)\\]?|[a-z_]{1,16} = (\"[^\"\\n]{0,20}\"|[0-9]{1,12}|true|\\[\\])|\\PC{0,10}|\\n){0,12}"
+            ) {
+                if let Ok(mut config) = Figment::new().merge(Toml::string(&text)).extract::<Config>() {
+                    config.move_former_keys();
+                    let _ = config.sources();
+                }
+            }
+        }
+    }
 }

@@ -393,6 +393,34 @@ mod tests {
     }
 }
 
+/// Properties of the classifier over hostile input.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_request_is_classified_without_panicking(
+            method in prop::sample::select(vec![Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS]),
+            prefix in prop::sample::select(vec!["/", "//", "/user/", "/assets/", "/git/index/", "/-/", "/symbols.zip"]),
+            rest in "(\\PC|%[0-9a-fA-F]{2}|/|\\.|\\?){0,100}",
+            credentials in any::<bool>(),
+        ) {
+            let target = format!("{prefix}{rest}");
+            match classify(&method, &target, credentials) {
+                Route::Refuse(status, reason) => {
+                    prop_assert!(status.is_client_error(), "{target}: {status}");
+                    prop_assert!(!reason.is_empty());
+                }
+                Route::Archive(key) => prop_assert!(!key.store_key().contains("/../")),
+                Route::Index(rest) => prop_assert!(!rest.contains("git-receive-pack")),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// The dispatch itself, driven with real services on a temporary data dir: offline
 /// (an upstream that refuses everything) and online with a source nobody listens on.
 #[cfg(test)]

@@ -231,3 +231,49 @@ async fn forward_to(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn connect_targets_are_strict() {
+        assert_eq!(
+            parse_connect_target("Mooncakes.IO.:443"),
+            Ok(("mooncakes.io".into(), 443))
+        );
+        assert_eq!(parse_connect_target("[::1]:8443"), Ok(("::1".into(), 8443)));
+        for bad in [
+            "127.0.0.1:99999",
+            "host",
+            "host:",
+            "host:0",
+            "host:+443",
+            ":443",
+            "u:p@host:443",
+            "::1:443",
+            "[::1:443",
+            "host:443/x",
+            "ho st:443",
+        ] {
+            assert!(parse_connect_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_connect_target_is_a_host_and_port_or_an_error(target in "\\PC{0,80}") {
+            if let Ok((host, port)) = parse_connect_target(&target) {
+                prop_assert!(port != 0);
+                prop_assert!(!host.is_empty());
+                prop_assert!(!host.contains(['@', '/', ' ']));
+            }
+        }
+
+        #[test]
+        fn host_and_port_round_trip(host in "[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?", port in 1u16..) {
+            prop_assert_eq!(parse_connect_target(&format!("{host}:{port}")), Ok((host.trim_end_matches('.').to_string(), port)));
+        }
+    }
+}
