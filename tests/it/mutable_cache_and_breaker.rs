@@ -1,8 +1,10 @@
 //! Mutable resources and upstream outages: `symbols.zip` revalidated by RFC 9111
 //! (304s refresh without a download), served stale when the upstream returns 5xx,
-//! is stopped or hangs, a per-source circuit breaker that answers at once while the
-//! source is down and closes after a probe, remembered archive 404s, and the real
-//! `moon` client working at full speed against an upstream that never answers.
+//! is stopped or hangs, or is silent past `mutable.revalidate_timeout` (stale-on-
+//! slow), a per-source circuit breaker that answers at once while the source is
+//! down and closes after a probe (a request's, or the background one's with no
+//! traffic at all), remembered archive 404s, and the real `moon` client working at
+//! full speed against an upstream that never answers, from the first try on.
 //! End to end for `src/mutable_cache.rs` and `src/breaker.rs`.
 
 use std::net::SocketAddr;
