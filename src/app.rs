@@ -15,7 +15,7 @@ use bytesize::ByteSize;
 
 use crate::breaker::Breakers;
 use crate::ca_bundle::write_ca_bundle;
-use crate::config::{Config, Source};
+use crate::config::{join, Config, Source};
 use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
 use crate::mutable_cache::MutableCache;
@@ -122,6 +122,7 @@ impl Services {
             max_age: config.index.max_age,
             retry_after: config.index.retry_after,
             fetch_timeout: config.index.fetch_timeout,
+            refresh_wait: config.index.refresh_wait,
             ca_bundle,
             health: breakers.clone(),
             pack_cache: config.index.pack_cache,
@@ -158,9 +159,13 @@ impl Services {
     }
 
     /// Start what runs in the background while serving: reading (and, online,
-    /// refreshing) the index mirrors, and keeping the store within its bound.
+    /// refreshing) the index mirrors, keeping the store within its bound, and
+    /// (online) probing sources that are down.
     pub async fn start(&self) {
         self.index.start().await;
+        if self.mode == Mode::Serve {
+            self.probe_sources_that_are_down();
+        }
         match self.config.storage.max_size {
             // Offline, nothing evicted could be fetched again.
             Some(_) if self.mode == Mode::Offline => {
@@ -171,6 +176,30 @@ impl Services {
                 .keep_within(max.as_u64(), self.config.storage.gc_interval),
             None => {}
         }
+    }
+
+    /// A source that is down is probed without waiting for a client: a GET of its
+    /// index's ref advertisement, the cheapest request every source must answer
+    /// (what `git fetch` asks first), through the upstream client and its timeouts.
+    fn probe_sources_that_are_down(&self) {
+        let upstream = self.upstream.clone();
+        let targets: Vec<(String, String)> = self
+            .sources
+            .iter()
+            .map(|s| {
+                let url = join(&s.index, "/info/refs?service=git-upload-pack");
+                (s.name.clone(), url)
+            })
+            .collect();
+        self.breakers.probe_in_background(move |source| {
+            let upstream = upstream.clone();
+            let url = targets
+                .iter()
+                .find(|(name, _)| name == source)
+                .map(|(_, url)| url.clone())
+                .ok_or_else(|| format!("source `{source}` has no probe URL"));
+            async move { upstream.probe(&url?).await }
+        });
     }
 
     pub fn data_dir(&self) -> &Path {

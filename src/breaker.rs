@@ -6,8 +6,15 @@
 //!
 //! Archive fetches, index refreshes and mutable resources all go through
 //! [`Breakers::admit_url`] / [`Breakers::admit_source`] and report back with a [`Ticket`].
+//!
+//! Recovery does not wait for traffic: [`Breakers::probe_in_background`] takes the
+//! probe slot of each open breaker as soon as its back-off has passed and runs the
+//! probe it is given (the app's: a cheap request to the source), reporting through
+//! the same ticket. So `/-/health` turns `up` when the source comes back, and the
+//! first client after an outage is not the one that finds out.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{BreakerSettings, Source};
@@ -131,6 +138,82 @@ impl Breakers {
     /// Each source's state for `GET /-/health`, in source order.
     pub fn report(&self) -> Vec<serde_json::Value> {
         self.breakers.iter().map(|b| b.report()).collect()
+    }
+
+    /// The probe ticket of `breaker` if it is open, its back-off has passed and no
+    /// probe is out; never an ordinary ticket (a source that is up needs no probe).
+    fn admit_probe(breaker: &Arc<Breaker>) -> Option<Ticket> {
+        let due = {
+            let state = breaker.lock();
+            !state.probing
+                && state
+                    .outage
+                    .as_ref()
+                    .is_some_and(|o| Instant::now() >= o.retry_at)
+        };
+        if !due {
+            return None;
+        }
+        // `admit` looks again under its lock: a request may have taken the slot, or
+        // the source come back, meanwhile.
+        admit(Some(breaker)).ok().filter(Ticket::is_probe)
+    }
+
+    /// How long until the next probe is due among open breakers with no probe out
+    /// (zero: now); `None` when there is no such breaker.
+    fn next_probe_in(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.breakers
+            .iter()
+            .filter_map(|b| {
+                let state = b.lock();
+                let outage = state.outage.as_ref().filter(|_| !state.probing)?;
+                Some(outage.retry_at.saturating_duration_since(now))
+            })
+            .min()
+    }
+
+    /// Probe every open breaker's source in the background once its back-off has
+    /// passed, one probe per source at a time, with `probe(source name)`: `Ok` closes
+    /// the breaker, `Err` lengthens the back-off, exactly as a request's probe would.
+    /// `probe` must bound itself in time. Runs until the breakers are dropped.
+    pub fn probe_in_background<F, Fut>(self: &Arc<Self>, probe: F)
+    where
+        F: Fn(&str) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        /// Longest sleep between two looks: a breaker that opens meanwhile is seen
+        /// this late at most (its back-off is usually longer anyway).
+        const IDLE: Duration = Duration::from_secs(1);
+        /// Shortest sleep, so a loop never spins.
+        const MIN: Duration = Duration::from_millis(20);
+        let breakers: Weak<Breakers> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(this) = breakers.upgrade() else {
+                    return;
+                };
+                for breaker in &this.breakers {
+                    let Some(ticket) = Breakers::admit_probe(breaker) else {
+                        continue;
+                    };
+                    let probing = probe(&breaker.source);
+                    let source = breaker.source.clone();
+                    tokio::spawn(async move {
+                        match probing.await {
+                            Ok(()) => ticket.success(),
+                            Err(error) => {
+                                tracing::debug!(%source, %error, "background probe failed");
+                                ticket.failure(&error)
+                            }
+                        }
+                    });
+                }
+                let wait = this.next_probe_in().unwrap_or(IDLE).clamp(MIN, IDLE);
+                drop(this);
+                tokio::time::sleep(wait).await;
+            }
+        });
     }
 }
 
@@ -346,5 +429,50 @@ mod tests {
         assert!(!h.is_down_url(url));
         assert!(!h.admit_url(url).unwrap().is_probe());
         assert_eq!(h.report()[0]["state"], "up");
+    }
+
+    #[tokio::test]
+    async fn open_breakers_are_probed_in_the_background_until_the_source_answers() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let h = Arc::new(health(1, 30));
+        let url = "https://registry.test/symbols.zip";
+        let calls = Arc::new(AtomicU32::new(0));
+        let running = Arc::new(AtomicU32::new(0));
+        let overlapped = Arc::new(AtomicU32::new(0));
+        let (c, r, o) = (calls.clone(), running.clone(), overlapped.clone());
+        h.probe_in_background(move |source| {
+            assert_eq!(source, "default");
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            let (r, o) = (r.clone(), o.clone());
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) > 0 {
+                    o.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                // The source comes back on the third probe.
+                if n < 3 {
+                    Err("still down".to_string())
+                } else {
+                    Ok(())
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing to probe while up");
+
+        h.admit_url(url).unwrap().failure("down");
+        assert!(h.is_down_url(url));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.is_down_url(url) {
+            assert!(Instant::now() < deadline, "never probed back up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(overlapped.load(Ordering::SeqCst), 0, "one probe at a time");
+        assert_eq!(h.report()[0]["last_error"], "still down");
+        // Up again: no more probes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 }

@@ -99,6 +99,13 @@ pub struct MutableCacheSettings {
     /// revalidation runs (the upstream's own `stale-while-revalidate` also counts).
     #[serde(with = "humantime_serde")]
     pub stale_while_revalidate: Duration,
+    /// How long a client waits for the upstream to answer a revalidation when a
+    /// stored copy exists (stale-on-slow). Past it, the stored copy is served with
+    /// `Warning: 111` and the revalidation finishes in the background, so a silent
+    /// upstream costs each client this long, not `timeouts.response`, before its
+    /// breaker opens. Without a stored copy, clients wait for the upstream.
+    #[serde(with = "humantime_serde")]
+    pub revalidate_timeout: Duration,
     /// Largest mutable response stored; larger ones are passed through.
     pub mutable_max: ByteSize,
     /// Former place of `storage.not_found_ttl` (still read, with a warning).
@@ -164,6 +171,12 @@ pub struct IndexSettings {
     /// Bound on one git clone or fetch of the upstream index.
     #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
+    /// How long a clone or pull waits for the refresh of an existing mirror; past
+    /// it the mirror is served as it is and the refresh finishes in the background.
+    /// The same bound as `mutable.revalidate_timeout`, for the same reason: a
+    /// `moon update` asks for both, one after the other.
+    #[serde(with = "humantime_serde")]
+    pub refresh_wait: Duration,
     /// Keep the packs computed for clients, so identical clones share one computation.
     pub pack_cache: bool,
     /// Longest pause between two chunks of a client's index request body (a
@@ -311,6 +324,7 @@ impl Default for IndexSettings {
             max_age: Duration::from_secs(30),
             retry_after: Duration::from_secs(10),
             fetch_timeout: Duration::from_secs(300),
+            refresh_wait: Duration::from_secs(2),
             pack_cache: true,
             request_body_idle: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(60),
@@ -339,6 +353,7 @@ impl Default for MutableCacheSettings {
         MutableCacheSettings {
             stale_if_error: Duration::from_secs(7 * 24 * 3600),
             stale_while_revalidate: Duration::ZERO,
+            revalidate_timeout: Duration::from_secs(2),
             mutable_max: ByteSize::mib(256),
             not_found_ttl: None,
         }
@@ -649,6 +664,8 @@ mod tests {
             .merge(Toml::string(block))
             .extract()
             .unwrap_or_else(|e| panic!("README example: {e}"));
+        assert_eq!(config.mutable.revalidate_timeout, Duration::from_secs(2));
+        assert_eq!(config.index.refresh_wait, Duration::from_secs(2));
         let sources = config.sources().unwrap();
         assert_eq!(sources[0].name, "internal");
         assert_eq!(
@@ -686,12 +703,13 @@ mod tests {
 
     #[test]
     fn former_section_names_and_keys_are_still_read() {
-        let toml = "[health]\nfailures = 7\n[freshness]\nstale_if_error = \"1h\"\nnot_found_ttl = \"1h\"\n[index]\nbad_archive_ttl = \"2m\"\nprefetch_jobs = 9\n";
+        let toml = "[health]\nfailures = 7\n[freshness]\nstale_if_error = \"1h\"\nrevalidate_timeout = \"3s\"\nnot_found_ttl = \"1h\"\n[index]\nbad_archive_ttl = \"2m\"\nprefetch_jobs = 9\n";
         let mut config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
         let notes = config.move_former_keys();
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert_eq!(config.breaker.failures, 7);
         assert_eq!(config.mutable.stale_if_error, Duration::from_secs(3600));
+        assert_eq!(config.mutable.revalidate_timeout, Duration::from_secs(3));
         assert_eq!(config.storage.not_found_ttl, Duration::from_secs(3600));
         assert_eq!(config.storage.bad_archive_ttl, Duration::from_secs(120));
         assert_eq!(config.storage.prefetch_jobs, 9);
@@ -702,11 +720,15 @@ mod tests {
 
     #[test]
     fn each_owner_reads_its_own_section() {
-        let toml = "[breaker]\nfailures = 2\n[mutable]\nmutable_max = \"1 KiB\"\n[storage]\nnot_found_ttl = \"5s\"\n";
+        let toml = "[breaker]\nfailures = 2\n[mutable]\nmutable_max = \"1 KiB\"\nrevalidate_timeout = \"500ms\"\n[storage]\nnot_found_ttl = \"5s\"\n";
         let mut config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
         assert!(config.move_former_keys().is_empty());
         assert_eq!(config.breaker.failures, 2);
         assert_eq!(config.mutable.mutable_max, ByteSize::kib(1));
+        assert_eq!(
+            config.mutable.revalidate_timeout,
+            Duration::from_millis(500)
+        );
         assert_eq!(config.storage.not_found_ttl, Duration::from_secs(5));
         let unknown = Figment::new()
             .merge(Toml::string("[storage]\nnot_a_key = 1\n"))

@@ -8,6 +8,12 @@
 //! - stale-if-error: when the upstream fails (transport error, timeout, 5xx, broken
 //!   body) or its source is down, a copy last confirmed within
 //!   `mutable.stale_if_error` is served with a `Warning`, whatever its headers said.
+//! - stale-on-slow: when the upstream has not answered a revalidation within
+//!   `mutable.revalidate_timeout`, that same copy is served the same way while the
+//!   revalidation finishes in the background (its result is stored and feeds the
+//!   breaker as usual). A dead upstream that accepts connections and never answers
+//!   would otherwise hold every client for the upstream's full response timeout
+//!   until enough of them had failed to open the breaker.
 //! - stale-while-revalidate: a copy stale by less than the larger of the upstream's
 //!   directive and `mutable.stale_while_revalidate` is served at once while one
 //!   background revalidation runs.
@@ -21,8 +27,9 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cacache::{Algorithm, Integrity};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -96,8 +103,34 @@ pub struct MutableCache {
     upstream: Upstream,
     settings: MutableCacheSettings,
     /// One upstream exchange per URL at a time.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
     in_use: InUse,
+}
+
+/// One URL's exchanges with the upstream.
+#[derive(Default)]
+struct Slot {
+    /// Held for the length of an exchange. It guards how the last exchange failed,
+    /// if it did: whoever waited behind a failing exchange shares its failure
+    /// instead of asking a failing upstream once more.
+    exchange: tokio::sync::Mutex<Option<Failure>>,
+    /// The running exchange has the upstream's response head (its body may still be
+    /// coming): the upstream is answering, so a client is not served stale for it.
+    answered: AtomicBool,
+}
+
+struct Failure {
+    at: Instant,
+    error: String,
+}
+
+/// Clears [`Slot::answered`] however an exchange ends (cancelled included).
+struct ExchangeEnds<'a>(&'a AtomicBool);
+
+impl Drop for ExchangeEnds<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl MutableCache {
@@ -118,7 +151,7 @@ impl MutableCache {
             content: Disk::new(content),
             upstream,
             settings,
-            locks: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             in_use: InUse::default(),
         })
     }
@@ -183,12 +216,59 @@ impl MutableCache {
                 .serve(&stored, client, head, Served::StaleRevalidating)
                 .await;
         }
-        match self.exchange(url, Some(stored.clone())).await {
+        let outcome = if self.may_serve_stale(&stored) {
+            match self.revalidate_or_give_up(url, &stored).await {
+                Some(outcome) => outcome,
+                None => {
+                    let waited = self.settings.revalidate_timeout;
+                    let error = format!(
+                        "the upstream did not answer within {waited:?}; revalidation continues in the background"
+                    );
+                    return self.serve_stale(&stored, client, head, &error).await;
+                }
+            }
+        } else {
+            // Too old to be served in place of an answer: wait for the upstream.
+            self.exchange(url, Some(stored.clone())).await
+        };
+        match outcome {
             Outcome::Current(rec) => self.serve(&rec, client, head, Served::Revalidated).await,
             Outcome::Replaced(rec) => self.serve(&rec, client, head, Served::Miss).await,
             Outcome::Passed(resp) => resp,
             Outcome::Failed(error) => self.serve_stale(&stored, client, head, &error).await,
         }
+    }
+
+    /// stale-on-slow: revalidate `stored` in a task of its own and wait for it at
+    /// most `revalidate_timeout`, or longer if the upstream has answered by then and
+    /// its body is coming. `None`: the upstream is silent; the task goes on in the
+    /// background and stores (and reports to the breaker) whatever comes of it.
+    async fn revalidate_or_give_up(
+        self: &Arc<Self>,
+        url: &str,
+        stored: &Record,
+    ) -> Option<Outcome> {
+        let slot = self.slot(url);
+        let mut task = {
+            let this = self.clone();
+            let url = url.to_string();
+            let prior = stored.clone();
+            tokio::spawn(async move { this.exchange(&url, Some(prior)).await })
+        };
+        let joined = match tokio::time::timeout(self.settings.revalidate_timeout, &mut task).await {
+            Ok(joined) => joined,
+            // `exchange` bounds the rest of the wait.
+            Err(_) if slot.answered.load(Ordering::Acquire) => task.await,
+            // Dropping the handle detaches the task; it is not cancelled.
+            Err(_) => return None,
+        };
+        Some(joined.unwrap_or_else(|e| Outcome::Failed(format!("revalidation task failed: {e}"))))
+    }
+
+    /// Whether `stored` was confirmed recently enough to stand in for the upstream's
+    /// answer (`mutable.stale_if_error`).
+    fn may_serve_stale(&self, stored: &Record) -> bool {
+        confirmed_ago(stored) <= self.settings.stale_if_error
     }
 
     /// stale-if-error: the stored copy if it is recent enough, else a 502.
@@ -199,9 +279,8 @@ impl MutableCache {
         head: bool,
         error: &str,
     ) -> Response<GatewayBody> {
-        let confirmed_ago =
-            Duration::from_millis(millis(SystemTime::now()).saturating_sub(stored.validated_at));
-        if confirmed_ago > self.settings.stale_if_error {
+        let confirmed_ago = confirmed_ago(stored);
+        if !self.may_serve_stale(stored) {
             tracing::warn!(
                 url = %stored.url, %error, confirmed_seconds_ago = confirmed_ago.as_secs(),
                 "upstream failed and the stored copy is older than stale_if_error; not served"
@@ -224,27 +303,34 @@ impl MutableCache {
 
     /// One revalidation in a task of its own, unless one is already running.
     fn revalidate_in_background(self: &Arc<Self>, url: &str) {
-        let Ok(guard) = self.lock_for(url).try_lock_owned() else {
+        let slot = self.slot(url);
+        if slot.exchange.try_lock().is_err() {
             return;
-        };
+        }
         let this = self.clone();
         let url = url.to_string();
         tokio::spawn(async move {
+            // Taken again here: the guard cannot move into the task with the slot.
+            let Ok(mut last_failure) = slot.exchange.try_lock() else {
+                return;
+            };
             let Some(stored) = this.load(&url).await else {
                 return;
             };
-            match this.exchange_locked(&url, Some(stored)).await {
+            match this
+                .exchange_held(&url, Some(stored), &slot, &mut last_failure)
+                .await
+            {
                 Outcome::Failed(error) => {
                     tracing::debug!(%url, %error, "background revalidation failed")
                 }
                 _ => tracing::debug!(%url, "background revalidation done"),
             }
-            drop(guard);
         });
     }
 
-    fn lock_for(&self, url: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
+    fn slot(&self, url: &str) -> Arc<Slot> {
+        self.slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(url.to_string())
@@ -253,16 +339,17 @@ impl MutableCache {
     }
 
     /// Talk to the upstream about `url`, one exchange per URL at a time: whoever
-    /// waited for another's exchange reuses its result.
+    /// waited for another's exchange reuses its result, a failure included.
     /// Bounded as a whole (waiting included): a trickling upstream turns into a
     /// failure, so the stale copy is served before `moon`'s own 30 s run out.
     async fn exchange(&self, url: &str, prior: Option<Record>) -> Outcome {
         // Twice the head timeout: the upstream client's own timeout must fire first
         // (and count against the source's breaker); this one only bounds the rest.
         let limit = self.upstream.timeouts().response * 2;
+        let asked = Instant::now();
         let exchange = async {
-            let lock = self.lock_for(url);
-            let _guard = lock.lock().await;
+            let slot = self.slot(url);
+            let mut last_failure = slot.exchange.lock().await;
             let now = self.load(url).await;
             match (&prior, now) {
                 (None, Some(rec)) => return Outcome::Current(rec),
@@ -271,7 +358,11 @@ impl MutableCache {
                 }
                 _ => {}
             }
-            self.exchange_locked(url, prior.clone()).await
+            if let Some(failure) = last_failure.as_ref().filter(|f| f.at >= asked) {
+                return Outcome::Failed(failure.error.clone());
+            }
+            self.exchange_held(url, prior.clone(), &slot, &mut last_failure)
+                .await
         };
         match tokio::time::timeout(limit, exchange).await {
             Ok(outcome) => outcome,
@@ -281,7 +372,34 @@ impl MutableCache {
         }
     }
 
-    async fn exchange_locked(&self, url: &str, prior: Option<Record>) -> Outcome {
+    /// One exchange, with `slot`'s lock held by the caller (`last_failure` is what
+    /// it guards): remembers a failure for those who waited, and says while it runs
+    /// whether the upstream has answered.
+    async fn exchange_held(
+        &self,
+        url: &str,
+        prior: Option<Record>,
+        slot: &Slot,
+        last_failure: &mut Option<Failure>,
+    ) -> Outcome {
+        let _ends = ExchangeEnds(&slot.answered);
+        let outcome = self.exchange_locked(url, prior, &slot.answered).await;
+        *last_failure = match &outcome {
+            Outcome::Failed(error) => Some(Failure {
+                at: Instant::now(),
+                error: error.clone(),
+            }),
+            _ => None,
+        };
+        outcome
+    }
+
+    async fn exchange_locked(
+        &self,
+        url: &str,
+        prior: Option<Record>,
+        answered: &AtomicBool,
+    ) -> Outcome {
         let canonical = canonical_request(url);
         let (parts, policy) = match &prior {
             Some(rec) => match rec.policy.before_request(&canonical, SystemTime::now()) {
@@ -301,6 +419,9 @@ impl MutableCache {
         };
         clamp_age(resp.headers_mut());
         let status = resp.status();
+        if !status.is_server_error() {
+            answered.store(true, Ordering::Release);
+        }
         let sent = Request::from_parts(parts, ());
         let received_at = SystemTime::now();
         if status.is_server_error() {
@@ -622,6 +743,11 @@ fn if_none_match(client: &HeaderMap, etag: &str) -> bool {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .any(|tag| tag == "*" || tag.trim_start_matches("W/") == ours)
+}
+
+/// How long ago the upstream last confirmed `rec` (a 200 or a 304).
+fn confirmed_ago(rec: &Record) -> Duration {
+    Duration::from_millis(millis(SystemTime::now()).saturating_sub(rec.validated_at))
 }
 
 fn millis(t: SystemTime) -> u64 {

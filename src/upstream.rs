@@ -148,14 +148,23 @@ impl Upstream {
         }
         let ticket = self.health.admit_url(&url)?;
         let result = self.send(req).await;
-        match &result {
-            Ok(resp) if resp.status().is_server_error() => {
-                ticket.failure(&format!("{url} answered {}", resp.status()))
-            }
-            Ok(_) => ticket.success(),
-            Err(e) => ticket.failure(&e.to_string()),
+        match verdict(&url, &result) {
+            Ok(()) => ticket.success(),
+            Err(error) => ticket.failure(&error),
         }
         result
+    }
+
+    /// Whether the source behind `url` answers: a GET, judged like a guarded call
+    /// (5xx and transport errors fail), bounded by `[timeouts]`; the body is not read.
+    /// Not behind the breaker: the caller holds the probe ticket and reports.
+    pub async fn probe(&self, url: &str) -> Result<(), String> {
+        let req = Request::get(url)
+            .header(http::header::USER_AGENT, crate::USER_AGENT)
+            .header(http::header::ACCEPT, "*/*")
+            .body(crate::body::empty())
+            .map_err(|_| UpstreamError::BadUrl(url.to_string()).to_string())?;
+        verdict(url, &self.send(req).await)
     }
 
     /// Send a request and wait (bounded) for the response head.
@@ -195,6 +204,18 @@ impl Upstream {
             Err(_) => Err(format!("upstream sent nothing for {idle:?}").into()),
         });
         StreamBody::new(frames).boxed_unsync()
+    }
+}
+
+/// How an exchange counts for the source's breaker: 5xx and transport errors are
+/// failures, any other answer means the source is there.
+fn verdict(url: &str, result: &Result<Response<Incoming>, UpstreamError>) -> Result<(), String> {
+    match result {
+        Ok(resp) if resp.status().is_server_error() => {
+            Err(format!("{url} answered {}", resp.status()))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

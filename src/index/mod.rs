@@ -3,8 +3,9 @@
 //! dependencies of every archive ([`checksums`]).
 //!
 //! Clients' index requests are answered from the primary source's mirror, refreshed
-//! first when older than `index.max_age`; when the refresh fails the stale mirror is
-//! served and the log says how stale. Before any mirror exists, requests stream
+//! first when older than `index.max_age` (waiting at most `index.refresh_wait`, then
+//! the refresh finishes in the background); when the refresh fails the stale mirror
+//! is served and the log says how stale. Before any mirror exists, requests stream
 //! straight through to the upstream. An offline index (`serve --offline`) is the
 //! same index with refreshes switched off: mirrors are served as they are.
 
@@ -50,6 +51,9 @@ pub struct Index {
     git_slots: serve::Slots,
     /// Bounds on a client's request before git is started for it.
     limits: serve::Limits,
+    /// Longest a clone waits for a refresh of an existing mirror before it is
+    /// served what the mirror holds (`index.refresh_wait`).
+    refresh_wait: std::time::Duration,
     /// Never refresh (`serve --offline`): the mirrors are served as they are.
     offline: bool,
 }
@@ -99,10 +103,6 @@ impl Pacer {
     }
 }
 
-/// Longest a clone waits for a refresh of an existing mirror before it is served
-/// what the mirror holds.
-const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Clones and fetches served at once; the rest wait (bounded) for a slot.
 const GIT_SLOTS: usize = 32;
 
@@ -117,6 +117,7 @@ impl Index {
             .pack_cache
             .then(|| pack_cache::Hook::new(&root.join(".pack-cache")))
             .flatten();
+        let refresh_wait = settings.refresh_wait;
         let mirrors = sources
             .iter()
             .map(|s| {
@@ -137,6 +138,7 @@ impl Index {
             asked_pacer: Pacer::new(ASKED_REFRESH_EVERY),
             git_slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
             limits,
+            refresh_wait,
             offline: false,
         }
     }
@@ -249,13 +251,17 @@ impl Index {
                 error: format!("source `{}` is down", mirror.source),
             }
         } else if advertisement && mirror.exists() {
-            // A slow upstream must not hold a clone for long: past REFRESH_WAIT the
+            // A slow upstream must not hold a clone for long: past `refresh_wait` the
             // current mirror is served and the refresh finishes in the background.
+            // It is short (2 s) because `moon update` then asks for symbols.zip, which
+            // waits as long again before its stored copy is served, and nothing has
+            // failed yet for the breaker to count until the upstream's own timeouts.
             let refresh = {
                 let mirror = mirror.clone();
                 tokio::spawn(async move { mirror.ensure_fresh().await })
             };
-            match tokio::time::timeout(REFRESH_WAIT, refresh).await {
+            let wait = self.refresh_wait;
+            match tokio::time::timeout(wait, refresh).await {
                 Ok(Ok(freshness)) => freshness,
                 Ok(Err(e)) => Freshness::Stale {
                     age: mirror.age(),
@@ -263,7 +269,7 @@ impl Index {
                 },
                 Err(_) => Freshness::Stale {
                     age: mirror.age(),
-                    error: format!("upstream index did not answer within {REFRESH_WAIT:?}; refresh continues in the background"),
+                    error: format!("upstream index did not answer within {wait:?}; refresh continues in the background"),
                 },
             }
         } else if advertisement {

@@ -1,8 +1,10 @@
 //! Mutable resources and upstream outages: `symbols.zip` revalidated by RFC 9111
 //! (304s refresh without a download), served stale when the upstream returns 5xx,
-//! is stopped or hangs, a per-source circuit breaker that answers at once while the
-//! source is down and closes after a probe, remembered archive 404s, and the real
-//! `moon` client working at full speed against an upstream that never answers.
+//! is stopped or hangs, or is silent past `mutable.revalidate_timeout` (stale-on-
+//! slow), a per-source circuit breaker that answers at once while the source is
+//! down and closes after a probe (a request's, or the background one's with no
+//! traffic at all), remembered archive 404s, and the real `moon` client working at
+//! full speed against an upstream that never answers, from the first try on.
 //! End to end for `src/mutable_cache.rs` and `src/breaker.rs`.
 
 use std::net::SocketAddr;
@@ -493,4 +495,191 @@ async fn responses_over_the_size_limit_are_passed_through_not_refused() {
     }
     // Not stored, so each request went upstream.
     assert_eq!(symbols_requests(&s).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_moon_update_after_the_upstream_dies_takes_seconds() {
+    let Some(bin) = moon_bin() else {
+        eprintln!("SKIPPED the_first_moon_update_after_the_upstream_dies_takes_seconds: set MOON_BIN to the moon client");
+        return;
+    };
+    // Default upstream timeouts (25 s for a response head, minutes for a git
+    // fetch) and breaker: only `mutable.revalidate_timeout` and
+    // `index.refresh_wait` (2 s each by default) bound what a client waits while
+    // nothing has failed yet. max_age 0: every advertisement asks the upstream.
+    let config = "[index]\nmax_age = \"0s\"\n";
+    let (s, _) = setup_configured(config, |r| {
+        r.set_symbols(symbols_v(1));
+        r.publish("alice/core", "0.1.0", &[]);
+    })
+    .await;
+    let gw = s.gateway.url();
+    let work = tempfile::tempdir().unwrap();
+    let update = |round: &str| -> Duration {
+        let home = work.path().join(format!("home-{round}"));
+        let cwd = work.path().join(format!("work-{round}"));
+        let proj = moon_project(&bin, &home, &cwd, &gw);
+        let started = Instant::now();
+        let out = moon(&bin, &home, &proj, &gw, &["update"]);
+        let took = started.elapsed();
+        ok(&out, &format!("moon update ({round})"));
+        assert!(
+            symbols_present(&home),
+            "{round}: symbols.zip was not unpacked"
+        );
+        assert!(
+            home.join("registry/index/user/alice/core.index").is_file(),
+            "{round}: the index was not cloned"
+        );
+        took
+    };
+    let healthy = update("healthy");
+
+    // The upstream dies: a listener that accepts and never answers (not even TLS),
+    // so every exchange would wait for the full upstream timeouts.
+    s.upstream.stop().await;
+    let _hole = BlackHole::on(s.upstream.addr).await;
+    let first = update("first-after-outage");
+    eprintln!("moon update: healthy {healthy:?}, first try against a silent upstream {first:?}");
+    assert!(
+        first < Duration::from_secs(5),
+        "the first moon update against a silent upstream took {first:?}"
+    );
+    let log = s.gateway.log();
+    assert!(log.contains("refresh continues in the background"), "{log}");
+    assert!(
+        log.contains("revalidation continues in the background"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stored_symbols_zip_is_served_after_revalidate_timeout_when_the_upstream_is_silent() {
+    // Default timeouts: the upstream would hold a request for 25 s; the default
+    // `mutable.revalidate_timeout` (2 s) is what bounds the wait.
+    let (s, _) = setup_configured("", |r| {
+        r.set_symbols(symbols_v(1));
+    })
+    .await;
+    assert_eq!(get(&s.gateway, "/symbols.zip", &[]).body, symbols_v(1));
+    s.upstream.stop().await;
+    let _hole = BlackHole::on(s.upstream.addr).await;
+    // Two clients in a row (two CI jobs): each waits the revalidate timeout, not the
+    // response timeout; the second joins the revalidation the first left running.
+    for client in ["first", "second"] {
+        let got = get(&s.gateway, "/symbols.zip", &[]);
+        eprintln!(
+            "{client} symbols.zip against a silent upstream: {:?}",
+            got.took
+        );
+        assert_eq!(got.status, "200", "{client}: {}", got.head);
+        assert_eq!(got.body, symbols_v(1), "{client}");
+        assert_eq!(got.header("x-cache").as_deref(), Some("stale"), "{client}");
+        assert!(
+            got.header("warning").is_some_and(|w| w.starts_with("111")),
+            "{client}: {}",
+            got.head
+        );
+        assert!(
+            got.took >= Duration::from_millis(1900) && got.took < Duration::from_millis(3500),
+            "{client}: answered after {:?}",
+            got.took
+        );
+    }
+    assert!(s
+        .gateway
+        .log()
+        .contains("did not answer within 2s; revalidation continues in the background"));
+    // Nothing failed yet (the upstream's own timeout has not run out): still up.
+    assert_eq!(health(&s.gateway)["sources"][0]["state"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_revalidation_finishes_in_the_background_and_updates_the_stored_copy() {
+    let config = "[mutable]\nrevalidate_timeout = \"300ms\"\n";
+    let (s, _) = setup_configured(config, |r| {
+        r.set_symbols(symbols_v(1));
+    })
+    .await;
+    assert_eq!(get(&s.gateway, "/symbols.zip", &[]).body, symbols_v(1));
+    // A slow upstream with new content: the old copy now, the new one once the
+    // revalidation left running has stored it.
+    s.registry.set_symbols(symbols_v(2));
+    s.upstream
+        .set_fault(Fault::DelayEach(Duration::from_millis(1500)));
+    let slow = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(slow.body, symbols_v(1));
+    assert!(
+        slow.header("warning").is_some_and(|w| w.starts_with("111")),
+        "{}",
+        slow.head
+    );
+    assert!(slow.took < Duration::from_millis(1200), "{:?}", slow.took);
+    s.upstream.set_fault(Fault::None);
+    let gw = &s.gateway;
+    eventually(
+        "the background revalidation stored v2",
+        Duration::from_secs(10),
+        || gw.log().matches("stored a new copy").count() >= 2,
+    )
+    .await;
+    let fresh = get(gw, "/symbols.zip", &[]);
+    assert_eq!(fresh.body, symbols_v(2));
+    // The first download, the slow revalidation, and this request's own (a 304).
+    assert_eq!(symbols_requests(&s).len(), 3);
+    assert_eq!(fresh.header("x-cache").as_deref(), Some("revalidated"));
+    assert_eq!(health(gw)["sources"][0]["state"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_breaker_closes_without_traffic_when_the_upstream_comes_back() {
+    let config = r#"
+[timeouts]
+connect = "1s"
+response = "1s"
+[breaker]
+failures = 1
+backoff = "300ms"
+backoff_max = "600ms"
+"#;
+    let (s, _) = setup_configured(config, |r| {
+        r.set_symbols(symbols_v(1));
+    })
+    .await;
+    let gw = &s.gateway;
+    assert_eq!(get(gw, "/symbols.zip", &[]).body, symbols_v(1));
+    // Upstream down: one failure opens the breaker.
+    s.upstream.stop().await;
+    let stale = get(gw, "/symbols.zip", &[]);
+    assert_eq!(stale.body, symbols_v(1));
+    assert_eq!(health(gw)["sources"][0]["state"], "down");
+    // Probes go out by themselves meanwhile, fail, and keep the source down.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let h = health(gw);
+    assert_eq!(h["sources"][0]["state"], "down", "{h}");
+    assert!(gw.log().contains("probe failed; source stays down"), "{h}");
+
+    // Upstream back; from here on only /-/health is asked, which never goes upstream.
+    s.upstream.restart().await;
+    s.upstream.clear_requests();
+    let back = Instant::now();
+    eventually(
+        "/-/health shows the source up",
+        Duration::from_secs(5),
+        || health(gw)["sources"][0]["state"] == "up",
+    )
+    .await;
+    eprintln!(
+        "source up again {:?} after the upstream came back",
+        back.elapsed()
+    );
+    let seen = s.upstream.seen();
+    assert!(!seen.is_empty(), "no probe reached the upstream");
+    assert!(
+        seen.iter()
+            .all(|r| r.method == "GET" && r.path == "/git/index/info/refs?service=git-upload-pack"),
+        "{:?}",
+        seen.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+    assert!(gw.log().contains("source is up again"));
 }
