@@ -59,6 +59,10 @@ enum Command {
         /// Address the gateway listens on [default: 127.0.0.1:8080; env MOONBIT_REGISTRY_LISTEN]
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Export MOONCAKES_REGISTRY (the registry endpoint, with server.auth
+        /// credentials if set) instead of the proxy variables
+        #[arg(long)]
+        registry: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -251,8 +255,9 @@ fn main() -> ExitCode {
         Command::Env {
             proxy,
             listen,
+            registry,
             common,
-        } => env(proxy, listen, common).map(|()| true),
+        } => env(proxy, listen, registry, common).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -384,34 +389,30 @@ fn ca(pem: bool, common: Common) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn env(proxy: Option<String>, listen: Option<SocketAddr>, common: Common) -> anyhow::Result<()> {
+fn env(
+    proxy: Option<String>,
+    listen: Option<SocketAddr>,
+    registry: bool,
+    common: Common,
+) -> anyhow::Result<()> {
     let mut config = common.load()?;
     if let Some(listen) = listen {
         config.listen = listen;
     }
+    // A wildcard listen address is reachable on loopback from this machine.
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    if registry {
+        let url = with_credentials(config.server.auth.as_deref(), addr);
+        println!("export MOONCAKES_REGISTRY={}", shell_quote(&url));
+        return Ok(());
+    }
     let ca = load_ca(&config, &config.sources()?, true)?;
     let bundle = config.data_dir.join("ca").join("bundle.pem");
     write_ca_bundle(&ca.files.cert, &bundle)?;
-    let proxy = match proxy {
-        Some(url) => url,
-        None => {
-            // A wildcard listen address is reachable on loopback from this machine.
-            let mut addr = config.listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            match &config.proxy.auth {
-                Some(auth) => {
-                    let (user, pass) = auth.split_once(':').unwrap_or((auth, ""));
-                    let enc = |s: &str| {
-                        url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
-                    };
-                    format!("http://{}:{}@{addr}", enc(user), enc(pass))
-                }
-                None => format!("http://{addr}"),
-            }
-        }
-    };
+    let proxy = proxy.unwrap_or_else(|| with_credentials(config.proxy.auth.as_deref(), addr));
     let bundle = bundle.display().to_string();
     // moon and curl read the upper-case proxy variables, git the lower-case ones.
     for (name, value) in [
@@ -425,6 +426,19 @@ fn env(proxy: Option<String>, listen: Option<SocketAddr>, common: Common) -> any
         println!("export {name}={}", shell_quote(value));
     }
     Ok(())
+}
+
+/// `http://[user:password@]addr`, the credentials (`user:password`) URL-encoded.
+fn with_credentials(auth: Option<&str>, addr: SocketAddr) -> String {
+    match auth {
+        Some(auth) => {
+            let (user, pass) = auth.split_once(':').unwrap_or((auth, ""));
+            let enc =
+                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            format!("http://{}:{}@{addr}", enc(user), enc(pass))
+        }
+        None => format!("http://{addr}"),
+    }
 }
 
 /// Single-quote for POSIX shells.

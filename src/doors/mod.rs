@@ -169,8 +169,8 @@ impl Doors {
         })
     }
 
-    /// With `server.auth`, a registry-endpoint request must carry those Basic
-    /// credentials; they are the gateway's, so they are taken off the request
+    /// With `server.auth`, a registry-endpoint request (but `/-/health`) must carry
+    /// those Basic credentials; they are the gateway's, so they are taken off the request
     /// (which is then cached like any other, not passed through as personal).
     #[allow(clippy::result_large_err)]
     fn endpoint_credentials(
@@ -180,6 +180,10 @@ impl Doors {
         let Some(expected) = &self.server_auth else {
             return Ok(req);
         };
+        // Liveness probes (load balancers, Kubernetes) carry no credentials.
+        if req.uri().path() == "/-/health" {
+            return Ok(req);
+        }
         if basic_matches(req.headers().get(header::AUTHORIZATION), expected) {
             req.headers_mut().remove(header::AUTHORIZATION);
             return Ok(req);

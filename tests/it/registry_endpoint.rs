@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::upstream::clients::sha256_hex;
 use crate::upstream::scenario::{
     curl, fetch, fetch_miss_then_hit, git, moon, moon_bin, moon_project, ok, refresh_index, run,
-    setup_with,
+    setup_configured, setup_with,
 };
 use crate::upstream::{Fault, Gateway};
 
@@ -445,4 +445,86 @@ async fn moon_update_and_add_through_the_gateway() {
         }
         archive_requests = now;
     }
+}
+
+/// `[server] auth` (issue 13): the registry endpoint wants Basic credentials;
+/// `moonbit-registry env --registry` exports a URL carrying them, and moon (its
+/// HTTP client and git) works through it, archives cached as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moon_works_with_registry_credentials_from_env() {
+    let toml = "[server]\nauth = \"ci:s3cret\"\n";
+    let (s, published) = setup_configured(toml, |r| {
+        [
+            r.publish("alice/core", "0.1.0", &[]),
+            r.publish("alice/json", "0.1.0", &[("alice/core", "0.1.0")]),
+        ]
+    })
+    .await;
+    let gw = s.gateway.url();
+    let port = gw.rsplit(':').next().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("gateway.toml");
+    std::fs::write(&config, toml).unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_moonbit-registry")).args([
+        "env",
+        "--registry",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]));
+    ok(&out, "env --registry");
+    let exported = String::from_utf8_lossy(&out.stdout).to_string();
+    let registry = exported
+        .trim()
+        .strip_prefix("export MOONCAKES_REGISTRY='")
+        .and_then(|r| r.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("not one export: {exported}"))
+        .to_string();
+    assert_eq!(registry, format!("http://ci:s3cret@127.0.0.1:{port}"));
+
+    // Without the credentials: 401 with a Basic challenge, nothing fetched.
+    let url = format!("{gw}/user/{}.zip", published[0].segment);
+    let out = curl(&["-sS", "-o", "/dev/null", "-D", "-", &url]);
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("www-authenticate: basic"), "{head}");
+    // With them: cached like any other request (the credentials are the gateway's).
+    for expected in ["miss", "hit"] {
+        let out = curl(&["-sS", "-u", "ci:s3cret", "-o", "/dev/null", "-D", "-", &url]);
+        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(head.contains(&format!("x-cache: {expected}")), "{head}");
+    }
+
+    let Some(bin) = moon_bin() else {
+        eprintln!("SKIPPED the moon part of moon_works_with_registry_credentials_from_env: set MOON_BIN to the moon client");
+        return;
+    };
+    let (home, cwd) = (work.path().join("home"), work.path().join("work"));
+    std::fs::create_dir_all(&cwd).unwrap();
+    ok(
+        &moon(&bin, &home, &cwd, &registry, &["update"]),
+        "moon update",
+    );
+    let proj = moon_project(&bin, &home, &cwd, &registry);
+    ok(
+        &moon(&bin, &home, &proj, &registry, &["add", "alice/json"]),
+        "moon add",
+    );
+    for dir in ["alice/json", "alice/core"] {
+        assert!(
+            proj.join(".mooncakes")
+                .join(dir)
+                .join("moon.mod.json")
+                .is_file(),
+            "{dir} missing from .mooncakes"
+        );
+    }
+    // And moon without the credentials is refused.
+    let home2 = work.path().join("home2");
+    let out = moon(&bin, &home2, &cwd, &gw, &["update"]);
+    assert!(
+        !out.status.success(),
+        "moon update without credentials succeeded"
+    );
 }
