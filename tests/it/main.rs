@@ -23,6 +23,7 @@
 
 mod upstream;
 
+mod hostile;
 mod hostile_git;
 mod index_mirror;
 mod mutable_cache_and_breaker;

@@ -67,6 +67,8 @@ pub struct Gateway {
     upstream_url: String,
     ca_pem: PathBuf,
     extra_args: Vec<String>,
+    /// Extra environment variables for the process (e.g. an admin token).
+    env: Vec<(String, String)>,
     /// Set once a panic message already carries the log.
     log_shown: bool,
     /// Holds the log and `$HOME`.
@@ -77,8 +79,18 @@ impl Gateway {
     /// Starts the gateway with a fresh data dir:
     /// `serve --listen 127.0.0.1:<free port> --data-dir <tmp> --upstream
     /// <upstream_url> --upstream-ca <ca_pem> <extra_args>`, and waits until
-    /// `GET /-/health` answers 200.
+    /// `GET /-/health` answers 200 (or 401, when `server.auth` asks for credentials).
     pub async fn start(upstream_url: &str, ca_pem: &Path, extra_args: &[&str]) -> Gateway {
+        Gateway::start_with_env(upstream_url, ca_pem, extra_args, &[]).await
+    }
+
+    /// Like [`Gateway::start`], with `env` added to the process's environment.
+    pub async fn start_with_env(
+        upstream_url: &str,
+        ca_pem: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let owner = tempfile::Builder::new()
             .prefix("test-gateway-data-")
             .tempdir()
@@ -87,7 +99,7 @@ impl Gateway {
             path: owner.path().to_path_buf(),
             _owner: Some(Arc::new(owner)),
         };
-        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args).await
+        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, env).await
     }
 
     /// Like [`Gateway::start`] but with an existing data dir (for restart
@@ -102,7 +114,7 @@ impl Gateway {
             path: data_dir.to_path_buf(),
             _owner: None,
         };
-        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args).await
+        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, &[]).await
     }
 
     async fn launch(
@@ -111,6 +123,7 @@ impl Gateway {
         upstream_url: &str,
         ca_pem: &Path,
         extra_args: &[&str],
+        env: &[(&str, &str)],
     ) -> Gateway {
         let mut gateway = Gateway {
             addr: free_local_addr(),
@@ -120,6 +133,10 @@ impl Gateway {
             upstream_url: upstream_url.to_string(),
             ca_pem: ca_pem.to_path_buf(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log_shown: false,
             work,
         };
@@ -140,7 +157,6 @@ impl Gateway {
     }
 
     /// The child's process id while it runs.
-    #[allow(dead_code, reason = "used by benches/gateway.rs, not by the tests")]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -191,6 +207,7 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start gateway {GATEWAY_BIN}: {e}"));
@@ -213,7 +230,9 @@ impl Gateway {
                 }
             }
             let last = match http_status(self.addr, "/-/health").await {
-                Ok(200) => return,
+                // With `server.auth` the health endpoint asks for credentials too:
+                // the gateway is up.
+                Ok(200 | 401) => return,
                 Ok(code) => format!("GET /-/health answered {code}"),
                 Err(e) => format!("GET /-/health failed: {e}"),
             };

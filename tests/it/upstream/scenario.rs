@@ -62,6 +62,15 @@ pub async fn setup_with<T>(publish: impl FnOnce(&Registry) -> T) -> (Setup, T) {
 
 /// Like [`setup_with`], with `toml` as the gateway's config file.
 pub async fn setup_configured<T>(toml: &str, publish: impl FnOnce(&Registry) -> T) -> (Setup, T) {
+    setup_configured_env(toml, &[], publish).await
+}
+
+/// Like [`setup_configured`], with `env` added to the gateway's environment.
+pub async fn setup_configured_env<T>(
+    toml: &str,
+    env: &[(&str, &str)],
+    publish: impl FnOnce(&Registry) -> T,
+) -> (Setup, T) {
     let registry = Arc::new(Registry::new());
     let published = publish(&registry);
     let upstream = Upstream::start(registry.clone()).await;
@@ -69,7 +78,7 @@ pub async fn setup_configured<T>(toml: &str, publish: impl FnOnce(&Registry) -> 
     let config = config_dir.path().join("moonbit-registry.toml");
     std::fs::write(&config, toml).expect("write the gateway config");
     let args = ["--config", config.to_str().expect("UTF-8 temp path")];
-    let gateway = Gateway::start(&upstream.url(), &upstream.ca_pem, &args).await;
+    let gateway = Gateway::start_with_env(&upstream.url(), &upstream.ca_pem, &args, env).await;
     let setup = Setup {
         registry,
         upstream,
