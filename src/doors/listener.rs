@@ -12,7 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::send_timeout::SendTimeout;
-use super::{transparent, Doors};
+use super::{transparent, with_causes, Doors};
 use crate::app::Services;
 
 /// How long shutdown waits for open transfers.
@@ -87,7 +87,7 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        tracing::debug!(%peer, error = %with_causes(&*e), "connection ended with an error");
                     }
                     drop(permit);
                 });

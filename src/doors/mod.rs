@@ -274,6 +274,19 @@ pub fn http_builder(max_header: u64) -> auto::Builder<TokioExecutor> {
     http
 }
 
+/// An error with its causes, `a: b: c`: hyper's own message ("error writing a
+/// body to connection") hides why (e.g. the send timeout).
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// One line per request, written off the request path (the log writer is
 /// non-blocking).
 fn log_request(

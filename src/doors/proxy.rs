@@ -10,7 +10,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::{tls, tunnel, Carrying, Doors, TunnelRefused};
+use super::{tls, tunnel, with_causes, Carrying, Doors, TunnelRefused};
 use crate::body::{self, GatewayBody};
 use crate::client::basic_matches;
 use crate::passthrough;
@@ -189,7 +189,7 @@ async fn forward_to(
     };
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "forwarded connection ended with an error");
+            tracing::debug!(error = %with_causes(&e), "forwarded connection ended with an error");
         }
     });
     let (mut parts, incoming) = req.into_parts();

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::Doors;
+use super::{with_causes, Doors};
 
 /// Bound on the TLS handshake with the client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -63,6 +63,6 @@ where
     let http = doors.http.clone();
     let service = service_fn(move |req| doors.clone().intercepted(req, source, peer));
     if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
-        tracing::debug!(%host, error = %e, "intercepted connection ended with an error");
+        tracing::debug!(%host, error = %with_causes(&*e), "intercepted connection ended with an error");
     }
 }
