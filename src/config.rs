@@ -285,7 +285,7 @@ impl Default for Config {
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
-            max_connections: 4096,
+            max_connections: 1024,
             max_header_size: ByteSize::kib(64),
             send_timeout: Duration::from_secs(60),
             auth: None,
