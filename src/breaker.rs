@@ -46,6 +46,9 @@ struct State {
     last_error: Option<(SystemTime, String)>,
     /// A probe ticket is out; nobody else may try until it reports.
     probing: bool,
+    /// A caller gave up waiting on this source (it accepts but does not answer in
+    /// time); until anything succeeds, callers with something to serve do not wait.
+    slow: bool,
 }
 
 #[derive(Debug)]
@@ -90,6 +93,7 @@ impl Breakers {
                     since: SystemTime::now(),
                     last_error: None,
                     probing: false,
+                    slow: false,
                 }),
             }));
             for url in [&s.registry, &s.index, &s.archive, &s.symbols] {
@@ -128,6 +132,34 @@ impl Breakers {
     /// Whether `url`'s source is down right now (no probe slot is taken).
     pub fn is_down_url(&self, url: &str) -> bool {
         self.for_url(url).is_some_and(|b| b.lock().outage.is_some())
+    }
+
+    /// Note that a caller gave up waiting on the source of `url` (or named `source`).
+    pub fn mark_slow_url(&self, url: &str) {
+        if let Some(b) = self.for_url(url) {
+            b.mark_slow();
+        }
+    }
+
+    pub fn mark_slow(&self, source: &str) {
+        if let Some(b) = self.named(source) {
+            b.mark_slow();
+        }
+    }
+
+    /// Whether the source of `url` is down or known slow: nothing should wait on it.
+    pub fn is_down_or_slow_url(&self, url: &str) -> bool {
+        self.for_url(url).is_some_and(|b| {
+            let state = b.lock();
+            state.outage.is_some() || state.slow
+        })
+    }
+
+    pub fn is_down_or_slow(&self, source: &str) -> bool {
+        self.named(source).is_some_and(|b| {
+            let state = b.lock();
+            state.outage.is_some() || state.slow
+        })
     }
 
     pub fn is_down(&self, source: &str) -> bool {
@@ -257,9 +289,18 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn mark_slow(&self) {
+        let mut state = self.lock();
+        if !state.slow {
+            state.slow = true;
+            tracing::warn!(source = %self.source, "source is slow: callers with something to serve stop waiting on it until it answers");
+        }
+    }
+
     fn success(&self, probe: bool) {
         let mut state = self.lock();
         state.failures = 0;
+        state.slow = false;
         if probe {
             state.probing = false;
         }
@@ -312,6 +353,7 @@ impl Breaker {
         let now = Instant::now();
         serde_json::json!({
             "state": if state.outage.is_some() { "down" } else { "up" },
+            "slow": state.slow,
             "since": humantime::format_rfc3339_seconds(state.since).to_string(),
             "for_seconds": elapsed_secs(state.since),
             "consecutive_failures": state.failures,

@@ -198,11 +198,12 @@ impl MutableCache {
         if let BeforeRequest::Fresh(_) = stored.policy.before_request(&canonical, now) {
             return self.serve(&stored, client, head, Served::Hit).await;
         }
-        if self.upstream.health().is_down_url(url) {
-            // Never wait on a source known to be down; a probe may go in the background.
+        if self.upstream.health().is_down_or_slow_url(url) {
+            // Never wait on a source known to be down or too slow to wait for; a
+            // probe or revalidation goes on in the background.
             self.revalidate_in_background(url);
             return self
-                .serve_stale(&stored, client, head, "its source is down")
+                .serve_stale(&stored, client, head, "its source is down or slow")
                 .await;
         }
         let stale_for = millis(now).saturating_sub(stored.fresh_until);
@@ -220,6 +221,7 @@ impl MutableCache {
             match self.revalidate_or_give_up(url, &stored).await {
                 Some(outcome) => outcome,
                 None => {
+                    self.upstream.health().mark_slow_url(url);
                     let waited = self.settings.revalidate_timeout;
                     let error = format!(
                         "the upstream did not answer within {waited:?}; revalidation continues in the background"

@@ -159,6 +159,16 @@ impl Mirror {
         self.settings.health.is_down(&self.source)
     }
 
+    /// Whether this mirror's source is down or was too slow to wait for lately.
+    pub fn source_down_or_slow(&self) -> bool {
+        self.settings.health.is_down_or_slow(&self.source)
+    }
+
+    /// A client stopped waiting for a refresh of this mirror.
+    pub fn mark_source_slow(&self) {
+        self.settings.health.mark_slow(&self.source);
+    }
+
     /// [`Mirror::ensure_fresh`] in a task of its own, at most one at a time: the
     /// caller serves what the mirror holds without waiting on the upstream.
     pub fn refresh_in_background(self: &Arc<Self>) {

@@ -242,13 +242,13 @@ impl Index {
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
         // same tip their GET advertised.
         let advertisement = req.method() == Method::GET && !self.offline;
-        let freshness = if advertisement && mirror.exists() && mirror.source_down() {
-            // Never wait on a source known to be down: serve the mirror, and let a
-            // background refresh probe the upstream when its back-off allows.
+        let freshness = if advertisement && mirror.exists() && mirror.source_down_or_slow() {
+            // Never wait on a source known to be down or too slow: serve the mirror,
+            // and let a background refresh try (or probe) the upstream.
             mirror.refresh_in_background();
             Freshness::Stale {
                 age: mirror.age(),
-                error: format!("source `{}` is down", mirror.source),
+                error: format!("source `{}` is down or slow", mirror.source),
             }
         } else if advertisement && mirror.exists() {
             // A slow upstream must not hold a clone for long: past `refresh_wait` the
@@ -267,10 +267,15 @@ impl Index {
                     age: mirror.age(),
                     error: format!("refresh task failed: {e}"),
                 },
-                Err(_) => Freshness::Stale {
-                    age: mirror.age(),
-                    error: format!("upstream index did not answer within {wait:?}; refresh continues in the background"),
-                },
+                Err(_) => {
+                    // The next callers (e.g. this `moon update`'s symbols.zip) need
+                    // not wait on it again.
+                    mirror.mark_source_slow();
+                    Freshness::Stale {
+                        age: mirror.age(),
+                        error: format!("upstream index did not answer within {wait:?}; refresh continues in the background"),
+                    }
+                }
             }
         } else if advertisement {
             mirror.ensure_fresh().await
