@@ -83,7 +83,8 @@ pub struct ServerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
     /// Environment variable holding the bearer token admin endpoints require; when
-    /// unset, they answer loopback clients only.
+    /// unset, they answer loopback clients only. Not a `MOONBIT_REGISTRY_*` name:
+    /// those are read as configuration keys.
     pub token_env: Option<String>,
 }
 
@@ -422,6 +423,11 @@ impl Config {
         config.sources()?; // validate now, so `serve` fails before it listens
         if config.breaker.failures == 0 {
             bail!("breaker.failures must be at least 1");
+        }
+        if let Some(var) = &config.admin.token_env {
+            if var.starts_with("MOONBIT_REGISTRY_") {
+                bail!("admin.token_env `{var}`: MOONBIT_REGISTRY_* variables are configuration keys; name another variable");
+            }
         }
         if config.server.max_connections == 0 {
             bail!("server.max_connections must be at least 1");

@@ -223,13 +223,19 @@ fn admin_refusal(app: &Services, req: &Request<GatewayBody>) -> Option<Response<
             "this admin endpoint needs the admin bearer token",
         )),
         // No door attached a client (a request built in-process): nothing to check.
-        None => match Client::of(req) {
-            Some(Client(addr)) if !addr.ip().is_loopback() => Some(body::text(
-                StatusCode::FORBIDDEN,
-                "admin endpoints answer loopback clients only (set admin.token_env to allow others)",
-            )),
-            _ => None,
-        },
+        // A request relayed by a proxy (this gateway's own forwarding included)
+        // is not a local one, whatever address it arrives from.
+        None => {
+            let relayed = req.headers().contains_key(header::FORWARDED)
+                || req.headers().contains_key("x-forwarded-for");
+            match Client::of(req) {
+                Some(Client(addr)) if relayed || !addr.ip().is_loopback() => Some(body::text(
+                    StatusCode::FORBIDDEN,
+                    "admin endpoints answer local clients only (set admin.token_env to allow others)",
+                )),
+                _ => None,
+            }
+        }
     }
 }
 
@@ -494,6 +500,35 @@ mod dispatch_tests {
             assert_eq!(status, StatusCode::FORBIDDEN, "{mode:?}");
             let (status, _) = answer(&app, Method::GET, "/user/..%2F..%2Fx%2F1.0.0.zip").await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn admin_endpoints_answer_local_clients_only() {
+        let (app, _dir) = services(Mode::Offline);
+        for (addr, relayed, allowed) in [
+            ("127.0.0.1:5000", false, true),
+            ("10.0.0.7:5000", false, false),
+            ("127.0.0.1:5000", true, false),
+        ] {
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri("/-/index/refresh")
+                .body(body::empty())
+                .unwrap();
+            req.extensions_mut().insert(Client(addr.parse().unwrap()));
+            if relayed {
+                req.headers_mut()
+                    .insert(header::FORWARDED, "for=10.0.0.7".parse().unwrap());
+            }
+            let status = route(&app, req, Door::Endpoint).await.status();
+            // Allowed, it reaches the offline index: 503; refused: 403.
+            let expected = if allowed {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            assert_eq!(status, expected, "{addr} relayed={relayed}");
         }
     }
 

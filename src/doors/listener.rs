@@ -79,9 +79,12 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
                 };
                 let _ = stream.set_nodelay(true);
                 let io = TokioIo::new(SendTimeout::new(stream, doors.send_timeout));
+                // Shared with a CONNECT tunnel born on this connection, which
+                // outlives the HTTP connection (hyper hands the socket over).
+                let permit = Arc::new(permit);
                 let service = {
-                    let doors = doors.clone();
-                    service_fn(move |req| doors.clone().main(req, peer))
+                    let (doors, permit) = (doors.clone(), permit.clone());
+                    service_fn(move |req| doors.clone().main(req, peer, permit.clone()))
                 };
                 let conn = doors.http.serve_connection_with_upgrades(io, service).into_owned();
                 let conn = graceful.watch(conn);

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::app::Services;
 use crate::body::{self, GatewayBody};
@@ -109,7 +109,9 @@ impl Doors {
             send_timeout: server.send_timeout,
             server_auth: server.auth.clone(),
             listening,
-            proxy_auth: config.proxy.auth.clone(),
+            // A gateway that wants credentials on its registry endpoint wants them
+            // from proxy clients too: the same cache is behind both doors.
+            proxy_auth: config.proxy.auth.clone().or_else(|| server.auth.clone()),
             app,
             interceptor,
             tunnel,
@@ -180,8 +182,10 @@ impl Doors {
         let Some(expected) = &self.server_auth else {
             return Ok(req);
         };
-        // Liveness probes (load balancers, Kubernetes) carry no credentials.
-        if req.uri().path() == "/-/health" {
+        // Liveness probes (load balancers, Kubernetes) carry no credentials, and with
+        // an admin token the admin endpoints check their own (Bearer) credentials.
+        let path = req.uri().path();
+        if path == "/-/health" || (path.starts_with("/-/") && self.app.admin_token.is_some()) {
             return Ok(req);
         }
         if basic_matches(req.headers().get(header::AUTHORIZATION), expected) {
@@ -211,15 +215,17 @@ impl Doors {
     }
 
     /// Every request on the main listener: registry endpoint or forward proxy.
+    /// `permit` is the connection's place under `server.max_connections`.
     pub async fn main(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        permit: Arc<OwnedSemaphorePermit>,
     ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
         let started = Instant::now();
         let (method, target) = (req.method().clone(), req.uri().to_string());
         let resp = if req.method() == Method::CONNECT {
-            proxy::connect(self.clone(), req, peer).await
+            proxy::connect(self.clone(), req, peer, permit).await
         } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
             // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
             proxy::absolute(&self, req, peer).await

@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -71,6 +73,7 @@ pub async fn connect(
     doors: Arc<Doors>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<GatewayBody> {
     if let Some(resp) = refuse_unauthorized(&doors, &req) {
         return resp;
@@ -84,6 +87,7 @@ pub async fn connect(
     let upgrade = hyper::upgrade::on(&mut req);
     if intercepted {
         tokio::spawn(async move {
+            let _permit = permit;
             match upgrade.await {
                 Ok(upgraded) => {
                     tls::terminate(doors, TokioIo::new(upgraded), Some(host), peer).await
@@ -101,6 +105,7 @@ pub async fn connect(
     let label = format!("{host}:{port}");
     tracing::info!(target_host = %label, "tunnelling");
     tokio::spawn(async move {
+        let _permit = permit;
         match upgrade.await {
             Ok(upgraded) => tunnel::splice(TokioIo::new(upgraded), server, &label).await,
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -154,7 +159,7 @@ pub async fn absolute(
         Ok(stream) => stream,
         Err(refused) => return refusal(&host, port, refused),
     };
-    forward_to(doors, req, stream).await
+    forward_to(doors, req, stream, peer).await
 }
 
 /// The answer to a tunnel or forward that was not opened.
@@ -176,6 +181,7 @@ async fn forward_to(
     doors: &Doors,
     req: Request<Incoming>,
     stream: tokio::net::TcpStream,
+    peer: SocketAddr,
 ) -> Response<GatewayBody> {
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     {
@@ -202,6 +208,15 @@ async fn forward_to(
     passthrough::strip_hop_by_hop(&mut parts.headers);
     if let Ok(host) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, host);
+    }
+    // Say who asked (RFC 7239): the destination, even this gateway itself reached
+    // through loopback, must not take the request for a local one.
+    let client = match peer.ip() {
+        std::net::IpAddr::V4(ip) => format!("for={ip}"),
+        std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    if let Ok(value) = HeaderValue::from_str(&client) {
+        parts.headers.append(header::FORWARDED, value);
     }
     // The origin server gets origin-form.
     let origin_form = parts
