@@ -80,10 +80,33 @@ impl Checksums {
         self.modules.values().map(BTreeMap::len).sum()
     }
 
-    /// The transitive dependencies of `name@version` (not itself), breadth first,
-    /// at most `limit` of them. Unknown dependencies are skipped: `moon` would fail on
-    /// them anyway, and prefetching is only a guess at what comes next.
+    /// The transitive dependencies of `name@version` (not itself) as `moon` selects
+    /// them: minimal version selection, every module reachable from its
+    /// requirements at the highest version any of them requires, in the order first
+    /// reached; at most `limit` requirements are followed. Unknown dependencies are
+    /// skipped: `moon` would fail on them anyway, and prefetching is only a guess at
+    /// what comes next.
     pub fn closure(&self, name: &str, version: &str, limit: usize) -> Vec<(String, String)> {
+        let mut selected: Vec<(String, String)> = Vec::new();
+        for (dep, dep_version) in self.requirements(name, version, limit) {
+            if dep == name {
+                continue;
+            }
+            match selected.iter_mut().find(|(n, _)| *n == dep) {
+                Some((_, chosen)) => {
+                    if compare_versions(&dep_version, chosen).is_gt() {
+                        *chosen = dep_version;
+                    }
+                }
+                None => selected.push((dep, dep_version)),
+            }
+        }
+        selected
+    }
+
+    /// Every `(module, version)` reachable from `name@version`'s requirements,
+    /// breadth first, at most `limit` of them.
+    fn requirements(&self, name: &str, version: &str, limit: usize) -> Vec<(String, String)> {
         let mut seen: HashSet<(String, String)> = HashSet::new();
         let mut queue: VecDeque<(String, String)> = VecDeque::new();
         let mut out = Vec::new();
@@ -104,6 +127,16 @@ impl Checksums {
             }
         }
         out
+    }
+}
+
+/// Semver order; strings that are not semver sort before those that are.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    match (semver::Version::parse(a), semver::Version::parse(b)) {
+        (Ok(a), Ok(b)) => a.cmp(&b),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Less,
+        (Err(_), Err(_)) => a.cmp(b),
     }
 }
 
@@ -202,6 +235,37 @@ mod tests {
         let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["a/json", "a/lex", "a/core"]);
         assert_eq!(c.closure("a/app", "1.0.0", 1).len(), 1);
+    }
+
+    #[test]
+    fn closure_selects_the_highest_required_version_of_each_module() {
+        let mut c = Checksums::default();
+        let line = |v: &str, deps: &str| {
+            format!("{{\"version\":\"{v}\",\"checksum\":\"{A}\",\"deps\":{{{deps}}}}}\n")
+        };
+        // app needs x 0.4.37 directly and, through json, x 0.4.40; x 0.4.37 needs
+        // old (only reachable through it, so still part of the build list, as in MVS).
+        c.add_file(
+            "t",
+            "a/app",
+            &line("1.0.0", "\"a/x\":\"0.4.37\",\"a/json\":\"0.1.0\""),
+        );
+        c.add_file("t", "a/json", &line("0.1.0", "\"a/x\":\"0.4.40\""));
+        c.add_file(
+            "t",
+            "a/x",
+            &(line("0.4.37", "\"a/old\":\"1.0.0\"") + &line("0.4.38", "") + &line("0.4.40", "")),
+        );
+        c.add_file("t", "a/old", &line("1.0.0", ""));
+        let chosen = c.closure("a/app", "1.0.0", 100);
+        assert_eq!(
+            chosen,
+            [
+                ("a/json".to_string(), "0.1.0".to_string()),
+                ("a/x".to_string(), "0.4.40".to_string()),
+                ("a/old".to_string(), "1.0.0".to_string()),
+            ]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use semver::{Version, VersionReq};
 
-use super::checksums::registry_deps;
+use super::checksums::{compare_versions, registry_deps};
 use super::{Expectation, Index};
 use crate::archive::ArchiveKey;
 
@@ -147,7 +147,11 @@ impl Index {
         }
         if selection.latest {
             for versions in picked.values_mut() {
-                if let Some(newest) = versions.iter().max_by(|a, b| compare(a, b)).cloned() {
+                if let Some(newest) = versions
+                    .iter()
+                    .max_by(|a, b| compare_versions(a, b))
+                    .cloned()
+                {
                     *versions = BTreeSet::from([newest]);
                 }
             }
@@ -220,7 +224,7 @@ impl Index {
                 continue;
             };
             match highest.get(&name) {
-                Some(h) if compare(h, &version).is_ge() => {}
+                Some(h) if compare_versions(h, &version).is_ge() => {}
                 _ => {
                     highest.insert(name.clone(), version.clone());
                 }
@@ -247,16 +251,6 @@ fn pattern_text(p: &Pattern) -> String {
     }
 }
 
-/// Semver order; strings that are not semver sort before those that are.
-fn compare(a: &str, b: &str) -> std::cmp::Ordering {
-    match (Version::parse(a), Version::parse(b)) {
-        (Ok(a), Ok(b)) => a.cmp(&b),
-        (Ok(_), Err(_)) => std::cmp::Ordering::Greater,
-        (Err(_), Ok(_)) => std::cmp::Ordering::Less,
-        (Err(_), Err(_)) => a.cmp(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,7 +273,7 @@ mod tests {
 
     #[test]
     fn semver_order() {
-        assert!(compare("0.10.0", "0.9.0").is_gt());
-        assert!(compare("1.0.0", "1.0.0-rc.1").is_gt());
+        assert!(compare_versions("0.10.0", "0.9.0").is_gt());
+        assert!(compare_versions("1.0.0", "1.0.0-rc.1").is_gt());
     }
 }

@@ -337,6 +337,50 @@ async fn dependencies_are_prefetched_unless_turned_off() {
     );
 }
 
+/// Prefetch selects versions as moon does (minimal version selection): `app`
+/// needs `x` 0.4.37 directly and 0.4.40 through `json`, so moon asks for 0.4.40
+/// only, and the gateway must not fetch 0.4.37 (nor 0.4.38, never required).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefetch_fetches_only_the_versions_moon_asks_for() {
+    let Some(bin) = moon_bin() else {
+        eprintln!("SKIPPED prefetch_fetches_only_the_versions_moon_asks_for: set MOON_BIN to the moon client");
+        return;
+    };
+    let (s, (x37, x38, x40, json, app)) = setup_with(|r| {
+        let x37 = r.publish("alice/x", "0.4.37", &[]);
+        let x38 = r.publish("alice/x", "0.4.38", &[]);
+        let x40 = r.publish("alice/x", "0.4.40", &[]);
+        let json = r.publish("alice/json", "0.1.0", &[("alice/x", "0.4.40")]);
+        let app = r.publish(
+            "alice/app",
+            "1.0.0",
+            &[("alice/x", "0.4.37"), ("alice/json", "0.1.0")],
+        );
+        (x37, x38, x40, json, app)
+    })
+    .await;
+    let gw = s.gateway.url();
+    let work = tempfile::tempdir().unwrap();
+    let (home, cwd) = (work.path().join("home"), work.path().join("work"));
+    std::fs::create_dir_all(&cwd).unwrap();
+    ok(&moon(&bin, &home, &cwd, &gw, &["update"]), "moon update");
+    let proj = moon_project(&bin, &home, &cwd, &gw);
+    ok(
+        &moon(&bin, &home, &proj, &gw, &["add", "alice/app"]),
+        "moon add",
+    );
+    // Prefetches run in the background: give them time to (wrongly) happen.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (p, wanted) in [(&x37, 0), (&x38, 0), (&x40, 1), (&json, 1), (&app, 1)] {
+        assert_eq!(
+            s.upstream.count("GET", &p.url_path()),
+            wanted,
+            "{} fetched from the upstream",
+            p.url_path()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn moon_works_from_the_mirror_and_store_with_the_upstream_down() {
     let Some(bin) = moon_bin() else {
