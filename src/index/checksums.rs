@@ -79,55 +79,61 @@ impl Checksums {
     pub fn releases(&self) -> usize {
         self.modules.values().map(BTreeMap::len).sum()
     }
+}
 
-    /// The transitive dependencies of `name@version` (not itself) as `moon` selects
-    /// them: minimal version selection, every module reachable from its
-    /// requirements at the highest version any of them requires, in the order first
-    /// reached; at most `limit` requirements are followed. Unknown dependencies are
-    /// skipped: `moon` would fail on them anyway, and prefetching is only a guess at
-    /// what comes next.
-    pub fn closure(&self, name: &str, version: &str, limit: usize) -> Vec<(String, String)> {
-        let mut selected: Vec<(String, String)> = Vec::new();
-        for (dep, dep_version) in self.requirements(name, version, limit) {
-            if dep == name {
-                continue;
-            }
-            match selected.iter_mut().find(|(n, _)| *n == dep) {
-                Some((_, chosen)) => {
-                    if compare_versions(&dep_version, chosen).is_gt() {
-                        *chosen = dep_version;
-                    }
+/// The modules a set of requirements resolves to, by minimal version selection
+/// as `moon` (like Go) does it: every `(module, version)` reachable from the
+/// roots through any required version, then per module the highest of them.
+#[derive(Debug, Default, PartialEq)]
+pub struct BuildList {
+    /// `(module, version)`, in the order modules were first reached.
+    pub modules: Vec<(String, String)>,
+    /// Requirements no release answers for.
+    pub missing: Vec<(String, String)>,
+    /// False when more than the allowed number of versions was reachable; the
+    /// rest was not visited.
+    pub complete: bool,
+}
+
+/// Resolve `roots`: `deps_of(name, version)` gives a release's requirements, or
+/// `None` if no index lists it. At most `max_versions` versions are visited.
+pub fn build_list(
+    roots: Vec<(String, String)>,
+    deps_of: impl Fn(&str, &str) -> Option<Vec<(String, String)>>,
+    max_versions: usize,
+) -> BuildList {
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut queue: VecDeque<(String, String)> = roots.into();
+    let mut list = BuildList::default();
+    let mut position: HashMap<String, usize> = HashMap::new();
+    while let Some(requirement) = queue.pop_front() {
+        if seen.contains(&requirement) {
+            continue;
+        }
+        if seen.len() >= max_versions {
+            return list;
+        }
+        seen.insert(requirement.clone());
+        let (name, version) = requirement;
+        let Some(deps) = deps_of(&name, &version) else {
+            list.missing.push((name, version));
+            continue;
+        };
+        match position.get(&name) {
+            Some(&i) => {
+                if compare_versions(&version, &list.modules[i].1).is_gt() {
+                    list.modules[i].1 = version;
                 }
-                None => selected.push((dep, dep_version)),
+            }
+            None => {
+                position.insert(name.clone(), list.modules.len());
+                list.modules.push((name, version));
             }
         }
-        selected
+        queue.extend(deps);
     }
-
-    /// Every `(module, version)` reachable from `name@version`'s requirements,
-    /// breadth first, at most `limit` of them.
-    fn requirements(&self, name: &str, version: &str, limit: usize) -> Vec<(String, String)> {
-        let mut seen: HashSet<(String, String)> = HashSet::new();
-        let mut queue: VecDeque<(String, String)> = VecDeque::new();
-        let mut out = Vec::new();
-        queue.push_back((name.to_string(), version.to_string()));
-        seen.insert((name.to_string(), version.to_string()));
-        while let Some((n, v)) = queue.pop_front() {
-            let Some(release) = self.get(&n, &v) else {
-                continue;
-            };
-            for dep in &release.deps {
-                if out.len() >= limit {
-                    return out;
-                }
-                if seen.insert(dep.clone()) && self.get(&dep.0, &dep.1).is_some() {
-                    out.push(dep.clone());
-                    queue.push_back(dep.clone());
-                }
-            }
-        }
-        out
-    }
+    list.complete = true;
+    list
 }
 
 /// Semver order; strings that are not semver sort before those that are.
@@ -213,53 +219,58 @@ mod tests {
         assert!(c.get("alice/json", "0.2.0").is_none());
     }
 
-    #[test]
-    fn closure_is_transitive_and_bounded() {
+    /// A test index: `(module, version, deps)` lines.
+    fn index(releases: &[(&str, &str, &str)]) -> Checksums {
         let mut c = Checksums::default();
-        let line = |v: &str, deps: &str| {
-            format!("{{\"version\":\"{v}\",\"checksum\":\"{A}\",\"deps\":{{{deps}}}}}\n")
-        };
-        c.add_file(
-            "t",
-            "a/app",
-            &line("1.0.0", "\"a/json\":\"0.1.0\",\"a/lex\":\"0.2.0\""),
-        );
-        c.add_file("t", "a/json", &line("0.1.0", "\"a/core\":\"0.1.0\""));
-        c.add_file(
-            "t",
-            "a/lex",
-            &line("0.2.0", "\"a/core\":\"0.1.0\",\"a/gone\":\"9.9.9\""),
-        );
-        c.add_file("t", "a/core", &line("0.1.0", "\"a/app\":\"1.0.0\""));
-        let all = c.closure("a/app", "1.0.0", 100);
-        let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["a/json", "a/lex", "a/core"]);
-        assert_eq!(c.closure("a/app", "1.0.0", 1).len(), 1);
+        for (module, version, deps) in releases {
+            let line =
+                format!("{{\"version\":\"{version}\",\"checksum\":\"{A}\",\"deps\":{{{deps}}}}}\n");
+            c.add_file("t", module, &line);
+        }
+        c
+    }
+
+    fn resolve(c: &Checksums, module: &str, version: &str, max: usize) -> BuildList {
+        let roots = c.get(module, version).unwrap().deps.clone();
+        build_list(roots, |n, v| c.get(n, v).map(|r| r.deps.clone()), max)
     }
 
     #[test]
-    fn closure_selects_the_highest_required_version_of_each_module() {
-        let mut c = Checksums::default();
-        let line = |v: &str, deps: &str| {
-            format!("{{\"version\":\"{v}\",\"checksum\":\"{A}\",\"deps\":{{{deps}}}}}\n")
-        };
+    fn build_list_is_transitive_and_bounded() {
+        let c = index(&[
+            ("a/app", "1.0.0", "\"a/json\":\"0.1.0\",\"a/lex\":\"0.2.0\""),
+            ("a/json", "0.1.0", "\"a/core\":\"0.1.0\""),
+            (
+                "a/lex",
+                "0.2.0",
+                "\"a/core\":\"0.1.0\",\"a/gone\":\"9.9.9\"",
+            ),
+            ("a/core", "0.1.0", "\"a/app\":\"1.0.0\""),
+        ]);
+        let all = resolve(&c, "a/app", "1.0.0", 100);
+        let names: Vec<&str> = all.modules.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a/json", "a/lex", "a/core", "a/app"]);
+        assert_eq!(all.missing, [("a/gone".to_string(), "9.9.9".to_string())]);
+        assert!(all.complete);
+        let bounded = resolve(&c, "a/app", "1.0.0", 1);
+        assert_eq!(bounded.modules.len(), 1);
+        assert!(!bounded.complete);
+    }
+
+    #[test]
+    fn build_list_selects_the_highest_required_version_of_each_module() {
         // app needs x 0.4.37 directly and, through json, x 0.4.40; x 0.4.37 needs
         // old (only reachable through it, so still part of the build list, as in MVS).
-        c.add_file(
-            "t",
-            "a/app",
-            &line("1.0.0", "\"a/x\":\"0.4.37\",\"a/json\":\"0.1.0\""),
-        );
-        c.add_file("t", "a/json", &line("0.1.0", "\"a/x\":\"0.4.40\""));
-        c.add_file(
-            "t",
-            "a/x",
-            &(line("0.4.37", "\"a/old\":\"1.0.0\"") + &line("0.4.38", "") + &line("0.4.40", "")),
-        );
-        c.add_file("t", "a/old", &line("1.0.0", ""));
-        let chosen = c.closure("a/app", "1.0.0", 100);
+        let c = index(&[
+            ("a/app", "1.0.0", "\"a/x\":\"0.4.37\",\"a/json\":\"0.1.0\""),
+            ("a/json", "0.1.0", "\"a/x\":\"0.4.40\""),
+            ("a/x", "0.4.37", "\"a/old\":\"1.0.0\""),
+            ("a/x", "0.4.38", ""),
+            ("a/x", "0.4.40", ""),
+            ("a/old", "1.0.0", ""),
+        ]);
         assert_eq!(
-            chosen,
+            resolve(&c, "a/app", "1.0.0", 100).modules,
             [
                 ("a/json".to_string(), "0.1.0".to_string()),
                 ("a/x".to_string(), "0.4.40".to_string()),

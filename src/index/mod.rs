@@ -355,22 +355,19 @@ impl Index {
         })
     }
 
-    /// Dependencies of `key`, transitively, each with the source and checksum that
-    /// vouch for it.
+    /// Dependencies of `key` as `moon` will select them (minimal version selection
+    /// over every source's index, at most `limit` versions visited), each with the
+    /// source and checksum that vouch for it.
     pub fn closure(&self, key: &ArchiveKey, limit: usize) -> Vec<(ArchiveKey, Expectation)> {
         let name = key.name();
-        let Some(snapshot) = self
-            .mirrors
-            .iter()
-            .map(|m| m.snapshot())
-            .find(|s| s.checksums.get(&name, &key.version).is_some())
-        else {
+        let Some(root) = self.release(&name, &key.version) else {
             return Vec::new();
         };
-        snapshot
-            .checksums
-            .closure(&name, &key.version, limit)
+        let list =
+            checksums::build_list(root.deps, |n, v| self.release(n, v).map(|r| r.deps), limit);
+        list.modules
             .into_iter()
+            .filter(|(dep, _)| *dep != name)
             .filter_map(|(dep, version)| {
                 let (user, module) = dep.split_once('/')?;
                 let key = ArchiveKey {

@@ -4,13 +4,13 @@
 //! minimal version selection as `moon` does (every module reachable from the
 //! root's requirements, at the highest version any of them requires).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use semver::{Version, VersionReq};
 
-use super::checksums::{compare_versions, registry_deps};
+use super::checksums::{build_list, compare_versions, registry_deps};
 use super::{Expectation, Index};
 use crate::archive::ArchiveKey;
 
@@ -200,42 +200,34 @@ impl Index {
             Some(serde_json::Value::Object(o)) => o.clone(),
             Some(_) => bail!("{}: `deps` is not an object", path.display()),
         };
-        // Every (module, version) reachable through any required version; the
-        // build list then takes, per module, the highest of them (as Go and moon do).
-        let mut seen: HashSet<(String, String)> = HashSet::new();
-        let mut queue: VecDeque<(String, String)> = registry_deps(deps).into_iter().collect();
-        let mut highest: BTreeMap<String, String> = BTreeMap::new();
-        let mut missing = Vec::new();
-        while let Some((name, version)) = queue.pop_front() {
-            if !seen.insert((name.clone(), version.clone())) {
-                continue;
-            }
-            if seen.len() > CLOSURE_MAX {
-                bail!(
-                    "the dependency graph of {} has more than {CLOSURE_MAX} versions",
-                    path.display()
-                );
-            }
-            let Some(release) = self.release(&name, &version) else {
-                missing.push((
+        let list = build_list(
+            registry_deps(deps),
+            |name, version| self.release(name, version).map(|r| r.deps),
+            CLOSURE_MAX,
+        );
+        if !list.complete {
+            bail!(
+                "the dependency graph of {} has more than {CLOSURE_MAX} versions",
+                path.display()
+            );
+        }
+        let missing = list
+            .missing
+            .into_iter()
+            .map(|(name, version)| {
+                (
                     format!("{name}@{version}"),
                     "dependency not in the index".into(),
-                ));
-                continue;
-            };
-            match highest.get(&name) {
-                Some(h) if compare_versions(h, &version).is_ge() => {}
-                _ => {
-                    highest.insert(name.clone(), version.clone());
-                }
-            }
-            queue.extend(release.deps);
-        }
-        Ok((highest.into_iter().collect(), missing))
+                )
+            })
+            .collect();
+        let mut modules = list.modules;
+        modules.sort();
+        Ok((modules, missing))
     }
 
     /// The release `name@version` from the first source whose index lists it.
-    fn release(&self, name: &str, version: &str) -> Option<super::checksums::Release> {
+    pub(super) fn release(&self, name: &str, version: &str) -> Option<super::checksums::Release> {
         self.mirrors
             .iter()
             .find_map(|m| m.snapshot().checksums.get(name, version).cloned())
