@@ -122,7 +122,6 @@ impl Services {
             max_age: config.index.max_age,
             retry_after: config.index.retry_after,
             fetch_timeout: config.index.fetch_timeout,
-            refresh_wait: config.index.refresh_wait,
             ca_bundle,
             health: breakers.clone(),
             pack_cache: config.index.pack_cache,
@@ -132,6 +131,7 @@ impl Services {
             body_timeout: config.index.request_body_timeout,
             body_max: config.index.request_body_max.as_u64(),
             slots_per_client: config.index.slots_per_client,
+            refresh_wait: config.index.refresh_wait,
         };
         let mut index = Index::new(data_dir.join("index"), &sources, mirrors, limits);
         if mode == Mode::Offline {

@@ -149,17 +149,11 @@ impl Breakers {
 
     /// Whether the source of `url` is down or known slow: nothing should wait on it.
     pub fn is_down_or_slow_url(&self, url: &str) -> bool {
-        self.for_url(url).is_some_and(|b| {
-            let state = b.lock();
-            state.outage.is_some() || state.slow
-        })
+        self.for_url(url).is_some_and(|b| b.down_or_slow())
     }
 
     pub fn is_down_or_slow(&self, source: &str) -> bool {
-        self.named(source).is_some_and(|b| {
-            let state = b.lock();
-            state.outage.is_some() || state.slow
-        })
+        self.named(source).is_some_and(|b| b.down_or_slow())
     }
 
     pub fn is_down(&self, source: &str) -> bool {
@@ -287,6 +281,11 @@ fn admit(breaker: Option<&Arc<Breaker>>) -> Result<Ticket, Refusal> {
 impl Breaker {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn down_or_slow(&self) -> bool {
+        let state = self.lock();
+        state.outage.is_some() || state.slow
     }
 
     fn mark_slow(&self) {

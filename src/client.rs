@@ -1,7 +1,7 @@
-//! Who is asking, and whether they proved it: the client's address, attached to
-//! every request by the doors (as a request extension) so handlers can bound what
-//! one client may hold, and the credential checks (Basic, Bearer) of the doors and
-//! the admin endpoints.
+//! Who is asking, and whether they proved it: the client's address, which the
+//! doors hand the router with every request so handlers can bound what one client
+//! may hold, and the credential checks (Basic, Bearer) of the doors and the admin
+//! endpoints.
 
 use std::net::SocketAddr;
 
@@ -9,13 +9,6 @@ use std::net::SocketAddr;
 /// connection that carried it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Client(pub SocketAddr);
-
-impl Client {
-    /// The client of `req`, if a door attached one (requests built in tests may not).
-    pub fn of<B>(req: &http::Request<B>) -> Option<Client> {
-        req.extensions().get::<Client>().copied()
-    }
-}
 
 /// Whether `value` (an `Authorization` or `Proxy-Authorization` header) carries
 /// HTTP Basic credentials equal to `expected` (`user:password`).

@@ -127,12 +127,18 @@ impl Door {
 
 /// Classify and answer an origin-form request: the one code path for every door
 /// and every mode (offline is a property of the services, not a branch here).
-pub async fn route(app: &Services, req: Request<GatewayBody>, door: Door) -> Response<GatewayBody> {
+/// `client` is who sent it (`None` for a request made in-process).
+pub async fn route(
+    app: &Services,
+    req: Request<GatewayBody>,
+    door: Door,
+    client: Option<Client>,
+) -> Response<GatewayBody> {
     let target = path_and_query(&req);
     let credentials = req.headers().contains_key(header::AUTHORIZATION)
         || req.headers().contains_key(header::COOKIE);
     let route = classify(req.method(), &target, credentials);
-    dispatch(app, route, req, door.source()).await
+    dispatch(app, route, req, door.source(), client).await
 }
 
 async fn dispatch(
@@ -140,12 +146,13 @@ async fn dispatch(
     route: Route,
     req: Request<GatewayBody>,
     source: usize,
+    client: Option<Client>,
 ) -> Response<GatewayBody> {
     let src = &app.sources[source];
     let head = req.method() == Method::HEAD;
     match route {
         Route::Health => health(app),
-        Route::IndexRefresh => match admin_refusal(app, &req) {
+        Route::IndexRefresh => match admin_refusal(app, &req, client) {
             Some(refusal) => refusal,
             None => refresh_asked(app).await,
         },
@@ -167,10 +174,14 @@ async fn dispatch(
                     object = object_for(app, &key, app.index.expect(&key).await);
                 }
             }
-            if app.prefetch && !head && matches!(object.trust, Trust::Checksum { .. }) {
+            let prefetch = app.prefetch && !head && matches!(object.trust, Trust::Checksum { .. });
+            let resp = app.store.respond(object, head).await;
+            // A hit's dependencies were prefetched when it was fetched: only a miss
+            // resolves them, so hot hits do no index work.
+            if prefetch && resp.headers().get("x-cache").is_some_and(|v| v == "miss") {
                 prefetch_closure(app, &key);
             }
-            app.store.respond(object, head).await
+            resp
         }
         Route::Asset(asset) => {
             let path = format!("/assets/{}", asset.raw);
@@ -184,7 +195,7 @@ async fn dispatch(
         }
         Route::Index(rest) => {
             app.index
-                .handle(&app.upstream, source, src, req, &rest)
+                .handle(&app.upstream, source, src, req, &rest, client)
                 .await
         }
         Route::Symbols => {
@@ -215,7 +226,11 @@ async fn dispatch(
 
 /// Admin endpoints answer a bearer token when `admin.token_env` is set, else
 /// loopback clients only; `Some` is the refusal.
-fn admin_refusal(app: &Services, req: &Request<GatewayBody>) -> Option<Response<GatewayBody>> {
+fn admin_refusal(
+    app: &Services,
+    req: &Request<GatewayBody>,
+    client: Option<Client>,
+) -> Option<Response<GatewayBody>> {
     match &app.admin_token {
         Some(token) if bearer_matches(req.headers().get(header::AUTHORIZATION), token) => None,
         Some(_) => Some(body::text(
@@ -228,7 +243,7 @@ fn admin_refusal(app: &Services, req: &Request<GatewayBody>) -> Option<Response<
         None => {
             let relayed = req.headers().contains_key(header::FORWARDED)
                 || req.headers().contains_key("x-forwarded-for");
-            match Client::of(req) {
+            match client {
                 Some(Client(addr)) if relayed || !addr.ip().is_loopback() => Some(body::text(
                     StatusCode::FORBIDDEN,
                     "admin endpoints answer local clients only (set admin.token_env to allow others)",
@@ -453,7 +468,7 @@ mod dispatch_tests {
             .uri(target)
             .body(body::empty())
             .unwrap();
-        let resp = route(app, req, Door::Endpoint).await;
+        let resp = route(app, req, Door::Endpoint, None).await;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&bytes).into_owned())
@@ -516,12 +531,12 @@ mod dispatch_tests {
                 .uri("/-/index/refresh")
                 .body(body::empty())
                 .unwrap();
-            req.extensions_mut().insert(Client(addr.parse().unwrap()));
             if relayed {
                 req.headers_mut()
                     .insert(header::FORWARDED, "for=10.0.0.7".parse().unwrap());
             }
-            let status = route(&app, req, Door::Endpoint).await.status();
+            let client = Some(Client(addr.parse().unwrap()));
+            let status = route(&app, req, Door::Endpoint, client).await.status();
             // Allowed, it reaches the offline index: 503; refused: 403.
             let expected = if allowed {
                 StatusCode::SERVICE_UNAVAILABLE

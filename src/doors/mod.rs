@@ -206,12 +206,11 @@ impl Doors {
     /// Hand an origin-form request to the router, with the client it came from.
     async fn route(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         door: Door,
         peer: SocketAddr,
     ) -> Response<GatewayBody> {
-        req.extensions_mut().insert(Client(peer));
-        router::route(&self.app, req.map(body::incoming), door).await
+        router::route(&self.app, req.map(body::incoming), door, Some(Client(peer))).await
     }
 
     /// Every request on the main listener: registry endpoint or forward proxy.

@@ -44,8 +44,6 @@ pub struct MirrorSettings {
     pub retry_after: Duration,
     /// Bound on one clone or fetch.
     pub fetch_timeout: Duration,
-    /// Longest a client's clone or pull waits for a refresh of an existing mirror.
-    pub refresh_wait: Duration,
     /// CA bundle (system roots + the extra upstream CA) for git, if an extra CA is set.
     pub ca_bundle: Option<PathBuf>,
     /// Circuit breakers: no fetch is tried while the source is down.
@@ -83,7 +81,6 @@ impl Mirror {
             max_age: Duration::MAX,
             retry_after: Duration::MAX,
             fetch_timeout: Duration::from_secs(300),
-            refresh_wait: Duration::ZERO,
             ca_bundle: None,
             health: Arc::new(Breakers::default()),
             pack_cache: false,

@@ -22,6 +22,7 @@ use http::{Method, Request, Response, StatusCode};
 
 use crate::archive::ArchiveKey;
 use crate::body::{self, GatewayBody};
+use crate::client::Client;
 use crate::config::{join, Source};
 use crate::passthrough;
 use crate::upstream::Upstream;
@@ -38,22 +39,15 @@ pub enum Expectation {
 
 /// The mirrors of every source, in source order.
 pub struct Index {
-    root: PathBuf,
     mirrors: Vec<Arc<Mirror>>,
-    /// When the next refresh for an unknown archive may start.
     /// Refreshes for archives the index does not know.
     unknown_pacer: Pacer,
     /// Refreshes asked for by clients, and rechecks after a bad upstream copy.
     asked_pacer: Pacer,
-    /// Where computed packs are shared between clients, if they are.
-    pack_cache: Option<pack_cache::Hook>,
-    /// Bounds the git processes serving clients at once, and each client's share.
-    git_slots: serve::Slots,
-    /// Bounds on a client's request before git is started for it.
-    limits: serve::Limits,
-    /// Longest a clone waits for a refresh of an existing mirror before it is
-    /// served what the mirror holds (`index.refresh_wait`).
-    refresh_wait: std::time::Duration,
+    /// What serves clients' clones: git processes (bounded, and each client's
+    /// share), the bounds on a request (its body, how long it waits for a
+    /// refresh), and the shared pack cache.
+    backend: serve::Backend,
     /// Never refresh (`serve --offline`): the mirrors are served as they are.
     offline: bool,
 }
@@ -117,7 +111,6 @@ impl Index {
             .pack_cache
             .then(|| pack_cache::Hook::new(&root.join(".pack-cache")))
             .flatten();
-        let refresh_wait = settings.refresh_wait;
         let mirrors = sources
             .iter()
             .map(|s| {
@@ -131,14 +124,15 @@ impl Index {
             })
             .collect();
         Index {
-            root,
             mirrors,
-            pack_cache,
             unknown_pacer: Pacer::new(UNKNOWN_REFRESH_EVERY),
             asked_pacer: Pacer::new(ASKED_REFRESH_EVERY),
-            git_slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
-            limits,
-            refresh_wait,
+            backend: serve::Backend {
+                root,
+                slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
+                limits,
+                pack_cache,
+            },
             offline: false,
         }
     }
@@ -237,6 +231,7 @@ impl Index {
         source: &Source,
         req: Request<GatewayBody>,
         rest: &str,
+        client: Option<Client>,
     ) -> Response<GatewayBody> {
         let mirror = &self.mirrors[position];
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
@@ -260,7 +255,7 @@ impl Index {
                 let mirror = mirror.clone();
                 tokio::spawn(async move { mirror.ensure_fresh().await })
             };
-            let wait = self.refresh_wait;
+            let wait = self.backend.limits.refresh_wait;
             match tokio::time::timeout(wait, refresh).await {
                 Ok(Ok(freshness)) => freshness,
                 Ok(Err(e)) => Freshness::Stale {
@@ -307,16 +302,7 @@ impl Index {
             }
         }
         let repo = repo_name(&mirror.source);
-        serve::upload_pack(
-            &self.root,
-            &repo,
-            rest,
-            req,
-            &self.git_slots,
-            &self.limits,
-            self.pack_cache.as_ref(),
-        )
-        .await
+        serve::upload_pack(&self.backend, &repo, rest, req, client).await
     }
 
     /// The checksum the index holds for `key`, refreshing once if no source knows it

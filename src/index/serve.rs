@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub struct Limits {
     pub body_max: u64,
     /// Git slots one client address may hold at once.
     pub slots_per_client: usize,
+    /// Longest a client's clone or pull waits for a refresh of an existing mirror.
+    pub refresh_wait: Duration,
 }
 
 /// The git processes serving clients: at most `all` at once, at most
@@ -169,17 +171,32 @@ struct ClientSlot {
     _entered: Entered,
 }
 
+/// What answers clients' git requests from the mirrors: `git http-backend` over
+/// the bare repos under `root`, its slots, the bounds on a request, and the pack
+/// cache identical clones share.
+pub struct Backend {
+    pub root: PathBuf,
+    pub slots: Slots,
+    pub limits: Limits,
+    pub pack_cache: Option<pack_cache::Hook>,
+}
+
 /// Serve `rest` (`info/refs?...` or `git-upload-pack`) from the bare repo
-/// `<root>/<repo>`.
+/// `<root>/<repo>`, for `client`.
 pub async fn upload_pack(
-    root: &Path,
+    backend: &Backend,
     repo: &str,
     rest: &str,
     req: Request<GatewayBody>,
-    slots: &Slots,
-    limits: &Limits,
-    pack_cache: Option<&pack_cache::Hook>,
+    client: Option<Client>,
 ) -> Response<GatewayBody> {
+    let Backend {
+        root,
+        slots,
+        limits,
+        pack_cache,
+    } = backend;
+    let pack_cache = pack_cache.as_ref();
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != "info/refs" && path != "git-upload-pack" {
         // Dumb-protocol paths (objects/..., HEAD) are not served: moon needs smart HTTP.
@@ -189,7 +206,7 @@ pub async fn upload_pack(
         );
     }
     // Both held until git has ended (with the response body, or dropped with it).
-    let client_slot = match slots.for_client(Client::of(&req)).await {
+    let client_slot = match slots.for_client(client).await {
         Ok(slot) => slot,
         Err(refused) => return refused,
     };
@@ -300,10 +317,7 @@ async fn read_body(
             ),
         )
     };
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = crate::upstream::content_length(headers);
     if declared.is_some_and(|len| len > limits.body_max) {
         return Err(too_large());
     }
@@ -413,6 +427,7 @@ mod tests {
             body_timeout: Duration::from_millis(400),
             body_max: 10,
             slots_per_client: 2,
+            refresh_wait: Duration::from_secs(2),
         }
     }
 

@@ -432,10 +432,10 @@ fn verify(store: &Store, object: &Object, spooled: &Spooled) -> Result<(), Outco
         return Ok(());
     };
     // A checksum always makes the body one to keep, so it was digested.
-    let actual = spooled.sha256.clone().unwrap_or_default();
-    if *expected == actual {
+    if spooled.sha256.as_deref() == Some(expected.as_str()) {
         return Ok(());
     }
+    let actual = spooled.sha256.clone().unwrap_or_default();
     tracing::error!(
         key = %object.key, module = %label, %expected, %actual,
         "upstream archive does not match the index checksum; refused, not stored"

@@ -51,18 +51,21 @@ impl Quarantine {
 
     /// How long ago the still-current verdict on `key` was reached, if there is one.
     pub fn age(&self, key: &str, refreshes: u64) -> Option<Duration> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = entries.get(key)?;
-        let age = entry.at.elapsed();
-        (age < self.ttl && entry.refreshes == refreshes).then_some(age)
+        self.current(key, refreshes, |entry| entry.at.elapsed())
     }
 
     /// The remembered mismatch for `key`, if still current.
     pub fn get(&self, key: &str, refreshes: u64) -> Option<Mismatch> {
+        self.current(key, refreshes, |entry| entry.mismatch.clone())
+    }
+
+    /// `read` of the entry for `key` if it is still current (younger than the TTL
+    /// and no index refresh since); an outdated entry is forgotten.
+    fn current<T>(&self, key: &str, refreshes: u64, read: impl FnOnce(&Entry) -> T) -> Option<T> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let entry = entries.get(key)?;
         if entry.at.elapsed() < self.ttl && entry.refreshes == refreshes {
-            return Some(entry.mismatch.clone());
+            return Some(read(entry));
         }
         entries.remove(key);
         None
