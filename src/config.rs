@@ -46,6 +46,7 @@ pub struct Config {
     pub storage: StoreSettings,
     pub index: IndexSettings,
     pub proxy: ProxySettings,
+    pub publish: PublishSettings,
     /// Also accept raw TLS redirected by the network (transparent gateway); the SNI decides.
     pub transparent_listen: Option<SocketAddr>,
     /// Fetch an archive's dependencies (from the index) in the background when it is requested.
@@ -207,7 +208,9 @@ pub struct IndexSettings {
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub name: Option<String>,
-    pub registry: String,
+    /// Registry base URL; absent for a `local` source.
+    #[serde(default)]
+    pub registry: Option<String>,
     pub index: Option<String>,
     pub archive: Option<String>,
     pub symbols: Option<String>,
@@ -215,6 +218,35 @@ pub struct SourceConfig {
     /// transparent mode. Default: `mooncakes.io` and `download.mooncakes.io` for the
     /// public registry, else the host names of this source's URLs.
     pub intercept_hosts: Option<Vec<String>>,
+    /// Module patterns (`acme/*`, `team-*/*`) only ever taken from this source,
+    /// even when it lacks them: protection against dependency confusion.
+    #[serde(default)]
+    pub claims: Vec<String>,
+    /// Credentials sent to this source only (index, archives, symbols, assets).
+    #[serde(default)]
+    pub auth: Option<SourceAuth>,
+    /// A source the gateway hosts itself: its index and archives live in the data
+    /// dir and are written by `publish`.
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// `auth = { bearer_env = "VAR" }` or `auth = { basic_env = "VAR" }` (`VAR` holds
+/// `user:password`): the secret is read from the environment, never from a file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SourceAuth {
+    pub bearer_env: Option<String>,
+    pub basic_env: Option<String>,
+}
+
+/// `[publish]`, for publishing to a local source over HTTP (`POST /-/publish`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishSettings {
+    /// Environment variable holding the bearer token `POST /-/publish` requires;
+    /// unset, the endpoint is off (the `publish` command still works).
+    pub token_env: Option<String>,
 }
 
 /// `[timeouts]`, for the upstream client: how long the gateway waits for a source.
@@ -274,6 +306,7 @@ impl Default for Config {
             storage: StoreSettings::default(),
             index: IndexSettings::default(),
             proxy: ProxySettings::default(),
+            publish: PublishSettings::default(),
             transparent_listen: None,
             prefetch: true,
             mutable: MutableCacheSettings::default(),
@@ -469,11 +502,14 @@ impl Config {
                 .unwrap_or_else(|| MOONCAKES.to_string());
             let source = SourceConfig {
                 name: Some("default".into()),
-                registry,
+                registry: Some(registry),
                 index: None,
                 archive: None,
                 symbols: None,
                 intercept_hosts: self.intercept_hosts.clone(),
+                claims: Vec::new(),
+                auth: None,
+                local: false,
             };
             return Ok(vec![Source::resolve(&source, 0)?]);
         }
@@ -501,6 +537,19 @@ impl Config {
             if sources[..i].iter().any(|o| o.name == s.name) {
                 bail!("two sources are named `{}`", s.name);
             }
+            for earlier in &sources[..i] {
+                if let Some((a, b)) = s.claims.overlap(&earlier.claims) {
+                    bail!(
+                        "sources `{}` and `{}` both claim modules matching `{b}` and `{a}`: a module may be claimed by one source only",
+                        earlier.name, s.name
+                    );
+                }
+            }
+        }
+        if let Some(var) = &self.publish.token_env {
+            if var.starts_with("MOONBIT_REGISTRY_") {
+                bail!("publish.token_env `{var}`: MOONBIT_REGISTRY_* variables are configuration keys; name another variable");
+            }
         }
         Ok(sources)
     }
@@ -526,6 +575,138 @@ pub struct Source {
     pub symbols: Url,
     /// Lower-case host names intercepted for this source.
     pub intercept_hosts: Vec<String>,
+    /// Modules only ever taken from this source.
+    pub claims: Claims,
+    /// What this source is sent to prove who we are; `None` for a public one.
+    pub credential: Option<Credential>,
+    /// Hosted by the gateway itself (`local = true`): nothing is fetched from its
+    /// URLs, which name no host (`<name>.local.invalid`).
+    pub local: bool,
+}
+
+/// A source's secret, as an `Authorization` header value. Never printed: `Debug`
+/// shows only its kind.
+#[derive(Clone, PartialEq)]
+pub struct Credential {
+    pub header: http::HeaderValue,
+    /// Which variable it came from, for error messages.
+    pub var: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential(from ${}, redacted)", self.var)
+    }
+}
+
+impl Credential {
+    /// Read the secret `auth` names from the environment.
+    fn resolve(source: &str, auth: &SourceAuth) -> anyhow::Result<Credential> {
+        use base64::Engine;
+        let (var, basic) = match (&auth.bearer_env, &auth.basic_env) {
+            (Some(var), None) => (var, false),
+            (None, Some(var)) => (var, true),
+            _ => bail!("source `{source}`: auth needs exactly one of bearer_env or basic_env"),
+        };
+        if var.starts_with("MOONBIT_REGISTRY_") {
+            bail!("source `{source}`: auth variable `{var}`: MOONBIT_REGISTRY_* variables are configuration keys; name another variable");
+        }
+        let secret = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .with_context(|| format!("source `{source}`: auth names `${var}`, which is not set"))?;
+        let value = if basic {
+            if !secret.contains(':') {
+                bail!("source `{source}`: `${var}` must hold user:password");
+            }
+            let encoded = base64::engine::general_purpose::STANDARD.encode(secret.as_bytes());
+            format!("Basic {encoded}")
+        } else {
+            format!("Bearer {secret}")
+        };
+        let mut header = http::HeaderValue::from_str(&value).map_err(|_| {
+            anyhow::anyhow!("source `{source}`: `${var}` holds characters not allowed in a header")
+        })?;
+        header.set_sensitive(true);
+        Ok(Credential {
+            header,
+            var: var.clone(),
+        })
+    }
+
+    /// The header line git sends (`http.extraHeader`).
+    pub fn git_header(&self) -> String {
+        format!(
+            "Authorization: {}",
+            String::from_utf8_lossy(self.header.as_bytes())
+        )
+    }
+}
+
+/// Module patterns a source claims: `user/module` globs, `*` matching within the
+/// user part, and anything (nested module paths included) in the module part.
+#[derive(Debug, Clone, Default)]
+pub struct Claims {
+    patterns: Vec<(String, globset::GlobMatcher, globset::GlobMatcher)>,
+}
+
+impl PartialEq for Claims {
+    fn eq(&self, other: &Claims) -> bool {
+        self.patterns
+            .iter()
+            .map(|p| &p.0)
+            .eq(other.patterns.iter().map(|p| &p.0))
+    }
+}
+
+impl Claims {
+    pub fn parse(source: &str, patterns: &[String]) -> anyhow::Result<Claims> {
+        let mut out = Vec::new();
+        for raw in patterns {
+            let (user, module) = raw
+                .split_once('/')
+                .filter(|(u, m)| !u.is_empty() && !m.is_empty() && !u.contains(['/', '\\']))
+                .with_context(|| {
+                    format!("source `{source}`: claim `{raw}` is not `user/module` (e.g. `acme/*`)")
+                })?;
+            let glob = |part: &str| {
+                globset::Glob::new(part)
+                    .map(|g| g.compile_matcher())
+                    .with_context(|| {
+                        format!("source `{source}`: claim `{raw}` is not a valid pattern")
+                    })
+            };
+            out.push((raw.clone(), glob(user)?, glob(module)?));
+        }
+        Ok(Claims { patterns: out })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether `name` (`user/module`) is claimed.
+    pub fn matches(&self, name: &str) -> bool {
+        let Some((user, module)) = name.split_once('/') else {
+            return false;
+        };
+        self.patterns
+            .iter()
+            .any(|(_, u, m)| u.is_match(user) && m.is_match(module))
+    }
+
+    /// Two patterns of which one matches the other read as a name: a sure sign
+    /// that both claim some module (`acme/*` and `acme/json`, or the same pattern).
+    fn overlap(&self, other: &Claims) -> Option<(String, String)> {
+        for (a, ..) in &self.patterns {
+            for (b, ..) in &other.patterns {
+                if self.matches(b) || other.matches(a) {
+                    return Some((a.clone(), b.clone()));
+                }
+            }
+        }
+        None
+    }
 }
 
 impl Source {
@@ -534,7 +715,29 @@ impl Source {
             .name
             .clone()
             .unwrap_or_else(|| format!("source{position}"));
-        let base = c.registry.trim_end_matches('/');
+        let claims = Claims::parse(&name, &c.claims)?;
+        let credential = c
+            .auth
+            .as_ref()
+            .map(|auth| Credential::resolve(&name, auth))
+            .transpose()?;
+        // A hosted source's URLs name no host: nothing is ever fetched from them.
+        let local_base = format!("http://{}.local.invalid", name.to_ascii_lowercase());
+        let base = match (&c.registry, c.local) {
+            (Some(registry), false) => registry.trim_end_matches('/'),
+            (None, true) => local_base.as_str(),
+            (None, false) => bail!("source `{name}`: set `registry` (or `local = true`)"),
+            (Some(_), true) => bail!("source `{name}`: a local source has no `registry`"),
+        };
+        if c.local
+            && (c.auth.is_some()
+                || c.index.is_some()
+                || c.archive.is_some()
+                || c.symbols.is_some()
+                || c.intercept_hosts.is_some())
+        {
+            bail!("source `{name}`: a local source takes only `name`, `local` and `claims`");
+        }
         let registry = parse_url(&name, "registry", base)?;
         // The same rule `moon` applies: only this exact string means the download host.
         let download = if base == MOONCAKES {
@@ -557,6 +760,7 @@ impl Source {
             None if base == MOONCAKES => {
                 vec!["mooncakes.io".into(), "download.mooncakes.io".into()]
             }
+            None if c.local => Vec::new(),
             None => {
                 let mut hosts: Vec<String> = [&registry, &index, &archive, &symbols]
                     .iter()
@@ -586,6 +790,9 @@ impl Source {
             registry,
             name,
             intercept_hosts,
+            claims,
+            credential,
+            local: c.local,
         })
     }
 }
@@ -696,11 +903,14 @@ mod tests {
             upstream: Some("https://a".into()),
             sources: vec![SourceConfig {
                 name: None,
-                registry: "https://b".into(),
+                registry: Some("https://b".into()),
                 index: None,
                 archive: None,
                 symbols: None,
                 intercept_hosts: None,
+                claims: Vec::new(),
+                auth: None,
+                local: false,
             }],
             ..Config::default()
         };
@@ -758,5 +968,97 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+
+    fn sources(toml: &str) -> anyhow::Result<Vec<Source>> {
+        let config: Config = Figment::new()
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|e| anyhow::anyhow!(one_line(&e)))?;
+        config.sources()
+    }
+
+    #[test]
+    fn claims_match_user_and_nested_modules() {
+        let c = Claims::parse("s", &["acme/*".into(), "team-*/*".into()]).unwrap();
+        assert!(c.matches("acme/json"));
+        assert!(c.matches("acme/lex/runtime"));
+        assert!(c.matches("team-a/x"));
+        assert!(!c.matches("acmex/json"));
+        assert!(!c.matches("team/x"));
+        assert!(Claims::parse("s", &["acme".into()]).is_err());
+    }
+
+    #[test]
+    fn a_module_claimed_by_two_sources_is_an_error() {
+        let err = sources(
+            r#"
+            [[sources]]
+            name = "a"
+            registry = "https://a.example"
+            claims = ["acme/*"]
+            [[sources]]
+            name = "b"
+            registry = "https://b.example"
+            claims = ["acme/json"]
+            "#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("both claim"), "{err}");
+    }
+
+    #[test]
+    fn local_sources_need_no_registry_and_name_no_host() {
+        let s = sources(
+            r#"
+            [[sources]]
+            name = "local"
+            local = true
+            claims = ["acme/*"]
+            [[sources]]
+            name = "public"
+            registry = "https://mooncakes.io"
+            "#,
+        )
+        .unwrap();
+        assert!(s[0].local);
+        assert!(s[0].intercept_hosts.is_empty());
+        assert!(s[0].archive.host_str().unwrap().ends_with(".invalid"));
+        assert!(sources("[[sources]]\nname = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn credentials_come_from_the_environment_and_are_never_printed() {
+        std::env::set_var("SOURCE_TESTS_TOKEN", "s3cret");
+        let s = sources(
+            r#"
+            [[sources]]
+            name = "internal"
+            registry = "https://internal.example"
+            auth = { bearer_env = "SOURCE_TESTS_TOKEN" }
+            "#,
+        )
+        .unwrap();
+        let credential = s[0].credential.as_ref().unwrap();
+        assert_eq!(credential.header, "Bearer s3cret");
+        assert!(!format!("{:?}", s[0]).contains("s3cret"));
+        let missing = sources(
+            r#"
+            [[sources]]
+            name = "internal"
+            registry = "https://internal.example"
+            auth = { basic_env = "SOURCE_TESTS_UNSET_VARIABLE" }
+            "#,
+        )
+        .unwrap_err();
+        assert!(
+            missing.to_string().contains("SOURCE_TESTS_UNSET_VARIABLE"),
+            "{missing}"
+        );
     }
 }
