@@ -135,10 +135,39 @@ pub async fn route(
     client: Option<Client>,
 ) -> Response<GatewayBody> {
     let target = path_and_query(&req);
+    let (at, target) = match pinned(&target) {
+        Ok(view) => view,
+        Err(reason) => return body::text(StatusCode::BAD_REQUEST, reason),
+    };
     let credentials = req.headers().contains_key(header::AUTHORIZATION)
         || req.headers().contains_key(header::COOKIE);
-    let route = classify(req.method(), &target, credentials);
-    dispatch(app, route, req, door.source(), client).await
+    let route = classify(req.method(), target, credentials);
+    let view = View { at, target };
+    dispatch(app, route, req, door.source(), client, view).await
+}
+
+/// What a request sees of the registry: as it is now, or (`/at/<time>/...`, for
+/// reproducible CI) the index as it stood at `at`; `target` is the path and query
+/// with that prefix taken off.
+struct View<'a> {
+    at: Option<std::time::SystemTime>,
+    target: &'a str,
+}
+
+/// Split `/at/<RFC 3339 time>/rest` into the time and `/rest`; other targets are
+/// returned whole.
+fn pinned(target: &str) -> Result<(Option<std::time::SystemTime>, &str), String> {
+    let Some(rest) = target.trim_start_matches('/').strip_prefix("at/") else {
+        return Ok((None, target));
+    };
+    let (raw, rest) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    match humantime::parse_rfc3339_weak(&decoded) {
+        Ok(at) => Ok((Some(at), rest)),
+        Err(e) => Err(format!(
+            "`/at/{raw}/`: not a time (use RFC 3339, e.g. /at/2026-11-01T00:00:00Z/): {e}"
+        )),
+    }
 }
 
 async fn dispatch(
@@ -147,6 +176,7 @@ async fn dispatch(
     req: Request<GatewayBody>,
     source: usize,
     client: Option<Client>,
+    view: View<'_>,
 ) -> Response<GatewayBody> {
     let src = &app.sources[source];
     let head = req.method() == Method::HEAD;
@@ -195,7 +225,7 @@ async fn dispatch(
         }
         Route::Index(rest) => {
             app.index
-                .handle(&app.upstream, source, src, req, &rest, client)
+                .handle(&app.upstream, src, req, &rest, client, view.at)
                 .await
         }
         Route::Symbols => {
@@ -213,10 +243,9 @@ async fn dispatch(
             }
         }
         Route::Pass => {
-            let target = path_and_query(&req);
             let url = join(
                 &src.registry,
-                &format!("/{}", target.trim_start_matches('/')),
+                &format!("/{}", view.target.trim_start_matches('/')),
             );
             passthrough::forward(&app.upstream, req, &url).await
         }
@@ -288,6 +317,12 @@ fn health(app: &Services) -> Response<GatewayBody> {
         &serde_json::json!({
             "status": "ok",
             "in_flight": app.store.in_flight(),
+            "merged_index": app.index.merged_tip().map(|tip| serde_json::json!({
+                "commit": tip.commit,
+                "sources": tip.parts.iter().map(|(source, commit)| serde_json::json!({
+                    "source": source, "commit": commit,
+                })).collect::<Vec<_>>(),
+            })),
             "index": app.index.mirrors().iter().map(|m| serde_json::json!({
                 "source": m.source,
                 "commit": m.snapshot().commit.clone(),
@@ -315,10 +350,14 @@ fn object_for(app: &Services, key: &ArchiveKey, expectation: Expectation) -> Obj
         ),
         Expectation::Unknown => {
             tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");
+            // A claimed module is asked of its claimant only, never of a later source.
+            let claimant = app.index.claimant(&key.name());
             let urls = app
                 .sources
                 .iter()
-                .map(|s| join(&s.archive, &path))
+                .enumerate()
+                .filter(|(i, _)| claimant.is_none_or(|c| c == *i))
+                .map(|(_, s)| join(&s.archive, &path))
                 .collect();
             Object::unlisted_archive(key, urls)
         }

@@ -36,6 +36,9 @@ struct Line {
 impl Checksums {
     /// Add the lines of the index file of module `name` (e.g. `alice/json`).
     pub fn add_file(&mut self, source: &str, name: &str, text: &str) {
+        // The file counts even with no valid line: it decides which source
+        // provides the module (see `merge::provider`).
+        self.modules.entry(name.to_string()).or_default();
         for (n, raw) in text.lines().enumerate() {
             if raw.trim().is_empty() {
                 continue;
@@ -53,6 +56,11 @@ impl Checksums {
                 }
             }
         }
+    }
+
+    /// Whether this index has a file for module `name`.
+    pub fn has_module(&self, name: &str) -> bool {
+        self.modules.contains_key(name)
     }
 
     pub fn get(&self, name: &str, version: &str) -> Option<&Release> {

@@ -1,15 +1,20 @@
-//! The registry index: a local git mirror per source ([`mirror`]), served over
-//! smart HTTP from that mirror ([`serve`]), and read for the checksum and
-//! dependencies of every archive ([`checksums`]).
+//! The registry index: a local git mirror per source ([`mirror`]), merged into
+//! one index when there are several sources ([`merge`]), served over smart HTTP
+//! ([`serve`]), and read for the checksum and dependencies of every archive
+//! ([`checksums`]).
 //!
-//! Clients' index requests are answered from the primary source's mirror, refreshed
-//! first when older than `index.max_age` (waiting at most `index.refresh_wait`, then
-//! the refresh finishes in the background); when the refresh fails the stale mirror
-//! is served and the log says how stale. Before any mirror exists, requests stream
-//! straight through to the upstream. An offline index (`serve --offline`) is the
-//! same index with refreshes switched off: mirrors are served as they are.
+//! Clients' index requests are answered from the mirrors, refreshed first when
+//! older than `index.max_age` (waiting at most `index.refresh_wait`, then the
+//! refresh finishes in the background); when a refresh fails the stale mirror is
+//! served and the log says how stale. With one source, clients get its mirror (the
+//! upstream's own commits); with several, the merged repository. Before any mirror
+//! of a lone source exists, requests stream straight through to the upstream. An
+//! offline index (`serve --offline`) is the same index with refreshes switched
+//! off: mirrors are served as they are. A pinned view (`/at/<time>/`) serves each
+//! source's history as it stood at that time.
 
 pub mod checksums;
+pub mod merge;
 pub mod mirror;
 pub mod pack_cache;
 pub mod selection;
@@ -23,7 +28,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::archive::ArchiveKey;
 use crate::body::{self, GatewayBody};
 use crate::client::Client;
-use crate::config::{join, Source};
+use crate::config::{join, Claims, Source};
 use crate::passthrough;
 use crate::upstream::Upstream;
 use mirror::{Freshness, Mirror, MirrorSettings};
@@ -40,6 +45,10 @@ pub enum Expectation {
 /// The mirrors of every source, in source order.
 pub struct Index {
     mirrors: Vec<Arc<Mirror>>,
+    /// What each source claims, in source order.
+    claims: Vec<Claims>,
+    /// The merged repository (served with more than one source) and pinned views.
+    merged: merge::Merged,
     /// Refreshes for archives the index does not know.
     unknown_pacer: Pacer,
     /// Refreshes asked for by clients, and rechecks after a bad upstream copy.
@@ -123,8 +132,11 @@ impl Index {
                 ))
             })
             .collect();
+        let merged = merge::Merged::new(&root);
         Index {
             mirrors,
+            claims: sources.iter().map(|s| s.claims.clone()).collect(),
+            merged,
             unknown_pacer: Pacer::new(UNKNOWN_REFRESH_EVERY),
             asked_pacer: Pacer::new(ASKED_REFRESH_EVERY),
             backend: serve::Backend {
@@ -155,7 +167,8 @@ impl Index {
             .unwrap_or(&self.mirrors[0])
     }
 
-    /// Read existing mirrors, then (online) refresh them all in the background.
+    /// Read existing mirrors (and merge what they hold), then (online) refresh them
+    /// all in the background.
     pub async fn start(self: &Arc<Self>) {
         for m in &self.mirrors {
             match m.load().await {
@@ -172,6 +185,10 @@ impl Index {
                 }
             }
         }
+        if let Err(error) = self.merged.load().await {
+            tracing::warn!(%error, "existing merged index unreadable");
+        }
+        self.merge().await;
         if self.offline {
             return;
         }
@@ -179,6 +196,56 @@ impl Index {
         tokio::spawn(async move {
             let _ = index.refresh_all(false).await;
         });
+    }
+
+    /// Whether clients are served the merged repository (several sources).
+    pub fn is_merged(&self) -> bool {
+        self.mirrors.len() > 1
+    }
+
+    /// Bring the merged index up to the mirrors' tips (several sources only); a
+    /// failure is logged and the last merge goes on being served.
+    pub async fn merge(&self) -> Option<Arc<merge::Tip>> {
+        if !self.is_merged() {
+            return None;
+        }
+        let parts = self.parts_at(None).await;
+        if !parts.is_empty() {
+            if let Err(error) = self.merged.update(&parts).await {
+                tracing::error!(%error, "could not merge the sources' indexes; serving the last merge");
+            }
+        }
+        self.merged.tip()
+    }
+
+    /// The current merged commit, if the index is merged.
+    pub fn merged_tip(&self) -> Option<Arc<merge::Tip>> {
+        self.is_merged().then(|| self.merged.tip()).flatten()
+    }
+
+    /// Each mirrored source's part of a merge: its tip, or (`at`) its last commit
+    /// at or before that time. Sources with no mirror, or nothing by then, have none.
+    async fn parts_at(&self, at: Option<std::time::SystemTime>) -> Vec<merge::Part> {
+        let mut parts = Vec::new();
+        for (m, claims) in self.mirrors.iter().zip(&self.claims) {
+            let commit = match at {
+                None => m.snapshot().commit.clone(),
+                Some(_) if !m.exists() => None,
+                Some(at) => merge::commit_at(m.dir(), at).await.unwrap_or_else(|error| {
+                    tracing::warn!(source = %m.source, %error, "cannot read the mirror's history");
+                    None
+                }),
+            };
+            if let Some(commit) = commit {
+                parts.push(merge::Part {
+                    source: m.source.clone(),
+                    dir: m.dir().to_path_buf(),
+                    claims: claims.clone(),
+                    commit,
+                });
+            }
+        }
+        parts
     }
 
     /// A refresh a client asked for: every mirror refreshed by a fetch that started
@@ -193,6 +260,7 @@ impl Index {
         for m in &self.mirrors {
             out.push((m.source.clone(), m.refresh_since(Some(slot), true).await));
         }
+        self.merge().await;
         Ok(out)
     }
 
@@ -208,6 +276,7 @@ impl Index {
         for m in self.mirrors.iter().filter(|m| !m.source_down()) {
             m.refresh_since(Some(slot), true).await;
         }
+        self.merge().await;
     }
 
     /// Refresh every mirror (at most one fetch each at a time).
@@ -219,90 +288,136 @@ impl Index {
         for m in &self.mirrors {
             out.push((m.source.clone(), m.refresh_now(force).await));
         }
+        self.merge().await;
         Ok(out)
     }
 
-    /// Answer a client's index request from the mirror of source number `position`,
-    /// or straight through while no mirror exists (offline: a clear 503).
+    /// Answer a client's index request: from the lone source's mirror (straight
+    /// through while none exists; offline, a clear 503), from the merged
+    /// repository, or (`at`) from the pinned view of that time.
     pub async fn handle(
         &self,
         upstream: &Upstream,
-        position: usize,
         source: &Source,
         req: Request<GatewayBody>,
         rest: &str,
         client: Option<Client>,
+        at: Option<std::time::SystemTime>,
     ) -> Response<GatewayBody> {
-        let mirror = &self.mirrors[position];
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
         // same tip their GET advertised.
         let advertisement = req.method() == Method::GET && !self.offline;
-        let freshness = if advertisement && mirror.exists() && mirror.source_down_or_slow() {
-            // Never wait on a source known to be down or too slow: serve the mirror,
-            // and let a background refresh try (or probe) the upstream.
-            mirror.refresh_in_background();
-            Freshness::Stale {
-                age: mirror.age(),
-                error: format!("source `{}` is down or slow", mirror.source),
-            }
-        } else if advertisement && mirror.exists() {
-            // A slow upstream must not hold a clone for long: past `refresh_wait` the
-            // current mirror is served and the refresh finishes in the background.
-            // It is short (2 s) because `moon update` then asks for symbols.zip, which
-            // waits as long again before its stored copy is served, and nothing has
-            // failed yet for the breaker to count until the upstream's own timeouts.
-            let refresh = {
-                let mirror = mirror.clone();
-                tokio::spawn(async move { mirror.ensure_fresh().await })
-            };
-            let wait = self.backend.limits.refresh_wait;
-            match tokio::time::timeout(wait, refresh).await {
-                Ok(Ok(freshness)) => freshness,
-                Ok(Err(e)) => Freshness::Stale {
-                    age: mirror.age(),
-                    error: format!("refresh task failed: {e}"),
-                },
-                Err(_) => {
-                    // The next callers (e.g. this `moon update`'s symbols.zip) need
-                    // not wait on it again.
-                    mirror.mark_source_slow();
-                    Freshness::Stale {
-                        age: mirror.age(),
-                        error: format!("upstream index did not answer within {wait:?}; refresh continues in the background"),
-                    }
-                }
-            }
-        } else if advertisement {
-            mirror.ensure_fresh().await
-        } else if mirror.exists() {
-            Freshness::Fresh
+        let freshness = if advertisement {
+            futures_util::future::join_all(self.mirrors.iter().map(|m| self.freshen(m))).await
         } else {
-            Freshness::Missing {
-                error: "no mirror yet".into(),
-            }
+            self.mirrors
+                .iter()
+                .map(|m| match m.exists() {
+                    true => Freshness::Fresh,
+                    false => Freshness::Missing {
+                        error: "no mirror yet".into(),
+                    },
+                })
+                .collect()
         };
-        match freshness {
-            Freshness::Fresh => {}
-            Freshness::Stale { age, error } => {
+        for (m, f) in self.mirrors.iter().zip(&freshness) {
+            if let Freshness::Stale { age, error } = f {
                 let age = age
                     .map(|a| format!("{}s", a.as_secs()))
                     .unwrap_or_else(|| "unknown".into());
-                tracing::warn!(source = %mirror.source, age = %age, %error, "upstream index unavailable; serving the stale mirror");
-            }
-            Freshness::Missing { .. } if self.offline => {
-                return body::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the gateway is offline and has no index mirror (import a bundle first)",
-                )
-            }
-            Freshness::Missing { error } => {
-                tracing::warn!(source = %mirror.source, %error, "no index mirror yet; passing the request through");
-                let url = join(&source.index, &format!("/{rest}"));
-                return passthrough::forward(upstream, req, &url).await;
+                tracing::warn!(source = %m.source, age = %age, %error, "upstream index unavailable; serving the stale mirror");
             }
         }
-        let repo = repo_name(&mirror.source);
+        let repo = if let Some(at) = at {
+            match self.pin(at).await {
+                Ok(repo) => repo,
+                Err(error) => {
+                    return body::text(
+                        StatusCode::NOT_FOUND,
+                        format!("no index as of {}: {error}", merge::rfc3339(at)),
+                    )
+                }
+            }
+        } else if self.is_merged() {
+            if advertisement {
+                self.merge().await;
+            }
+            if !self.merged.exists() {
+                let why = if self.offline {
+                    "the gateway is offline and has no index mirror (import a bundle first)"
+                } else {
+                    "no source's index could be mirrored yet; retry shortly"
+                };
+                return body::text(StatusCode::SERVICE_UNAVAILABLE, why);
+            }
+            merge::REPO.to_string()
+        } else {
+            match &freshness[0] {
+                Freshness::Missing { .. } if self.offline => {
+                    return body::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the gateway is offline and has no index mirror (import a bundle first)",
+                    )
+                }
+                Freshness::Missing { error } => {
+                    tracing::warn!(source = %self.mirrors[0].source, %error, "no index mirror yet; passing the request through");
+                    let url = join(&source.index, &format!("/{rest}"));
+                    return passthrough::forward(upstream, req, &url).await;
+                }
+                _ => repo_name(&self.mirrors[0].source),
+            }
+        };
         serve::upload_pack(&self.backend, &repo, rest, req, client).await
+    }
+
+    /// The repository serving the view at `at` (see [`merge::Merged::pin`]).
+    async fn pin(&self, at: std::time::SystemTime) -> Result<String, String> {
+        let parts = self.parts_at(Some(at)).await;
+        self.merged.pin(at, &parts).await
+    }
+
+    /// Refresh `mirror` for a client's advertisement, bounded: a source known to be
+    /// down or slow is not waited on, and past `refresh_wait` the mirror is served
+    /// as it is while the refresh finishes in the background.
+    async fn freshen(&self, mirror: &Arc<Mirror>) -> Freshness {
+        if mirror.exists() && mirror.source_down_or_slow() {
+            // Never wait on a source known to be down or too slow: serve the mirror,
+            // and let a background refresh try (or probe) the upstream.
+            mirror.refresh_in_background();
+            return Freshness::Stale {
+                age: mirror.age(),
+                error: format!("source `{}` is down or slow", mirror.source),
+            };
+        }
+        if !mirror.exists() {
+            return mirror.ensure_fresh().await;
+        }
+        // A slow upstream must not hold a clone for long: past `refresh_wait` the
+        // current mirror is served and the refresh finishes in the background.
+        // It is short (2 s) because `moon update` then asks for symbols.zip, which
+        // waits as long again before its stored copy is served, and nothing has
+        // failed yet for the breaker to count until the upstream's own timeouts.
+        let refresh = {
+            let mirror = mirror.clone();
+            tokio::spawn(async move { mirror.ensure_fresh().await })
+        };
+        let wait = self.backend.limits.refresh_wait;
+        match tokio::time::timeout(wait, refresh).await {
+            Ok(Ok(freshness)) => freshness,
+            Ok(Err(e)) => Freshness::Stale {
+                age: mirror.age(),
+                error: format!("refresh task failed: {e}"),
+            },
+            Err(_) => {
+                // The next callers (e.g. this `moon update`'s symbols.zip) need
+                // not wait on it again.
+                mirror.mark_source_slow();
+                Freshness::Stale {
+                    age: mirror.age(),
+                    error: format!("upstream index did not answer within {wait:?}; refresh continues in the background"),
+                }
+            }
+        }
     }
 
     /// The checksum the index holds for `key`, refreshing once if no source knows it
@@ -330,15 +445,28 @@ impl Index {
 
     fn lookup(&self, key: &ArchiveKey) -> Option<Expectation> {
         let name = key.name();
-        self.mirrors.iter().enumerate().find_map(|(source, m)| {
-            let checksum = m
-                .snapshot()
-                .checksums
-                .get(&name, &key.version)?
-                .checksum
-                .clone();
-            Some(Expectation::Known { source, checksum })
+        let source = self.provider(&name)?;
+        let checksum = self.mirrors[source]
+            .snapshot()
+            .checksums
+            .get(&name, &key.version)?
+            .checksum
+            .clone();
+        Some(Expectation::Known { source, checksum })
+    }
+
+    /// The source that provides module `name`, by the merge's rule: the one that
+    /// claims it, else the first whose index has it.
+    pub fn provider(&self, name: &str) -> Option<usize> {
+        let claims: Vec<&Claims> = self.claims.iter().collect();
+        merge::provider(name, &claims, |s| {
+            self.mirrors[s].snapshot().checksums.has_module(name)
         })
+    }
+
+    /// The source that claims module `name`, if one does: no other may serve it.
+    pub fn claimant(&self, name: &str) -> Option<usize> {
+        self.claims.iter().position(|c| c.matches(name))
     }
 
     /// Dependencies of `key` as `moon` will select them (minimal version selection

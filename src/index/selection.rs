@@ -226,11 +226,14 @@ impl Index {
         Ok((modules, missing))
     }
 
-    /// The release `name@version` from the first source whose index lists it.
+    /// The release `name@version` from the source that provides the module.
     pub(super) fn release(&self, name: &str, version: &str) -> Option<super::checksums::Release> {
-        self.mirrors
-            .iter()
-            .find_map(|m| m.snapshot().checksums.get(name, version).cloned())
+        let source = self.provider(name)?;
+        self.mirrors[source]
+            .snapshot()
+            .checksums
+            .get(name, version)
+            .cloned()
     }
 }
 

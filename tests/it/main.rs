@@ -13,7 +13,8 @@
 //!   [`registry_endpoint`] (the gateway as `MOONCAKES_REGISTRY`), [`index_mirror`],
 //!   [`proxy_intercept`] (`HTTPS_PROXY` and the transparent TLS gateway),
 //!   [`mutable_cache_and_breaker`] (`symbols.zip` and upstream outages),
-//!   [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
+//!   [`sources`] (several sources as one registry: the merged index, claims,
+//!   pinned views), [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
 //!   [`store_admin`] (`cache gc`, `cache verify`, the size bound),
 //!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
 //! - [`upstream_selftest`] tests of the harness itself, without the gateway.
@@ -30,5 +31,6 @@ mod mutable_cache_and_breaker;
 mod offline_bundle;
 mod proxy_intercept;
 mod registry_endpoint;
+mod sources;
 mod store_admin;
 mod upstream_selftest;

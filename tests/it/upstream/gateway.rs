@@ -117,6 +117,18 @@ impl Gateway {
         Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, &[]).await
     }
 
+    /// Like [`Gateway::start_with_data_dir`], keeping `data_dir` (and the temp dir
+    /// it may own) for as long as this gateway lives.
+    pub async fn start_on(
+        upstream_url: &str,
+        ca_pem: &Path,
+        data_dir: DataDir,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, env).await
+    }
+
     async fn launch(
         work: TempDir,
         data_dir: DataDir,
@@ -193,11 +205,16 @@ impl Gateway {
             .arg(self.addr.to_string())
             .arg("--data-dir")
             .arg(self.data_dir.path())
-            .arg("--upstream")
-            .arg(&self.upstream_url)
             .arg("--upstream-ca")
             .arg(&self.ca_pem)
             .args(&self.extra_args)
+            // No upstream URL: the config file names the sources (`[[sources]]`).
+            .args(
+                (!self.upstream_url.is_empty())
+                    .then(|| ["--upstream", self.upstream_url.as_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("RUST_LOG", "moonbit_registry=debug")
             .env("RUST_BACKTRACE", "1")
             .env("HOME", &home)

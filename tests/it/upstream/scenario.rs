@@ -259,3 +259,71 @@ pub fn gateway_env(gw: &Gateway) -> Vec<(String, String)> {
         .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
         .collect()
 }
+
+/// Two registries behind upstreams of their own, "internal" and "public", and
+/// gateways configured with both as `[[sources]]`.
+pub struct TwoSources {
+    pub internal: Upstream,
+    pub public: Upstream,
+    /// Both upstreams' CAs, as the gateways' `--upstream-ca`.
+    pub ca_bundle: PathBuf,
+    /// The gateways' config file.
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoSources {
+    /// Start both upstreams after `publish` filled their registries; `toml` is the
+    /// gateways' config, with `{internal}` and `{public}` standing for their URLs.
+    pub async fn start(
+        toml: &str,
+        env: &[(&str, &str)],
+        publish: impl FnOnce(&Registry, &Registry),
+    ) -> TwoSources {
+        let (internal, public) = (Arc::new(Registry::new()), Arc::new(Registry::new()));
+        publish(&internal, &public);
+        let internal = Upstream::start(internal).await;
+        let public = Upstream::start(public).await;
+        let dir = tempfile::tempdir().expect("temp dir for the gateway config");
+        let ca_bundle = dir.path().join("upstreams-ca.pem");
+        let pems = [&internal.ca_pem, &public.ca_pem]
+            .map(|p| std::fs::read_to_string(p).expect("read an upstream CA"));
+        std::fs::write(&ca_bundle, pems.concat()).expect("write the CA bundle");
+        let config = dir.path().join("moonbit-registry.toml");
+        let toml = toml
+            .replace("{internal}", &internal.url())
+            .replace("{public}", &public.url());
+        std::fs::write(&config, toml).expect("write the gateway config");
+        TwoSources {
+            internal,
+            public,
+            ca_bundle,
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            _dir: dir,
+        }
+    }
+
+    /// A gateway (with a data dir of its own) in front of both sources.
+    pub async fn gateway(&self) -> Gateway {
+        let args = ["--config", self.config.to_str().expect("UTF-8 temp path")];
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Gateway::start_with_env("", &self.ca_bundle, &args, &env).await
+    }
+
+    /// Stop `gw` and start a gateway on its data dir.
+    pub async fn restart(&self, gw: Gateway) -> Gateway {
+        let dir = gw.data_dir.clone();
+        drop(gw);
+        let args = ["--config", self.config.to_str().expect("UTF-8 temp path")];
+        Gateway::start_on("", &self.ca_bundle, dir, &args, &[]).await
+    }
+}

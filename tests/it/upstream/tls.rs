@@ -25,9 +25,17 @@ impl TestPki {
     pub fn generate() -> TestPki {
         let ca_key = KeyPair::generate().expect("generate CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "moonbit-registry test upstream CA");
+        // A name of its own: OpenSSL (git) finds a CA in a bundle by its name, so two
+        // test upstreams' CAs in one bundle must not share one.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ca_params.distinguished_name.push(
+            DnType::CommonName,
+            format!(
+                "moonbit-registry test upstream CA {} {n}",
+                std::process::id()
+            ),
+        );
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
