@@ -211,7 +211,7 @@ impl Gateway {
             // No upstream URL: the config file names the sources (`[[sources]]`).
             .args(
                 (!self.upstream_url.is_empty())
-                    .then(|| ["--upstream", self.upstream_url.as_str()])
+                    .then_some(["--upstream", self.upstream_url.as_str()])
                     .into_iter()
                     .flatten(),
             )
