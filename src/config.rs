@@ -685,6 +685,11 @@ impl Claims {
         self.patterns.is_empty()
     }
 
+    /// The patterns as written.
+    pub fn patterns(&self) -> Vec<&str> {
+        self.patterns.iter().map(|p| p.0.as_str()).collect()
+    }
+
     /// Whether `name` (`user/module`) is claimed.
     pub fn matches(&self, name: &str) -> bool {
         let Some((user, module)) = name.split_once('/') else {

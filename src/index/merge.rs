@@ -9,16 +9,22 @@
 //!
 //! The merged repository (`merged.git`) holds every source's objects (fetched
 //! from the mirrors under `refs/sources/<name>`, hidden from clients) and a
-//! branch `main` with one commit per change of the sources' tips, parent = the
-//! previous merged commit, so client pulls are fast-forwards. Commits are
-//! deterministic: tree, parent, message (the sources' tips), author and dates
-//! (the newest source commit's date) depend on nothing else, so gateways that see
-//! the same tips build the same commit ids.
+//! branch `main` with one commit per source commit: the sources' first-parent
+//! histories interleaved by commit date (then source order), each merged commit
+//! dated like the source commit it takes in, by a fixed author, its message
+//! naming every source's position. So the history is a function of the sources'
+//! histories, not of when the gateway looked: gateways (replicas, restarts, a
+//! fresh one) build the same commit ids, and a client's pull is a fast-forward.
+//! New source commits are appended ([`git fast-import`] writes them in one
+//! run); a source whose history was rewritten, or a change of the sources or
+//! their claims, starts the merged history afresh (clients then re-clone once).
+//! One case stays order-dependent: a source commit that shows up after a newer
+//! commit of another source was merged is appended after it.
 //!
 //! A pinned view (`/at/<time>/git/index`) is a repository of its own under
 //! `pins/`, borrowing the objects of the merged repository (or, with one source,
-//! of its mirror) through `objects/info/alternates`, whose `main` is the merge of
-//! each source's last commit at or before that time.
+//! of its mirror) through `objects/info/alternates`, whose `main` is the last
+//! merged (or source) commit at or before that time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +41,10 @@ use crate::git::{self, Git};
 const PINS_KEPT: usize = 64;
 
 /// Who commits merged history: fixed, so commit ids depend only on the content.
-const AUTHOR: (&str, &str) = ("moonbit-registry", "merge@moonbit-registry.invalid");
+const AUTHOR: &str = "moonbit-registry <merge@moonbit-registry.invalid>";
+
+/// Where a merge is built before `main` is moved to it.
+const BUILD_REF: &str = "refs/merge/build";
 
 /// One source's part in a merge: its mirror and the commit taken from it.
 #[derive(Debug, Clone)]
@@ -44,7 +53,7 @@ pub struct Part {
     /// The source's mirror (a bare repository).
     pub dir: PathBuf,
     pub claims: Claims,
-    /// The commit of the mirror to take (its tip, or its last commit before a pin).
+    /// The mirror's tip.
     pub commit: String,
 }
 
@@ -52,15 +61,17 @@ pub struct Part {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Tip {
     pub commit: String,
-    /// `(source, commit)`, in source order.
+    /// `(source, commit)`, in source order, for sources merged so far.
     pub parts: Vec<(String, String)>,
+    /// The sources and their claims the history was made with.
+    recipe: String,
 }
 
 /// The merged repository of an index with several sources.
 pub struct Merged {
     root: PathBuf,
     dir: PathBuf,
-    /// One merge (or pin) at a time: they share the temp index file and refs.
+    /// One merge (or pin) at a time: they share the build ref.
     lock: tokio::sync::Mutex<()>,
     tip: RwLock<Option<Arc<Tip>>>,
 }
@@ -99,8 +110,8 @@ impl Merged {
         Ok(())
     }
 
-    /// Make `main` the merge of `parts` (a new commit on top of the current one)
-    /// unless it already is. Returns whether a commit was made.
+    /// Append to `main` a merged commit for each source commit up to the tips in
+    /// `parts` (or start afresh, see the module docs). Returns whether `main` moved.
     pub async fn update(&self, parts: &[Part]) -> Result<bool, String> {
         let _guard = self.lock.lock().await;
         let wanted: Vec<(String, String)> = parts
@@ -112,9 +123,116 @@ impl Merged {
         }
         self.init().await?;
         self.take_objects(parts).await?;
-        let parent = self.tip().map(|t| t.commit.clone());
-        let message = message("Merged index", &wanted);
-        let commit = self.commit(parts, parent.as_deref(), &message).await?;
+        let recipe = recipe(parts);
+        let old = self.tip();
+        let base = match &old {
+            Some(tip) if tip.recipe == recipe && self.continues(tip, parts).await => Some(tip),
+            Some(tip) => {
+                tracing::warn!(old = %tip.recipe, new = %recipe, "the sources, their claims or a source's history changed: the merged index starts a new history (clients re-clone once)");
+                None
+            }
+            None => None,
+        };
+        let claims: Vec<&Claims> = parts.iter().map(|p| &p.claims).collect();
+        let mut state = State::new(claims);
+        let mut positions: Vec<Option<String>> = vec![None; parts.len()];
+        if let Some(base) = base {
+            for (s, part) in parts.iter().enumerate() {
+                if let Some((_, at)) = base.parts.iter().find(|(n, _)| *n == part.source) {
+                    let listing = run(Git::in_repo(
+                        &self.dir,
+                        ["ls-tree", "-r", "-z", "--full-tree", at],
+                    ))
+                    .await?;
+                    state.load(s, parse_tree(&listing));
+                    positions[s] = Some(at.clone());
+                }
+            }
+            state.settle();
+        }
+        let mut histories = Vec::new();
+        for (s, part) in parts.iter().enumerate() {
+            let range = match &positions[s] {
+                Some(at) => format!("{at}..{}", part.commit),
+                None => part.commit.clone(),
+            };
+            let log = run(Git::in_repo(
+                &self.dir,
+                [
+                    "log",
+                    "--first-parent",
+                    "--reverse",
+                    "--no-renames",
+                    "--raw",
+                    "-z",
+                    "--no-abbrev",
+                    "--diff-merges=first-parent",
+                    "--root",
+                    "--format=%x01%H %ct",
+                    &range,
+                ],
+            ))
+            .await?;
+            histories.push(parse_log(&log));
+        }
+        let mut stream = format!("reset {BUILD_REF}\n").into_bytes();
+        if let Some(base) = base {
+            stream.extend_from_slice(format!("from {}\n", base.commit).as_bytes());
+        }
+        let names: Vec<&str> = parts.iter().map(|p| p.source.as_str()).collect();
+        let mut made = 0usize;
+        for (s, commit) in interleave(&histories) {
+            let changes = state.apply(s, &commit.changes);
+            positions[s] = Some(commit.id.clone());
+            let message = message(&recipe, &names, &positions);
+            stream.extend_from_slice(
+                format!(
+                    "commit {BUILD_REF}\nauthor {AUTHOR} {date} +0000\ncommitter {AUTHOR} {date} +0000\ndata {len}\n{message}\n",
+                    date = commit.date,
+                    len = message.len(),
+                )
+                .as_bytes(),
+            );
+            for (path, entry) in changes {
+                match entry {
+                    Some((mode, oid)) => {
+                        stream.extend_from_slice(format!("M {mode} {oid} ").as_bytes())
+                    }
+                    None => stream.extend_from_slice(b"D "),
+                }
+                stream.extend_from_slice(&quote_path(&path));
+                stream.push(b'\n');
+            }
+            made += 1;
+        }
+        stream.extend_from_slice(b"done\n");
+        if made == 0 {
+            return Ok(false);
+        }
+        run(Git::in_repo(&self.dir, ["update-ref", "-d", BUILD_REF]))
+            .await
+            .ok();
+        let git::Spawned {
+            mut stdin,
+            stdout,
+            mut process,
+        } = Git::in_repo(&self.dir, ["fast-import", "--quiet", "--done"])
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .spawn(git::Stderr::Log)
+            .map_err(|e| e.to_string())?;
+        stdin
+            .write_all(&stream)
+            .await
+            .map_err(|e| format!("feeding git fast-import: {e}"))?;
+        drop(stdin);
+        process.finish().await.map_err(|e| e.to_string())?;
+        drop(stdout);
+        let commit = text(Git::in_repo(
+            &self.dir,
+            ["rev-parse", "--verify", &format!("{BUILD_REF}^{{commit}}")],
+        ))
+        .await?;
+        let old_commit = old.as_ref().map(|t| t.commit.as_str()).unwrap_or("");
         run(Git::in_repo(
             &self.dir,
             [
@@ -123,39 +241,54 @@ impl Merged {
                 "merge",
                 "refs/heads/main",
                 &commit,
-                parent.as_deref().unwrap_or(""),
+                old_commit,
             ],
         ))
         .await?;
-        tracing::info!(commit = %commit, parts = ?wanted, "merged index updated");
+        run(Git::in_repo(&self.dir, ["update-ref", "-d", BUILD_REF])).await?;
+        let parts_now: Vec<(String, String)> = names
+            .iter()
+            .zip(&positions)
+            .filter_map(|(n, p)| Some((n.to_string(), p.clone()?)))
+            .collect();
+        tracing::info!(%commit, commits = made, parts = ?parts_now, "merged index updated");
         *self.tip.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Tip {
             commit,
-            parts: wanted,
+            parts: parts_now,
+            recipe,
         }));
         Ok(true)
     }
 
-    /// The repository (relative to the index root) serving the view at `at`: with
-    /// one part, its commit as it is; with several, their merge (a commit of its
-    /// own, with no parent: a pinned view has no history to pull). Made or moved on
-    /// demand; `parts` hold each source's last commit at or before `at`.
-    pub async fn pin(&self, at: SystemTime, parts: &[Part]) -> Result<String, String> {
-        let _guard = self.lock.lock().await;
-        let (objects, commit) = match parts {
-            [] => return Err("no source had published anything by then".into()),
-            [one] => (one.dir.join("objects"), one.commit.clone()),
-            several => {
-                self.init().await?;
-                self.take_objects(several).await?;
-                let wanted: Vec<(String, String)> = several
-                    .iter()
-                    .map(|p| (p.source.clone(), p.commit.clone()))
-                    .collect();
-                let message = message(&format!("Merged index as of {}", rfc3339(at)), &wanted);
-                let commit = self.commit(several, None, &message).await?;
-                (self.dir.join("objects"), commit)
+    /// Whether every source's merged position is in its new tip's first-parent
+    /// history, so the merged history can go on from there.
+    async fn continues(&self, tip: &Tip, parts: &[Part]) -> bool {
+        for (source, at) in &tip.parts {
+            let Some(part) = parts.iter().find(|p| p.source == *source) else {
+                return false;
+            };
+            let ancestor =
+                Git::in_repo(&self.dir, ["merge-base", "--is-ancestor", at, &part.commit])
+                    .output()
+                    .await
+                    .is_ok();
+            if !ancestor {
+                return false;
             }
-        };
+        }
+        true
+    }
+
+    /// The repository (relative to the index root) serving the view at `at`: its
+    /// `main` is `commit` (of the merged history, or of a lone source's mirror
+    /// at `objects`). Made or moved on demand.
+    pub async fn pin(
+        &self,
+        at: SystemTime,
+        objects: &Path,
+        commit: &str,
+    ) -> Result<String, String> {
+        let _guard = self.lock.lock().await;
         let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let name = format!("{PINS}/{secs}.git");
         let dir = self.root.join(&name);
@@ -163,14 +296,14 @@ impl Merged {
             run(Git::new(["init", "--bare", "--quiet", "--initial-branch=main"]).arg(&dir)).await?;
         }
         // Absolute, so the pin keeps working wherever git is started from.
-        let objects = std::path::absolute(&objects).map_err(|e| e.to_string())?;
+        let objects = std::path::absolute(objects).map_err(|e| e.to_string())?;
         let alternates = dir.join("objects/info/alternates");
         write_atomically(&alternates, format!("{}\n", objects.display()).as_bytes())
             .await
             .map_err(|e| format!("cannot write {}: {e}", alternates.display()))?;
         run(Git::in_repo(
             &dir,
-            ["update-ref", "refs/heads/main", &commit],
+            ["update-ref", "refs/heads/main", commit],
         ))
         .await?;
         prune_pins(&self.root.join(PINS)).await;
@@ -186,7 +319,7 @@ impl Merged {
             .await?;
         for (key, value) in [
             ("uploadpack.hideRefs", "refs/sources"),
-            ("uploadpack.hideRefs", "refs/pins"),
+            ("uploadpack.hideRefs", "refs/merge"),
             // The history must never lose an object a client was given.
             ("gc.pruneExpire", "never"),
         ] {
@@ -195,7 +328,7 @@ impl Merged {
         Ok(())
     }
 
-    /// Copy into the merged repository what it lacks of each part's commit
+    /// Copy into the merged repository what it lacks of each part's history
     /// (a local fetch from the mirror; nothing when it has it already).
     async fn take_objects(&self, parts: &[Part]) -> Result<(), String> {
         for part in parts {
@@ -207,7 +340,6 @@ impl Merged {
             .await
             .is_ok();
             if !have {
-                // The mirror's whole history: pinned views need older commits too.
                 let refspec = format!("+refs/heads/*:refs/sources/{}/*", part.source);
                 run(Git::in_repo(
                     &self.dir,
@@ -231,86 +363,192 @@ impl Merged {
         Ok(())
     }
 
-    /// Write the merged tree of `parts` and a commit of it.
-    async fn commit(
-        &self,
-        parts: &[Part],
-        parent: Option<&str>,
-        message: &str,
-    ) -> Result<String, String> {
-        let mut trees = Vec::new();
-        for part in parts {
-            let listing = run(Git::in_repo(
-                &self.dir,
-                ["ls-tree", "-r", "-z", "--full-tree", &part.commit],
-            ))
-            .await?;
-            trees.push(parse_tree(&listing));
+    /// The last merged commit at or before `at`, if any.
+    pub async fn commit_at(&self, at: SystemTime) -> Result<Option<String>, String> {
+        if !self.exists() {
+            return Ok(None);
         }
-        let claims: Vec<&Claims> = parts.iter().map(|p| &p.claims).collect();
-        let (entries, refused) = select(&trees, &claims);
-        for (path, source) in refused {
-            tracing::warn!(path, source = %parts[source].source, "claimed by another source: left out of the merged index");
-        }
-        let mut input = Vec::new();
-        for e in &entries {
-            input.extend_from_slice(format!("{} {}\t", e.mode, e.oid).as_bytes());
-            input.extend_from_slice(e.path.as_bytes());
-            input.push(0);
-        }
-        let scratch = tempfile::Builder::new()
-            .prefix(".merge-index-")
-            .tempfile_in(&self.dir)
-            .map_err(|e| format!("cannot create a temp index: {e}"))?;
-        let index_file = scratch.path().to_path_buf();
-        // git wants to create the index itself.
-        let _ = std::fs::remove_file(&index_file);
-        let with_index = |args: &[&str]| {
-            Git::in_repo(&self.dir, args.iter().copied()).env("GIT_INDEX_FILE", &index_file)
-        };
-        run(with_index(&["read-tree", "--empty"])).await?;
-        let git::Spawned {
-            mut stdin,
-            mut process,
-            ..
-        } = with_index(&["update-index", "-z", "--index-info"])
-            .spawn(git::Stderr::Log)
-            .map_err(|e| e.to_string())?;
-        stdin
-            .write_all(&input)
-            .await
-            .map_err(|e| format!("feeding git update-index: {e}"))?;
-        drop(stdin);
-        process.finish().await.map_err(|e| e.to_string())?;
-        let tree = text(with_index(&["write-tree"])).await?;
-        let _ = std::fs::remove_file(&index_file);
-
-        let mut date = 0u64;
-        for part in parts {
-            let at = text(Git::in_repo(
-                &self.dir,
-                ["show", "-s", "--format=%ct", &part.commit],
-            ))
-            .await?;
-            date = date.max(at.parse().unwrap_or(0));
-        }
-        let date = format!("@{date} +0000");
-        let mut commit = Git::in_repo(&self.dir, ["commit-tree", "--no-gpg-sign", &tree]);
-        if let Some(parent) = parent {
-            commit = commit.args(["-p", parent]);
-        }
-        let commit = commit
-            .args(["-m", message])
-            // The user's own git config (signing, encodings) must not change the ids.
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_AUTHOR_NAME", AUTHOR.0)
-            .env("GIT_AUTHOR_EMAIL", AUTHOR.1)
-            .env("GIT_AUTHOR_DATE", &date)
-            .env("GIT_COMMITTER_NAME", AUTHOR.0)
-            .env("GIT_COMMITTER_EMAIL", AUTHOR.1)
-            .env("GIT_COMMITTER_DATE", &date);
-        text(commit).await
+        commit_at(&self.dir, at, "refs/heads/main").await
     }
+}
+
+/// A tree entry: `(mode, oid)`.
+type Blob = (String, String);
+
+/// The sources' trees and the merged tree, kept in step as source commits are
+/// taken in.
+struct State<'a> {
+    claims: Vec<&'a Claims>,
+    sources: Vec<HashMap<String, Blob>>,
+    merged: HashMap<String, Blob>,
+}
+
+impl<'a> State<'a> {
+    fn new(claims: Vec<&'a Claims>) -> State<'a> {
+        State {
+            sources: vec![HashMap::new(); claims.len()],
+            claims,
+            merged: HashMap::new(),
+        }
+    }
+
+    /// Source `s`'s tree, whole (before [`State::settle`]).
+    fn load(&mut self, s: usize, entries: Vec<Entry>) {
+        self.sources[s] = entries
+            .into_iter()
+            .map(|e| (e.path, (e.mode, e.oid)))
+            .collect();
+    }
+
+    /// Work out the merged tree from the loaded sources' trees.
+    fn settle(&mut self) {
+        let paths: Vec<String> = self
+            .sources
+            .iter()
+            .flat_map(|t| t.keys().cloned())
+            .collect();
+        for path in paths {
+            if let Some(blob) = self.owner_blob(&path) {
+                self.merged.insert(path, blob);
+            }
+        }
+    }
+
+    /// What the merged tree holds at `path`: the entry of the source that provides it.
+    fn owner_blob(&self, path: &str) -> Option<Blob> {
+        let has = |s: usize| self.sources[s].contains_key(path);
+        let owner = match module_of_path(path) {
+            Some(name) => provider(name, &self.claims, has),
+            None => (0..self.sources.len()).find(|&s| has(s)),
+        }?;
+        self.sources[owner].get(path).cloned()
+    }
+
+    /// Take in one commit of source `s`; returns the merged tree's changes.
+    fn apply(&mut self, s: usize, changes: &[Change]) -> Vec<(String, Option<Blob>)> {
+        let mut out = Vec::new();
+        for change in changes {
+            match &change.blob {
+                Some(blob) => self.sources[s].insert(change.path.clone(), blob.clone()),
+                None => self.sources[s].remove(&change.path),
+            };
+            let now = self.owner_blob(&change.path);
+            if self.merged.get(&change.path) != now.as_ref() {
+                match &now {
+                    Some(blob) => self.merged.insert(change.path.clone(), blob.clone()),
+                    None => self.merged.remove(&change.path),
+                };
+                out.push((change.path.clone(), now));
+            }
+        }
+        out
+    }
+}
+
+/// One source commit: its id, committer date and changes against its first parent.
+#[derive(Debug, Clone, PartialEq)]
+struct Commit {
+    id: String,
+    date: u64,
+    changes: Vec<Change>,
+}
+
+/// A path changed by a commit: its new entry, or `None` when removed.
+#[derive(Debug, Clone, PartialEq)]
+struct Change {
+    path: String,
+    blob: Option<Blob>,
+}
+
+/// `git log -z --raw --format=%x01%H %ct` output, read in order (a path may hold
+/// any byte but NUL). Submodules and paths that are not UTF-8 are skipped.
+fn parse_log(out: &[u8]) -> Vec<Commit> {
+    let mut commits = Vec::new();
+    let mut fields = out.split(|&b| b == 0).peekable();
+    while let Some(field) = fields.next() {
+        let field = field.strip_prefix(b"\n").unwrap_or(field);
+        if let Some(header) = field.strip_prefix(b"\x01") {
+            let header = String::from_utf8_lossy(header);
+            let (id, date) = header.split_once(' ').unwrap_or((&header, "0"));
+            commits.push(Commit {
+                id: id.to_string(),
+                date: date.trim().parse().unwrap_or(0),
+                changes: Vec::new(),
+            });
+            continue;
+        }
+        let Some(meta) = field.strip_prefix(b":") else {
+            continue;
+        };
+        let Some(path) = fields.next() else { break };
+        let meta = String::from_utf8_lossy(meta);
+        let mut meta = meta.split(' ');
+        let (_old_mode, new_mode, _old, new_oid, status) = (
+            meta.next().unwrap_or(""),
+            meta.next().unwrap_or(""),
+            meta.next(),
+            meta.next().unwrap_or(""),
+            meta.next().unwrap_or(""),
+        );
+        let (Ok(path), Some(commit)) = (std::str::from_utf8(path), commits.last_mut()) else {
+            continue;
+        };
+        if new_mode == "160000" {
+            continue;
+        }
+        let blob = (!status.starts_with('D')).then(|| (new_mode.to_string(), new_oid.to_string()));
+        commit.changes.push(Change {
+            path: path.to_string(),
+            blob,
+        });
+    }
+    commits
+}
+
+/// The sources' commits in merge order: each source's own order kept, and
+/// among the sources' next commits the oldest (then the earliest source) first.
+fn interleave(histories: &[Vec<Commit>]) -> Vec<(usize, Commit)> {
+    let mut next = vec![0usize; histories.len()];
+    let mut out = Vec::new();
+    loop {
+        let pick = (0..histories.len())
+            .filter(|&s| next[s] < histories[s].len())
+            .min_by_key(|&s| (histories[s][next[s]].date, s));
+        let Some(s) = pick else { break };
+        out.push((s, histories[s][next[s]].clone()));
+        next[s] += 1;
+    }
+    out
+}
+
+/// A path for a fast-import `M`/`D` line: C-quoted when git would misread it.
+fn quote_path(path: &str) -> Vec<u8> {
+    if !path.starts_with('"') && !path.contains('\n') {
+        return path.as_bytes().to_vec();
+    }
+    let mut out = vec![b'"'];
+    for b in path.bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+    out
+}
+
+/// What the merged history is made with: the sources in order and their claims.
+fn recipe(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .map(|p| match p.claims.patterns().is_empty() {
+            true => p.source.clone(),
+            false => format!("{}[{}]", p.source, p.claims.patterns().join(",")),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Directory name of the merged repository under the index root.
@@ -353,46 +591,14 @@ pub fn provider(name: &str, claims: &[&Claims], has: impl Fn(usize) -> bool) -> 
     }
 }
 
-/// The merged tree's entries, sorted by path, and `(path, source)` of module
-/// files left out because another source claims them.
-fn select(trees: &[Vec<Entry>], claims: &[&Claims]) -> (Vec<Entry>, Vec<(String, usize)>) {
-    let by_path: Vec<HashMap<&str, &Entry>> = trees
-        .iter()
-        .map(|t| t.iter().map(|e| (e.path.as_str(), e)).collect())
-        .collect();
-    let mut chosen: HashMap<&str, &Entry> = HashMap::new();
-    let mut refused = Vec::new();
-    for (source, tree) in trees.iter().enumerate() {
-        for entry in tree {
-            let path = entry.path.as_str();
-            if chosen.contains_key(path) {
-                continue;
-            }
-            let owner = match module_of_path(path) {
-                Some(name) => provider(name, claims, |s| by_path[s].contains_key(path)),
-                None => (0..trees.len()).find(|&s| by_path[s].contains_key(path)),
-            };
-            match owner {
-                Some(owner) => {
-                    chosen.insert(path, by_path[owner][path]);
-                }
-                None => refused.push((path.to_string(), source)),
-            }
+/// A merged commit's message: the recipe and each merged source's position, one
+/// per line (read back by [`read_tip`]).
+fn message(recipe: &str, names: &[&str], positions: &[Option<String>]) -> String {
+    let mut out = format!("Merged index\n\nSources: {recipe}\n");
+    for (source, at) in names.iter().zip(positions) {
+        if let Some(at) = at {
+            out.push_str(&format!("Source: {source} {at}\n"));
         }
-    }
-    let mut entries: Vec<Entry> = chosen.into_values().cloned().collect();
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    refused.sort();
-    refused.dedup();
-    (entries, refused)
-}
-
-/// A merged commit's message: what it is, and each source's commit, one per line
-/// (read back by [`read_tip`]).
-fn message(title: &str, parts: &[(String, String)]) -> String {
-    let mut out = format!("{title}\n\n");
-    for (source, commit) in parts {
-        out.push_str(&format!("Source: {source} {commit}\n"));
     }
     out
 }
@@ -419,7 +625,16 @@ async fn read_tip(dir: &Path) -> Result<Option<Tip>, String> {
         .filter_map(|l| l.split_once(' '))
         .map(|(s, c)| (s.to_string(), c.to_string()))
         .collect();
-    Ok(Some(Tip { commit, parts }))
+    let recipe = body
+        .lines()
+        .find_map(|l| l.strip_prefix("Sources: "))
+        .unwrap_or_default()
+        .to_string();
+    Ok(Some(Tip {
+        commit,
+        parts,
+        recipe,
+    }))
 }
 
 /// Keep the newest [`PINS_KEPT`] pinned views.
@@ -464,9 +679,9 @@ async fn text(git: Git) -> Result<String, String> {
     Ok(out.trim().to_string())
 }
 
-/// The last commit of the mirror at `dir` at or before `at` (committer date, first
-/// parents), if any.
-pub async fn commit_at(dir: &Path, at: SystemTime) -> Result<Option<String>, String> {
+/// The last commit of `rev` in the repository at `dir` at or before `at`
+/// (committer date, first parents), if any.
+pub async fn commit_at(dir: &Path, at: SystemTime, rev: &str) -> Result<Option<String>, String> {
     let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let out = text(Git::in_repo(
         dir,
@@ -475,7 +690,7 @@ pub async fn commit_at(dir: &Path, at: SystemTime) -> Result<Option<String>, Str
             "-1",
             "--first-parent",
             &format!("--before={secs}"),
-            "HEAD",
+            rev,
         ],
     ))
     .await?;
@@ -499,20 +714,39 @@ mod tests {
         Claims::parse("t", &patterns).unwrap()
     }
 
+    fn change(path: &str, oid: Option<&str>) -> Change {
+        Change {
+            path: path.into(),
+            blob: oid.map(|o| ("100644".to_string(), o.to_string())),
+        }
+    }
+
+    fn merged(state: &State) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = state
+            .merged
+            .iter()
+            .map(|(p, (_, o))| (p.clone(), o.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
     #[test]
     fn the_first_source_with_a_module_provides_the_whole_file() {
-        let internal = vec![entry("user/acme/json.index", "a1")];
-        let public = vec![
-            entry("user/acme/json.index", "b1"),
-            entry("user/bob/x.index", "b2"),
-            entry("stats.json", "b3"),
-        ];
         let none = Claims::default();
-        let (entries, refused) = select(&[internal, public], &[&none, &none]);
-        let oids: Vec<(&str, &str)> = entries
-            .iter()
-            .map(|e| (e.path.as_str(), e.oid.as_str()))
-            .collect();
+        let mut state = State::new(vec![&none, &none]);
+        state.load(0, vec![entry("user/acme/json.index", "a1")]);
+        state.load(
+            1,
+            vec![
+                entry("user/acme/json.index", "b1"),
+                entry("user/bob/x.index", "b2"),
+                entry("stats.json", "b3"),
+            ],
+        );
+        state.settle();
+        let oids = merged(&state);
+        let oids: Vec<(&str, &str)> = oids.iter().map(|(p, o)| (p.as_str(), o.as_str())).collect();
         assert_eq!(
             oids,
             [
@@ -521,33 +755,81 @@ mod tests {
                 ("user/bob/x.index", "b2")
             ]
         );
-        assert!(refused.is_empty());
+        // A change to a shadowed file changes nothing; the internal file going
+        // away uncovers the public one.
+        assert!(state
+            .apply(1, &[change("user/acme/json.index", Some("b9"))])
+            .is_empty());
+        let out = state.apply(0, &[change("user/acme/json.index", None)]);
+        assert_eq!(
+            out,
+            [(
+                "user/acme/json.index".to_string(),
+                Some(("100644".to_string(), "b9".to_string()))
+            )]
+        );
     }
 
     #[test]
     fn claimed_modules_never_come_from_another_source() {
-        let internal = vec![entry("user/acme/json.index", "a1")];
-        let public = vec![
-            entry("user/acme/evil.index", "b1"),
-            entry("user/acme/json.index", "b2"),
-            entry("user/bob/x.index", "b3"),
-        ];
         let c = claims(&["acme/*"]);
         let none = Claims::default();
-        let (entries, refused) = select(&[internal, public], &[&c, &none]);
-        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["user/acme/json.index", "user/bob/x.index"]);
-        assert_eq!(entries[0].oid, "a1");
-        assert_eq!(refused, [("user/acme/evil.index".to_string(), 1)]);
-        // A claim on a later source wins over an earlier source that has the module.
-        let (entries, _) = select(
+        let mut state = State::new(vec![&c, &none]);
+        let out = state.apply(
+            1,
             &[
-                vec![entry("user/acme/json.index", "first")],
-                vec![entry("user/acme/json.index", "claimer")],
+                change("user/acme/evil.index", Some("b1")),
+                change("user/bob/x.index", Some("b3")),
             ],
-            &[&none, &c],
         );
-        assert_eq!(entries[0].oid, "claimer");
+        assert_eq!(out.len(), 1, "{out:?}");
+        state.apply(0, &[change("user/acme/json.index", Some("a1"))]);
+        assert_eq!(
+            merged(&state),
+            [
+                ("user/acme/json.index".to_string(), "a1".to_string()),
+                ("user/bob/x.index".to_string(), "b3".to_string())
+            ]
+        );
+        // A claim on a later source wins over an earlier source that has the module.
+        let mut state = State::new(vec![&none, &c]);
+        state.apply(0, &[change("user/acme/json.index", Some("first"))]);
+        state.apply(1, &[change("user/acme/json.index", Some("claimer"))]);
+        assert_eq!(merged(&state)[0].1, "claimer");
+    }
+
+    #[test]
+    fn histories_interleave_by_date_keeping_each_sources_order() {
+        let c = |id: &str, date| Commit {
+            id: id.into(),
+            date,
+            changes: Vec::new(),
+        };
+        let order: Vec<String> = interleave(&[
+            vec![c("a1", 10), c("a2", 5), c("a3", 30)],
+            vec![c("b1", 10), c("b2", 20)],
+        ])
+        .into_iter()
+        .map(|(_, c)| c.id)
+        .collect();
+        assert_eq!(order, ["a1", "a2", "b1", "b2", "a3"]);
+    }
+
+    #[test]
+    fn logs_are_read_in_order_whatever_the_paths_hold() {
+        let log = b"\x01aaa 100\x00\n:000000 100644 0000 b1 A\x00user/a/x.index\x00\x01bbb 200\x00\n:100644 000000 b1 0000 D\x00user/a/x.index\x00:000000 100644 0000 c1 A\x00odd\x01name\x00\x01ccc 300\x00";
+        let commits = parse_log(log);
+        assert_eq!(commits.len(), 3);
+        assert_eq!(commits[0].changes, [change("user/a/x.index", Some("b1"))]);
+        assert_eq!(
+            commits[1].changes,
+            [
+                change("user/a/x.index", None),
+                change("odd\x01name", Some("c1"))
+            ]
+        );
+        assert_eq!((commits[2].id.as_str(), commits[2].date), ("ccc", 300));
+        assert_eq!(quote_path("\"q\nx"), b"\"\\\"q\\nx\"".to_vec());
     }
 
     #[test]

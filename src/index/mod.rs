@@ -209,7 +209,7 @@ impl Index {
         if !self.is_merged() {
             return None;
         }
-        let parts = self.parts_at(None).await;
+        let parts = self.parts();
         if !parts.is_empty() {
             if let Err(error) = self.merged.update(&parts).await {
                 tracing::error!(%error, "could not merge the sources' indexes; serving the last merge");
@@ -223,29 +223,21 @@ impl Index {
         self.is_merged().then(|| self.merged.tip()).flatten()
     }
 
-    /// Each mirrored source's part of a merge: its tip, or (`at`) its last commit
-    /// at or before that time. Sources with no mirror, or nothing by then, have none.
-    async fn parts_at(&self, at: Option<std::time::SystemTime>) -> Vec<merge::Part> {
-        let mut parts = Vec::new();
-        for (m, claims) in self.mirrors.iter().zip(&self.claims) {
-            let commit = match at {
-                None => m.snapshot().commit.clone(),
-                Some(_) if !m.exists() => None,
-                Some(at) => merge::commit_at(m.dir(), at).await.unwrap_or_else(|error| {
-                    tracing::warn!(source = %m.source, %error, "cannot read the mirror's history");
-                    None
-                }),
-            };
-            if let Some(commit) = commit {
-                parts.push(merge::Part {
+    /// Each mirrored source's part of a merge: its tip (sources with no mirror
+    /// have none).
+    fn parts(&self) -> Vec<merge::Part> {
+        self.mirrors
+            .iter()
+            .zip(&self.claims)
+            .filter_map(|(m, claims)| {
+                Some(merge::Part {
                     source: m.source.clone(),
                     dir: m.dir().to_path_buf(),
                     claims: claims.clone(),
-                    commit,
-                });
-            }
-        }
-        parts
+                    commit: m.snapshot().commit.clone()?,
+                })
+            })
+            .collect()
     }
 
     /// A refresh a client asked for: every mirror refreshed by a fetch that started
@@ -328,6 +320,9 @@ impl Index {
                 tracing::warn!(source = %m.source, age = %age, %error, "upstream index unavailable; serving the stale mirror");
             }
         }
+        if advertisement {
+            self.merge().await;
+        }
         let repo = if let Some(at) = at {
             match self.pin(at).await {
                 Ok(repo) => repo,
@@ -339,9 +334,6 @@ impl Index {
                 }
             }
         } else if self.is_merged() {
-            if advertisement {
-                self.merge().await;
-            }
             if !self.merged.exists() {
                 let why = if self.offline {
                     "the gateway is offline and has no index mirror (import a bundle first)"
@@ -370,10 +362,22 @@ impl Index {
         serve::upload_pack(&self.backend, &repo, rest, req, client).await
     }
 
-    /// The repository serving the view at `at` (see [`merge::Merged::pin`]).
+    /// The repository serving the view at `at` (see [`merge::Merged::pin`]): the
+    /// last merged commit by then, or with one source its last commit by then.
     async fn pin(&self, at: std::time::SystemTime) -> Result<String, String> {
-        let parts = self.parts_at(Some(at)).await;
-        self.merged.pin(at, &parts).await
+        let (objects, commit) = if self.is_merged() {
+            let commit = self.merged.commit_at(at).await?;
+            (self.merged.dir().join("objects"), commit)
+        } else {
+            let mirror = &self.mirrors[0];
+            if !mirror.exists() {
+                return Err("no mirror of the index yet".into());
+            }
+            let commit = merge::commit_at(mirror.dir(), at, "HEAD").await?;
+            (mirror.dir().join("objects"), commit)
+        };
+        let commit = commit.ok_or("nothing had been published by then")?;
+        self.merged.pin(at, &objects, &commit).await
     }
 
     /// Refresh `mirror` for a client's advertisement, bounded: a source known to be

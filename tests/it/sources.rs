@@ -198,9 +198,13 @@ async fn gateways_build_the_same_history_and_pulls_fast_forward() {
         std::fs::read_to_string(clone.join("user/bob/util.index")).ok(),
         s.public.registry.index_file("bob/util")
     );
-    // A restart changes nothing: same tips, same commit.
+    // A restart changes nothing, and a gateway that starts only now builds the
+    // same history: it is made from the sources' histories, not from when a
+    // gateway looked.
     let b = s.restart(b).await;
     assert_eq!(ls_remote(&format!("{}/git/index", b.url())), second);
+    let late = s.gateway().await;
+    assert_eq!(ls_remote(&format!("{}/git/index", late.url())), second);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
