@@ -9,7 +9,9 @@ use anyhow::{bail, Context};
 use bytesize::ByteSize;
 use sha2::{Digest, Sha256};
 
-use super::{archive_member, signing, ArchiveEntry, Manifest, Member, FORMAT};
+use super::{
+    archive_member, index_member, signing, ArchiveEntry, Manifest, Member, SourceIndex, FORMAT,
+};
 use super::{INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
 use crate::app::{Mode, Services};
 use crate::config::Config;
@@ -40,17 +42,6 @@ pub async fn run(
     warm::refresh(&app).await?;
     let chosen = app.index.select(&selection)?;
     let primary = &app.sources[0];
-    if let Some((key, _)) = chosen
-        .archives
-        .iter()
-        .find(|(_, e)| !matches!(e, Expectation::Known { source: 0, .. }))
-    {
-        bail!(
-            "{} is only in the index of another source than `{}`; a bundle carries one source's index",
-            key.label(),
-            primary.name
-        );
-    }
     let started = std::time::Instant::now();
     let summary = warm::fetch_all(&app, &chosen, jobs, "export").await;
     summary.print("export", started.elapsed());
@@ -64,7 +55,7 @@ pub async fn run(
 
     let mut archives = Vec::new();
     for (key, expectation) in &chosen.archives {
-        let Expectation::Known { checksum, .. } = expectation else {
+        let Expectation::Known { checksum, source } = expectation else {
             continue;
         };
         let object =
@@ -83,15 +74,29 @@ pub async fn run(
             version: key.version.clone(),
             sha256: checksum.clone(),
             size,
-            source: primary.name.clone(),
+            source: app.sources[*source].name.clone(),
         });
     }
 
     let scratch =
         tempfile::tempdir_in(&app.config.data_dir).context("scratch dir for the export")?;
+    // Every source's index: a gateway with the same sources merges them again.
     let mirror = &app.index.mirrors()[0];
     let index_file = scratch.path().join(INDEX_BUNDLE);
     let index_commit = git_bundle(mirror.dir(), &index_file).await?;
+    let mut more = Vec::new();
+    for mirror in app.index.mirrors().iter().skip(1) {
+        if !mirror.exists() {
+            eprintln!(
+                "warning: no index mirror of source `{}`; the bundle has none",
+                mirror.source
+            );
+            continue;
+        }
+        let file = scratch.path().join(format!("{}.bundle", mirror.source));
+        let commit = git_bundle(mirror.dir(), &file).await?;
+        more.push((mirror.source.clone(), commit, file));
+    }
 
     // The latest stored symbols.zip, or the source's current one (moon update asks for it).
     let symbols_object = Object::symbols(vec![primary.symbols.to_string()]);
@@ -119,12 +124,24 @@ pub async fn run(
     let source = primary.name.clone();
     let signing_key = sign_key.map(Path::to_path_buf);
     let written = tokio::task::spawn_blocking(move || {
+        let more_indexes = more
+            .iter()
+            .map(|(source, commit, file)| {
+                Ok(SourceIndex {
+                    source: source.clone(),
+                    commit: commit.clone(),
+                    index: member_of(file)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let more_files: Vec<&Path> = more.iter().map(|(_, _, f)| f.as_path()).collect();
         let manifest = Manifest {
             format: FORMAT.into(),
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             source,
             index_commit,
             index: member_of(&index_file)?,
+            more_indexes,
             symbols: symbols.as_deref().map(member_of).transpose()?,
             archives,
         };
@@ -132,6 +149,7 @@ pub async fn run(
             &out_path,
             &manifest,
             &index_file,
+            &more_files,
             symbols.as_deref(),
             &store_dir,
             signing_key.as_deref(),
@@ -211,6 +229,7 @@ fn write_tar(
     out: &Path,
     manifest: &Manifest,
     index_file: &Path,
+    more_index_files: &[&Path],
     symbols: Option<&Path>,
     store_dir: &Path,
     sign_key: Option<&Path>,
@@ -237,6 +256,15 @@ fn write_tar(
     }
     let index = std::fs::File::open(index_file)?;
     append(&mut tar, INDEX_BUNDLE, manifest.index.size, index)?;
+    for (more, file) in manifest.more_indexes.iter().zip(more_index_files) {
+        let index = std::fs::File::open(file)?;
+        append(
+            &mut tar,
+            &index_member(&more.source),
+            more.index.size,
+            index,
+        )?;
+    }
     if let (Some(path), Some(member)) = (symbols, &manifest.symbols) {
         append(
             &mut tar,

@@ -14,8 +14,8 @@ use bytesize::ByteSize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::{is_sha256, signing, Manifest, Member, FORMAT};
-use super::{ARCHIVES_DIR, INDEX_BUNDLE, MANIFEST, SIGNATURE, SYMBOLS};
+use super::{is_sha256, signing, Manifest, Member, FORMAT, FORMAT_V1};
+use super::{ARCHIVES_DIR, INDEX_BUNDLE, INDEX_DIR, MANIFEST, SIGNATURE, SYMBOLS};
 use crate::app::{Mode, Services};
 use crate::config::Config;
 use crate::git::{self, Git};
@@ -59,11 +59,24 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
         .with_context(|| format!("refused {}", file.display()))?;
     let Verified {
         manifest,
-        index_repo,
+        index_repos,
     } = checked;
 
     // Everything checked: now, and only now, change the data dir.
     let app = Services::open(&config, Mode::Command)?;
+    // Every index must land in the mirror of a configured source of that name.
+    let mut targets = Vec::new();
+    for (source, _, _, _) in manifest.indexes() {
+        let mirror = app
+            .index
+            .mirrors()
+            .iter()
+            .find(|m| m.source == source)
+            .with_context(|| {
+                format!("refused {}: it carries the index of source `{source}`, which is not configured here", file.display())
+            })?;
+        targets.push(mirror.dir().to_path_buf());
+    }
     let store_dir = data_dir.join("store");
     std::fs::create_dir_all(&store_dir)?;
     let mut added = 0usize;
@@ -92,8 +105,16 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
         )
         .await?;
     }
-    let target = app.index.mirror_named(&manifest.source).dir().to_path_buf();
-    let index_note = update_mirror(&index_repo, &target, &manifest.index_commit).await?;
+    let mut notes = Vec::new();
+    for ((source, commit, _, _), (repo, target)) in manifest
+        .indexes()
+        .into_iter()
+        .zip(index_repos.iter().zip(&targets))
+    {
+        let note = update_mirror(repo, target, commit).await?;
+        notes.push(format!("`{source}`: {note}"));
+    }
+    let index_note = notes.join(", ");
     println!(
         "import: {} archives added ({}), {} already present, index {}, symbols.zip {}",
         added,
@@ -118,6 +139,7 @@ fn unpack(
     let mut tar = tar::Archive::new(std::io::BufReader::new(bundle));
     let mut staged = HashMap::new();
     std::fs::create_dir_all(dir.join(ARCHIVES_DIR))?;
+    std::fs::create_dir_all(dir.join(INDEX_DIR))?;
     for entry in tar.entries().context("not a bundle (unreadable tar)")? {
         let mut entry = entry.context("damaged bundle (unreadable tar entry)")?;
         if staged.len() >= MEMBERS_MAX {
@@ -133,6 +155,18 @@ fn unpack(
         }
         let limit = match name.as_str() {
             MANIFEST => MANIFEST_MAX,
+            other
+                if other
+                    .strip_prefix(INDEX_DIR)
+                    .and_then(|n| n.strip_suffix(".bundle"))
+                    .is_some_and(|n| {
+                        !n.is_empty()
+                            && n.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    }) =>
+            {
+                INDEX_MAX
+            }
             SIGNATURE => SIGNATURE_MAX,
             INDEX_BUNDLE => INDEX_MAX,
             SYMBOLS => SYMBOLS_MAX,
@@ -182,8 +216,8 @@ fn unpack(
 
 struct Verified {
     manifest: Manifest,
-    /// The staging bare repo holding the bundle's index.
-    index_repo: PathBuf,
+    /// The staging bare repos holding the bundle's indexes, in manifest order.
+    index_repos: Vec<PathBuf>,
 }
 
 async fn verify(
@@ -203,7 +237,7 @@ async fn verify(
     }
     let manifest: Manifest =
         serde_json::from_slice(&manifest_bytes).context("manifest.json is not a valid manifest")?;
-    if manifest.format != FORMAT {
+    if manifest.format != FORMAT && manifest.format != FORMAT_V1 {
         bail!("bundle format `{}` is not `{FORMAT}`", manifest.format);
     }
     let check = |name: &str, expected: &Member| -> anyhow::Result<()> {
@@ -218,7 +252,20 @@ async fn verify(
         }
         Ok(())
     };
-    check(INDEX_BUNDLE, &manifest.index)?;
+    let indexes = manifest.indexes();
+    let mut names = HashSet::new();
+    for (source, _, member, file) in &indexes {
+        if !names.insert(*source) {
+            bail!("the index of source `{source}` appears twice");
+        }
+        check(member, file)?;
+    }
+    if let Some(extra) = staged
+        .keys()
+        .find(|k| k.starts_with(INDEX_DIR) && !indexes.iter().any(|(_, _, member, _)| member == *k))
+    {
+        bail!("`{extra}` is not listed in the manifest");
+    }
     match &manifest.symbols {
         Some(symbols) => check(SYMBOLS, symbols)?,
         None if staged.contains_key(SYMBOLS) => bail!("`{SYMBOLS}` is not listed in the manifest"),
@@ -249,58 +296,85 @@ async fn verify(
         bail!("`{extra}` is not listed in the manifest");
     }
 
-    // The index: a well-formed git bundle whose HEAD is the manifest's commit...
-    let repo = dir.join("index.git");
-    Git::new(["init", "--quiet", "--bare"])
-        .arg(&repo)
-        .output()
-        .await?;
-    let bundle = &staged[INDEX_BUNDLE].path;
-    Git::in_repo(&repo, ["fetch", "--quiet", "--no-tags"])
-        .arg(bundle)
-        .arg("+HEAD:refs/heads/main")
-        .output()
-        .await
-        .context("index.bundle is not a usable git bundle")?;
-    Git::in_repo(&repo, ["symbolic-ref", "HEAD", "refs/heads/main"])
-        .output()
-        .await?;
-    let head = Git::in_repo(&repo, ["rev-parse", "HEAD"]).text().await?;
-    if head.trim() != manifest.index_commit {
-        bail!(
-            "index.bundle holds commit {}, the manifest says {}",
-            head.trim(),
-            manifest.index_commit
-        );
-    }
-    // ...that vouches for every archive, exactly as `serve` would check it.
-    let mirror = Mirror::detached(&manifest.source, repo.clone());
-    mirror
-        .load()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read the bundle's index: {e}"))?;
-    let snapshot = mirror.snapshot();
-    for entry in &manifest.archives {
-        match snapshot.checksums.get(&entry.module, &entry.version) {
-            Some(release) if release.checksum == entry.sha256 => {}
-            Some(release) => bail!(
-                "archive {}@{}: the bundle's index says sha256 {}, the archive is {}",
-                entry.module,
-                entry.version,
-                release.checksum,
-                entry.sha256
-            ),
-            None => bail!(
-                "archive {}@{} is not in the bundle's index",
-                entry.module,
-                entry.version
-            ),
+    // Each index: a well-formed git bundle whose HEAD is the manifest's commit,
+    // that vouches for every archive of its source, exactly as `serve` would check it.
+    let mut repos = Vec::new();
+    for (n, (source, commit, member, _)) in indexes.iter().enumerate() {
+        let repo = dir.join(format!("index-{n}.git"));
+        let mirror = stage_index(&repo, source, commit, &staged[member].path, member).await?;
+        let snapshot = mirror.snapshot();
+        for entry in manifest.archives.iter().filter(|e| e.source == *source) {
+            match snapshot.checksums.get(&entry.module, &entry.version) {
+                Some(release) if release.checksum == entry.sha256 => {}
+                Some(release) => bail!(
+                    "archive {}@{}: the bundle's index says sha256 {}, the archive is {}",
+                    entry.module,
+                    entry.version,
+                    release.checksum,
+                    entry.sha256
+                ),
+                None => bail!(
+                    "archive {}@{} is not in the bundle's index of `{source}`",
+                    entry.module,
+                    entry.version
+                ),
+            }
         }
+        repos.push(repo);
+    }
+    if let Some(entry) = manifest
+        .archives
+        .iter()
+        .find(|e| !indexes.iter().any(|(source, ..)| *source == e.source))
+    {
+        bail!(
+            "archive {}@{} names source `{}`, whose index is not in the bundle",
+            entry.module,
+            entry.version,
+            entry.source
+        );
     }
     Ok(Verified {
         manifest,
-        index_repo: repo,
+        index_repos: repos,
     })
+}
+
+/// Fetch the git bundle `file` (member `member`) into a new bare repo at `repo`,
+/// check that its HEAD is `commit`, and read its index.
+async fn stage_index(
+    repo: &Path,
+    source: &str,
+    commit: &str,
+    file: &Path,
+    member: &str,
+) -> anyhow::Result<Mirror> {
+    Git::new(["init", "--quiet", "--bare"])
+        .arg(repo)
+        .output()
+        .await?;
+    Git::in_repo(repo, ["fetch", "--quiet", "--no-tags"])
+        .arg(file)
+        .arg("+HEAD:refs/heads/main")
+        .output()
+        .await
+        .with_context(|| format!("{member} is not a usable git bundle"))?;
+    Git::in_repo(repo, ["symbolic-ref", "HEAD", "refs/heads/main"])
+        .output()
+        .await?;
+    let head = Git::in_repo(repo, ["rev-parse", "HEAD"]).text().await?;
+    if head.trim() != commit {
+        bail!(
+            "{member} holds commit {}, the manifest says {commit}",
+            head.trim()
+        );
+    }
+    let mirror = Mirror::detached(source, repo.to_path_buf());
+    mirror
+        .load()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the bundle's index of `{source}`: {e}"))?;
+    Ok(mirror)
 }
 
 /// Copy a verified file into the store under `key`; cacache checks the digest

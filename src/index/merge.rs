@@ -43,8 +43,11 @@ const PINS_KEPT: usize = 64;
 /// Who commits merged history: fixed, so commit ids depend only on the content.
 const AUTHOR: &str = "moonbit-registry <merge@moonbit-registry.invalid>";
 
-/// Where a merge is built before `main` is moved to it.
-const BUILD_REF: &str = "refs/merge/build";
+/// Where a merge is built before `main` is moved to it; one per process, since a
+/// command (`warm`) may merge beside a running `serve` on the same data dir.
+fn build_ref() -> String {
+    format!("refs/merge/build-{}", std::process::id())
+}
 
 /// One source's part in a merge: its mirror and the commit taken from it.
 #[derive(Debug, Clone)]
@@ -175,7 +178,8 @@ impl Merged {
             .await?;
             histories.push(parse_log(&log));
         }
-        let mut stream = format!("reset {BUILD_REF}\n").into_bytes();
+        let build = build_ref();
+        let mut stream = format!("reset {build}\n").into_bytes();
         if let Some(base) = base {
             stream.extend_from_slice(format!("from {}\n", base.commit).as_bytes());
         }
@@ -187,7 +191,7 @@ impl Merged {
             let message = message(&recipe, &names, &positions);
             stream.extend_from_slice(
                 format!(
-                    "commit {BUILD_REF}\nauthor {AUTHOR} {date} +0000\ncommitter {AUTHOR} {date} +0000\ndata {len}\n{message}\n",
+                    "commit {build}\nauthor {AUTHOR} {date} +0000\ncommitter {AUTHOR} {date} +0000\ndata {len}\n{message}\n",
                     date = commit.date,
                     len = message.len(),
                 )
@@ -209,7 +213,7 @@ impl Merged {
         if made == 0 {
             return Ok(false);
         }
-        run(Git::in_repo(&self.dir, ["update-ref", "-d", BUILD_REF]))
+        run(Git::in_repo(&self.dir, ["update-ref", "-d", &build]))
             .await
             .ok();
         let git::Spawned {
@@ -229,7 +233,7 @@ impl Merged {
         drop(stdout);
         let commit = text(Git::in_repo(
             &self.dir,
-            ["rev-parse", "--verify", &format!("{BUILD_REF}^{{commit}}")],
+            ["rev-parse", "--verify", &format!("{build}^{{commit}}")],
         ))
         .await?;
         let old_commit = old.as_ref().map(|t| t.commit.as_str()).unwrap_or("");
@@ -245,7 +249,7 @@ impl Merged {
             ],
         ))
         .await?;
-        run(Git::in_repo(&self.dir, ["update-ref", "-d", BUILD_REF])).await?;
+        run(Git::in_repo(&self.dir, ["update-ref", "-d", &build])).await?;
         let parts_now: Vec<(String, String)> = names
             .iter()
             .zip(&positions)

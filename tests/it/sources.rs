@@ -11,7 +11,7 @@ use crate::upstream::scenario::{
     curl, gateway_env, git, inside_loopback_namespace, moon, moon_bin, moon_project, ok, run,
     TwoSources,
 };
-use crate::upstream::Gateway;
+use crate::upstream::{admin, Gateway};
 
 /// Internal first, claiming `acme/*`; the public registry second.
 const TWO: &str = r#"
@@ -351,4 +351,78 @@ async fn moon_through_https_proxy_resolves_internal_modules() {
         installed(&proj, dir);
     }
     assert_eq!(s.internal.count("GET", "/user/acme%2Fapp"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bundle_carries_every_source_and_offline_serves_the_same_merged_index() {
+    let s = acme().await;
+    let online = s.gateway().await;
+    let work = tempfile::tempdir().unwrap();
+    let from = work.path().join("moon.mod.json");
+    std::fs::write(
+        &from,
+        r#"{"name":"tester/proj","version":"0.1.0","deps":{"acme/app":"0.1.0"}}"#,
+    )
+    .unwrap();
+    let bundle = work.path().join("bundle.tar");
+    let (config, ca) = (s.config.to_str().unwrap(), s.ca_bundle.to_str().unwrap());
+    let with_sources = |args: &[&str], data: &Path| {
+        let mut all = args.to_vec();
+        all.extend(["--config", config, "--upstream-ca", ca]);
+        admin::run(&all, Some(data), None)
+    };
+    let exported = with_sources(
+        &[
+            "export",
+            "--from",
+            from.to_str().unwrap(),
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
+        &work.path().join("export-data"),
+    );
+    ok(&exported, "export");
+    assert!(
+        admin::stdout(&exported).contains("3 archives"),
+        "{}",
+        admin::stdout(&exported)
+    );
+
+    let data = work.path().join("offline-data");
+    let imported = with_sources(&["import", bundle.to_str().unwrap()], &data);
+    ok(&imported, "import");
+    let note = admin::stdout(&imported);
+    assert!(
+        note.contains("3 archives added") && note.contains("`public`"),
+        "{note}"
+    );
+
+    s.internal.stop().await;
+    s.public.stop().await;
+    let offline =
+        Gateway::start_with_data_dir("", &s.ca_bundle, &data, &["--config", config, "--offline"])
+            .await;
+    assert_eq!(
+        ls_remote(&format!("{}/git/index", offline.url())),
+        ls_remote(&format!("{}/git/index", online.url())),
+        "offline, the bundle's sources merge into the same history"
+    );
+    let Some(bin) = moon_bin() else {
+        eprintln!("SKIPPED the moon part of a_bundle_carries_every_source_and_offline_serves_the_same_merged_index: set MOON_BIN to the moon client");
+        return;
+    };
+    let (home, cwd) = (work.path().join("home"), work.path().join("work"));
+    std::fs::create_dir_all(&cwd).unwrap();
+    ok(
+        &moon(&bin, &home, &cwd, &offline.url(), &["update"]),
+        "moon update (offline)",
+    );
+    let proj = moon_project(&bin, &home, &cwd, &offline.url());
+    ok(
+        &moon(&bin, &home, &proj, &offline.url(), &["add", "acme/app"]),
+        "moon add acme/app (offline)",
+    );
+    for dir in ["acme/app", "acme/json", "bob/util"] {
+        installed(&proj, dir);
+    }
 }
