@@ -5,7 +5,7 @@
 //!
 //! Environment: `BENCH_ROUNDS` (runs per measurement, default 5), `BENCH_SECONDS`
 //! (length of one wrk run, default 3), `BENCH_HUGE=0` skips the 1 GiB archive.
-//! Arguments pick scenarios: `hot cold stampede index memory moon` (default: all).
+//! Arguments pick scenarios: `hot cold stampede index memory moon merge` (default: all).
 
 mod client;
 mod cold_miss;
@@ -15,6 +15,7 @@ mod index_clone;
 mod instances;
 mod load;
 mod memory;
+mod merged_index;
 mod moon_add;
 mod peers;
 mod report;
@@ -29,7 +30,9 @@ use crate::upstream::{Registry, Upstream};
 use fixtures::Fixtures;
 use report::Row;
 
-const SCENARIOS: &[&str] = &["hot", "cold", "stampede", "index", "memory", "moon"];
+const SCENARIOS: &[&str] = &[
+    "hot", "cold", "stampede", "index", "memory", "moon", "merge",
+];
 
 /// What every scenario works with, and what they report.
 pub struct Bench {
@@ -105,6 +108,7 @@ pub async fn run() {
             "index" => index_clone::run(&mut bench).await,
             "memory" => memory::run(&mut bench).await,
             "moon" => moon_add::run(&mut bench).await,
+            "merge" => merged_index::run(&mut bench).await,
             _ => unreachable!("checked above"),
         }
         eprintln!(
