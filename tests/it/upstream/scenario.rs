@@ -88,6 +88,98 @@ pub async fn setup_configured_env<T>(
     (setup, published)
 }
 
+/// Two registries, each behind its own upstream, and a gateway whose config file
+/// names them as `[[sources]]`: `internal` first (with `internal_auth`, e.g.
+/// `auth = { bearer_env = "INTERNAL_TOKEN" }`, or nothing), then `public`.
+pub struct TwoSources {
+    pub internal: Upstream,
+    pub public: Upstream,
+    pub gateway: Gateway,
+    /// The config file and the CA file trusting both upstreams.
+    pub config_dir: tempfile::TempDir,
+    /// The gateway's command-line arguments and environment, to start it again.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl TwoSources {
+    /// The file trusting both upstreams' CAs (`--upstream-ca`).
+    pub fn ca_pem(&self) -> PathBuf {
+        self.config_dir.path().join("both-cas.pem")
+    }
+
+    /// Start the gateway again on its data dir (after `gateway.kill()`).
+    pub async fn restart_gateway(&mut self) {
+        let data_dir = self.gateway.data_dir.clone();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let restarted =
+            Gateway::start_with_data_dir_env("", &self.ca_pem(), &data_dir, &args, &env).await;
+        // The old one is killed and reaped; its data dir lives on in `data_dir`.
+        let old = std::mem::replace(&mut self.gateway, restarted);
+        drop(old);
+        drop(data_dir);
+    }
+}
+
+/// Start [`TwoSources`]: `publish` fills (internal, public) first; `extra_toml`
+/// comes first in the config file (top-level keys and sections), `internal_auth`
+/// goes into the internal source's table (`{internal}` there stands for the
+/// internal upstream's URL), `env` into the gateway's environment;
+/// the internal upstream requires `Authorization: <internal_requires>` if given
+/// (from before the gateway starts).
+pub async fn setup_two_sources<T>(
+    extra_toml: &str,
+    internal_auth: &str,
+    internal_requires: Option<&str>,
+    env: &[(&str, &str)],
+    publish: impl FnOnce(&Registry, &Registry) -> T,
+) -> (TwoSources, T) {
+    let internal_registry = Arc::new(Registry::new());
+    let public_registry = Arc::new(Registry::new());
+    let published = publish(&internal_registry, &public_registry);
+    let internal = Upstream::start(internal_registry).await;
+    let public = Upstream::start(public_registry).await;
+    internal.require_authorization(internal_requires);
+    let config_dir = tempfile::tempdir().expect("temp dir for the gateway config");
+    let ca = config_dir.path().join("both-cas.pem");
+    std::fs::write(
+        &ca,
+        format!("{}\n{}", internal.ca_pem_text(), public.ca_pem_text()),
+    )
+    .expect("write the CA file");
+    let toml = format!(
+        "{extra_toml}\n\n[[sources]]\nname = \"internal\"\nregistry = \"{}\"\n{}\n\n[[sources]]\nname = \"public\"\nregistry = \"{}\"\n",
+        internal.url(),
+        internal_auth.replace("{internal}", &internal.url()),
+        public.url()
+    );
+    let config = config_dir.path().join("moonbit-registry.toml");
+    std::fs::write(&config, toml).expect("write the gateway config");
+    let args = vec![
+        "--config".to_string(),
+        config.to_str().expect("UTF-8 temp path").to_string(),
+    ];
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gateway = Gateway::start_with_env("", &ca, &arg_refs, env).await;
+    let setup = TwoSources {
+        internal,
+        public,
+        gateway,
+        config_dir,
+        args,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    (setup, published)
+}
+
 /// `git clone` of the gateway's index into `dir`; `extra` goes before the URL
 /// (e.g. `--depth 1`). Protocol `2` or `0`.
 pub fn clone_index(gw: &Gateway, dir: &Path, protocol: &str, extra: &[&str]) -> Output {

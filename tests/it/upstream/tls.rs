@@ -25,9 +25,17 @@ impl TestPki {
     pub fn generate() -> TestPki {
         let ca_key = KeyPair::generate().expect("generate CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "moonbit-registry test upstream CA");
+        // A name of its own: a client trusting several upstreams' CAs (OpenSSL,
+        // for git) looks the issuer up by name and would try only the first.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ca_params.distinguished_name.push(
+            DnType::CommonName,
+            format!(
+                "moonbit-registry test upstream CA {}-{n}",
+                std::process::id()
+            ),
+        );
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
