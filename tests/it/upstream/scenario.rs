@@ -100,6 +100,8 @@ pub struct TwoSources {
     /// The gateway's command-line arguments and environment, to start it again.
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Keeps the first gateway's data dir alive across restarts.
+    data_dir: Option<super::gateway::DataDir>,
 }
 
 impl TwoSources {
@@ -119,10 +121,9 @@ impl TwoSources {
             .collect();
         let restarted =
             Gateway::start_with_data_dir_env("", &self.ca_pem(), &data_dir, &args, &env).await;
-        // The old one is killed and reaped; its data dir lives on in `data_dir`.
-        let old = std::mem::replace(&mut self.gateway, restarted);
-        drop(old);
-        drop(data_dir);
+        // The old one is killed and reaped; its data dir lives on in `self.data_dir`.
+        drop(std::mem::replace(&mut self.gateway, restarted));
+        self.data_dir.get_or_insert(data_dir);
     }
 }
 
@@ -176,6 +177,7 @@ pub async fn setup_two_sources<T>(
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        data_dir: None,
     };
     (setup, published)
 }
