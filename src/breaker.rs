@@ -494,6 +494,63 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_goes_to_its_own_source_only_and_refusals_are_remembered() {
+        use crate::config::{Credential, SourceConfig};
+        let table = |name: &str, registry: &str| SourceConfig {
+            name: Some(name.into()),
+            registry: Some(registry.into()),
+            index: None,
+            archive: None,
+            symbols: None,
+            intercept_hosts: None,
+            claims: Vec::new(),
+            auth: None,
+            local: false,
+        };
+        let config = Config {
+            // Same host: the longer prefix decides.
+            sources: vec![
+                table("internal", "https://h.test/internal"),
+                table("public", "https://h.test"),
+            ],
+            ..Config::default()
+        };
+        let mut sources = config.sources().unwrap();
+        let mut header = http::HeaderValue::from_static("Bearer t");
+        header.set_sensitive(true);
+        sources[0].credential = Some(Credential {
+            header,
+            var: "T".into(),
+        });
+        let b = Breakers::new(&sources, &BreakerSettings::default());
+        assert!(b
+            .credential_for_url("https://h.test/internal/user/a%2Fb%2F1.0.0.zip")
+            .is_some());
+        assert!(b
+            .credential_for_url("https://h.test/user/a%2Fb%2F1.0.0.zip")
+            .is_none());
+        assert!(b
+            .credential_for_url("https://h.test/internalx/symbols.zip")
+            .is_none());
+        assert!(b
+            .credential_for_url("https://other.test/internal")
+            .is_none());
+
+        let url = "https://h.test/internal/symbols.zip";
+        b.auth_outcome_url(url, http::StatusCode::UNAUTHORIZED);
+        let report = b.report();
+        let error = report[0]["auth_error"].as_str().unwrap();
+        assert!(
+            error.contains("source `internal` refused the gateway's credentials ($T): 401"),
+            "{error}"
+        );
+        assert_eq!(report[0]["state"], "up");
+        assert!(report[1]["auth_error"].is_null());
+        b.auth_outcome_url(url, http::StatusCode::NOT_FOUND);
+        assert!(b.report()[0]["auth_error"].is_null());
+    }
+
+    #[test]
     fn urls_map_to_their_source_by_whole_segments() {
         let h = health(1, 1000);
         assert!(h

@@ -81,6 +81,15 @@ impl MergedSymbols {
     ) -> anyhow::Result<MergedSymbols> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("could not create {}", dir.display()))?;
+        // Leftovers of a build a crash interrupted (scratch dirs, unfinished files).
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(".build-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            } else if name.starts_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(MergedSymbols {
             parts: sources
                 .iter()
@@ -162,7 +171,11 @@ impl MergedSymbols {
             return Some(self.serve(&last, client, head, served).await);
         }
         match self.build(key, parts).await {
-            Ok(combined) => Some(self.serve(&combined, client, head, "miss").await),
+            // Built from a part that could not be confirmed: say so.
+            Ok(combined) => {
+                let served = if stale { "stale" } else { "miss" };
+                Some(self.serve(&combined, client, head, served).await)
+            }
             Err(error) => {
                 tracing::error!(%error, "could not build the merged symbols.zip");
                 Some(body::text(

@@ -13,7 +13,7 @@ use crate::upstream::registry::zip_of;
 use crate::upstream::scenario::{
     curl, fetch_miss_then_hit, moon, moon_bin, moon_project, ok, setup_two_sources, TwoSources,
 };
-use crate::upstream::{Gateway, Published};
+use crate::upstream::{Fault, Gateway, Published};
 
 const TOKEN: &str = "s3cr3t-internal-token-4f1d";
 
@@ -386,6 +386,40 @@ async fn symbols_zip_is_merged_from_every_source() {
     );
     assert!(got.contains(&("alice/pub.json".to_string(), b"public symbols v2".to_vec())));
     assert!(got.contains(&("shared.json".to_string(), b"from internal".to_vec())));
+
+    // One source failing: its stored part stands in, and a change of the other
+    // still shows.
+    s.internal.set_fault(Fault::Status(503));
+    s.public.registry.set_symbols(zip_of(&[(
+        "alice/pub.json",
+        b"public symbols v3".as_slice(),
+    )]));
+    let (status, head, v3) = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(status, "200", "{head}");
+    assert_eq!(header(&head, "x-cache").as_deref(), Some("stale"), "{head}");
+    let mut got = entries(&v3);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "acme/secret.json".to_string(),
+                b"internal symbols v1".to_vec()
+            ),
+            ("alice/pub.json".to_string(), b"public symbols v3".to_vec()),
+            ("shared.json".to_string(), b"from internal".to_vec()),
+        ]
+    );
+    let etag3 = header(&head, "etag").unwrap();
+    assert_ne!(etag3, etag2);
+    // Back to the v2 parts for what follows.
+    s.internal.set_fault(Fault::None);
+    s.public.registry.set_symbols(zip_of(&[
+        ("alice/pub.json", b"public symbols v2".as_slice()),
+        ("alice/more.json", b"new".as_slice()),
+    ]));
+    let (_, head, _) = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(header(&head, "etag").as_deref(), Some(etag2.as_str()));
 
     // Both upstreams gone: the stored parts still make the same zip.
     s.internal.stop().await;
