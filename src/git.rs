@@ -14,7 +14,7 @@
 //! buffer) with a `fatal:` line and exit status 0, which must not pass for success.
 //!
 //! Hygiene, for every run: no system config (`GIT_CONFIG_NOSYSTEM`), never a
-//! prompt (`GIT_TERMINAL_PROMPT=0`), no credential helper, no `GIT_DIR` from our
+//! prompt (`GIT_TERMINAL_PROMPT=0`, no askpass program), no credential helper, no `GIT_DIR` from our
 //! own environment (the gateway may itself be started from a git hook), stdin
 //! closed unless piped, the child killed when its handle is dropped, and a stalled
 //! transfer fails (under 1 KiB/s for 30 s). With a CA bundle, git trusts exactly
@@ -43,10 +43,12 @@ const ENV: [(&str, &str); 2] = [("GIT_CONFIG_NOSYSTEM", "1"), ("GIT_TERMINAL_PRO
 
 /// Command-line config on every git run: a stalled transfer fails instead of
 /// hanging, and no stored credentials are read or written.
-const CONFIG: [&str; 3] = [
+const CONFIG: [&str; 4] = [
     "http.lowSpeedLimit=1024",
     "http.lowSpeedTime=30",
     "credential.helper=",
+    // A source refusing us is an error to report, never a question to ask.
+    "core.askPass=",
 ];
 
 /// Bound on what git may print on stderr that we keep for an error message.
@@ -252,6 +254,8 @@ impl Git {
         }
         cmd.envs(ENV)
             .env_remove("GIT_DIR")
+            .env_remove("GIT_ASKPASS")
+            .env_remove("SSH_ASKPASS")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if let Some(dir) = &self.git_dir {

@@ -203,8 +203,10 @@ async fn dispatch(
                 || req.headers().contains_key(header::COOKIE);
             let read = matches!(*req.method(), Method::GET | Method::HEAD);
             if !read || private {
-                let url = src.symbols.to_string();
-                return passthrough::forward(&app.upstream, req, &url).await;
+                return match app.symbols.passthrough_url(src) {
+                    Some(url) => passthrough::forward(&app.upstream, req, &url).await,
+                    None => body::text(StatusCode::NOT_FOUND, "no source serves symbols.zip"),
+                };
             }
             match app.symbols.respond(src, req.headers(), head).await {
                 Some(resp) => resp,

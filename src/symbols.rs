@@ -124,6 +124,16 @@ impl MergedSymbols {
         self.mutable.respond(&url, client, head).await
     }
 
+    /// Where a `/symbols.zip` request that is not cached (a write, or one with
+    /// the client's own credentials) is passed to: the door's source, or the first
+    /// remote one when the door's is local (whose URLs are never fetched).
+    pub fn passthrough_url(&self, door: &Source) -> Option<String> {
+        if door.local {
+            return self.parts.first().map(|(_, url)| url.clone());
+        }
+        Some(door.symbols.to_string())
+    }
+
     async fn merged(&self, client: &HeaderMap, head: bool) -> Option<Response<GatewayBody>> {
         // Every part at once: each may wait up to `revalidate_timeout` on its source.
         let currents = futures_util::future::join_all(

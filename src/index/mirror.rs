@@ -248,11 +248,18 @@ impl Mirror {
                 self.settings.health.auth_accepted(&self.source);
             }
             Err(error) if refused(error) => {
-                // The source answered: up, but not to us.
+                // The source answered: up, but not to us. git asks for a user name
+                // only after a 401.
                 ticket.success();
-                self.settings
-                    .health
-                    .auth_refused(&self.source, &format!("index fetch: {error}"));
+                let status = if error.contains("returned error: 403") {
+                    "403 Forbidden"
+                } else {
+                    "401 Unauthorized"
+                };
+                self.settings.health.auth_refused(
+                    &self.source,
+                    &format!("{status} for the index fetch ({error})"),
+                );
             }
             Err(error) => ticket.failure(error),
         }
