@@ -445,6 +445,33 @@ async fn symbols_zip_is_merged_from_every_source() {
 }
 
 #[tokio::test]
+async fn the_last_merged_zip_is_served_when_no_part_is() {
+    let s = two_symbol_sources("[mutable]\nstale_if_error = \"1s\"").await;
+    let (status, head, body) = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(status, "200", "{head}");
+    let etag = header(&head, "etag").unwrap();
+    // Both sources gone, and their stored parts too old to stand in for them.
+    s.internal.stop().await;
+    s.public.stop().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, head, again) = get(&s.gateway, "/symbols.zip", &[]);
+    assert_eq!(status, "200", "{head}");
+    assert_eq!(header(&head, "etag").as_deref(), Some(etag.as_str()));
+    assert_eq!(header(&head, "x-cache").as_deref(), Some("stale"));
+    assert!(
+        header(&head, "warning").is_some_and(|w| w.starts_with("111")),
+        "{head}"
+    );
+    assert_eq!(again, body);
+    let (status, _, _) = get(
+        &s.gateway,
+        "/symbols.zip",
+        &[&format!("If-None-Match: {etag}")],
+    );
+    assert_eq!(status, "304");
+}
+
+#[tokio::test]
 async fn a_source_without_symbols_contributes_nothing() {
     // The internal source's symbols URL is one its registry answers 404 for.
     let requires = format!("Bearer {TOKEN}");
