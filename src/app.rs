@@ -20,6 +20,7 @@ use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
 use crate::mutable_cache::MutableCache;
 use crate::store::Store;
+use crate::symbols::MergedSymbols;
 use crate::upstream::Upstream;
 
 /// What the services are opened for.
@@ -50,6 +51,8 @@ pub struct Services {
     pub index: Arc<Index>,
     /// Mutable resources (`symbols.zip`), revalidated and served stale on failure.
     pub mutable: Arc<MutableCache>,
+    /// `symbols.zip` as clients see it: one source's, or every source's merged.
+    pub symbols: MergedSymbols,
     /// Fetch an archive's dependencies in the background when it is requested.
     pub prefetch: bool,
     /// Bearer token the admin endpoints require (`admin.token_env`); without one
@@ -138,10 +141,16 @@ impl Services {
             index = index.offline();
         }
 
-        let mutable = MutableCache::open(
+        let mutable = Arc::new(MutableCache::open(
             &data_dir.join("mutable"),
             upstream.clone(),
             config.mutable.clone(),
+        )?);
+        let symbols = MergedSymbols::open(
+            &data_dir.join("symbols"),
+            &sources,
+            mutable.clone(),
+            config.mutable.mutable_max.as_u64(),
         )?;
         Ok(Services {
             prefetch: config.prefetch && mode == Mode::Serve,
@@ -153,7 +162,8 @@ impl Services {
             upstream,
             store: Arc::new(store),
             index: Arc::new(index),
-            mutable: Arc::new(mutable),
+            mutable,
+            symbols,
             _scratch: scratch,
         })
     }

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{BreakerSettings, Source};
+use crate::config::{BreakerSettings, Credential, Source};
 
 /// Every source's breaker, and which URLs belong to which source.
 #[derive(Debug, Default)]
@@ -33,6 +33,8 @@ pub struct Breaker {
     pub source: String,
     settings: BreakerSettings,
     state: Mutex<State>,
+    /// What the gateway's own requests to this source carry (`auth` of its table).
+    credential: Option<Credential>,
 }
 
 #[derive(Debug)]
@@ -49,6 +51,8 @@ struct State {
     /// A caller gave up waiting on this source (it accepts but does not answer in
     /// time); until anything succeeds, callers with something to serve do not wait.
     slow: bool,
+    /// The source refused the gateway's requests (401/403), until it accepts one.
+    auth_error: Option<(SystemTime, String)>,
 }
 
 #[derive(Debug)]
@@ -94,7 +98,9 @@ impl Breakers {
                     last_error: None,
                     probing: false,
                     slow: false,
+                    auth_error: None,
                 }),
+                credential: s.credential.clone(),
             }));
             for url in [&s.registry, &s.index, &s.archive, &s.symbols] {
                 prefixes.push((url.as_str().trim_end_matches('/').to_string(), i));
@@ -114,6 +120,38 @@ impl Breakers {
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
             })
             .map(|(_, i)| &self.breakers[*i])
+    }
+
+    /// The source `url` belongs to and the credential the gateway sends it, if
+    /// it has one. URLs of no known source get none.
+    pub fn credential_for_url(&self, url: &str) -> Option<&Credential> {
+        self.for_url(url)?.credential.as_ref()
+    }
+
+    /// `url`'s source answered a gateway request with `status`: a 401/403 is
+    /// remembered (and logged when it is news), anything else clears it.
+    pub fn auth_outcome_url(&self, url: &str, status: http::StatusCode) {
+        if let Some(b) = self.for_url(url) {
+            if matches!(status.as_u16(), 401 | 403) {
+                b.auth_refused(&format!("{status} for {url}"));
+            } else {
+                b.auth_accepted();
+            }
+        }
+    }
+
+    /// The source named `source` refused the gateway (`detail`: what it said).
+    pub fn auth_refused(&self, source: &str, detail: &str) {
+        if let Some(b) = self.named(source) {
+            b.auth_refused(detail);
+        }
+    }
+
+    /// The source named `source` accepted a gateway request.
+    pub fn auth_accepted(&self, source: &str) {
+        if let Some(b) = self.named(source) {
+            b.auth_accepted();
+        }
     }
 
     fn named(&self, source: &str) -> Option<&Arc<Breaker>> {
@@ -296,6 +334,37 @@ impl Breaker {
         }
     }
 
+    /// The message an operator sees: which source, which variable, what it said.
+    fn auth_refused(&self, detail: &str) {
+        let error = match &self.credential {
+            Some(c) => format!(
+                "source `{}` refused the gateway's credentials (${}): {detail}",
+                self.source, c.var
+            ),
+            None => format!(
+                "source `{}` asks for credentials and none are configured (set `auth` in its [[sources]] table): {detail}",
+                self.source
+            ),
+        };
+        let mut state = self.lock();
+        let news = state.auth_error.as_ref().is_none_or(|(_, e)| *e != error);
+        state.auth_error = Some((SystemTime::now(), error.clone()));
+        drop(state);
+        // Once per change: every request would otherwise repeat it.
+        if news {
+            tracing::error!(source = %self.source, "{error}");
+        } else {
+            tracing::debug!(source = %self.source, "{error}");
+        }
+    }
+
+    fn auth_accepted(&self) {
+        let mut state = self.lock();
+        if state.auth_error.take().is_some() {
+            tracing::info!(source = %self.source, "source accepts the gateway's requests again");
+        }
+    }
+
     fn success(&self, probe: bool) {
         let mut state = self.lock();
         state.failures = 0;
@@ -361,6 +430,9 @@ impl Breaker {
                 .map(|(at, _)| humantime::format_rfc3339_seconds(*at).to_string()),
             "next_probe_in_seconds": state.outage.as_ref()
                 .map(|o| o.retry_at.saturating_duration_since(now).as_secs()),
+            "auth_error": state.auth_error.as_ref().map(|(_, e)| e.clone()),
+            "auth_error_at": state.auth_error.as_ref()
+                .map(|(at, _)| humantime::format_rfc3339_seconds(*at).to_string()),
         })
     }
 }
@@ -419,6 +491,63 @@ mod tests {
             backoff_max: Duration::from_millis(backoff_ms * 4),
         };
         Breakers::new(&config.sources().unwrap(), &settings)
+    }
+
+    #[test]
+    fn a_credential_goes_to_its_own_source_only_and_refusals_are_remembered() {
+        use crate::config::{Credential, SourceConfig};
+        let table = |name: &str, registry: &str| SourceConfig {
+            name: Some(name.into()),
+            registry: Some(registry.into()),
+            index: None,
+            archive: None,
+            symbols: None,
+            intercept_hosts: None,
+            claims: Vec::new(),
+            auth: None,
+            local: false,
+        };
+        let config = Config {
+            // Same host: the longer prefix decides.
+            sources: vec![
+                table("internal", "https://h.test/internal"),
+                table("public", "https://h.test"),
+            ],
+            ..Config::default()
+        };
+        let mut sources = config.sources().unwrap();
+        let mut header = http::HeaderValue::from_static("Bearer t");
+        header.set_sensitive(true);
+        sources[0].credential = Some(Credential {
+            header,
+            var: "T".into(),
+        });
+        let b = Breakers::new(&sources, &BreakerSettings::default());
+        assert!(b
+            .credential_for_url("https://h.test/internal/user/a%2Fb%2F1.0.0.zip")
+            .is_some());
+        assert!(b
+            .credential_for_url("https://h.test/user/a%2Fb%2F1.0.0.zip")
+            .is_none());
+        assert!(b
+            .credential_for_url("https://h.test/internalx/symbols.zip")
+            .is_none());
+        assert!(b
+            .credential_for_url("https://other.test/internal")
+            .is_none());
+
+        let url = "https://h.test/internal/symbols.zip";
+        b.auth_outcome_url(url, http::StatusCode::UNAUTHORIZED);
+        let report = b.report();
+        let error = report[0]["auth_error"].as_str().unwrap();
+        assert!(
+            error.contains("source `internal` refused the gateway's credentials ($T): 401"),
+            "{error}"
+        );
+        assert_eq!(report[0]["state"], "up");
+        assert!(report[1]["auth_error"].is_null());
+        b.auth_outcome_url(url, http::StatusCode::NOT_FOUND);
+        assert!(b.report()[0]["auth_error"].is_null());
     }
 
     #[test]

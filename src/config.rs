@@ -108,7 +108,8 @@ pub struct MutableCacheSettings {
     /// breaker opens. Without a stored copy, clients wait for the upstream.
     #[serde(with = "humantime_serde")]
     pub revalidate_timeout: Duration,
-    /// Largest mutable response stored; larger ones are passed through.
+    /// Largest mutable response stored; larger ones are passed through. Also the
+    /// bound on the `symbols.zip` merged from several sources.
     pub mutable_max: ByteSize,
     /// Former place of `storage.not_found_ttl` (still read, with a warning).
     #[serde(with = "humantime_serde", skip_serializing)]

@@ -14,13 +14,17 @@
 //! buffer) with a `fatal:` line and exit status 0, which must not pass for success.
 //!
 //! Hygiene, for every run: no system config (`GIT_CONFIG_NOSYSTEM`), never a
-//! prompt (`GIT_TERMINAL_PROMPT=0`), no credential helper, no `GIT_DIR` from our
+//! prompt (`GIT_TERMINAL_PROMPT=0`, no askpass program), no credential helper, no `GIT_DIR` from our
 //! own environment (the gateway may itself be started from a git hook), stdin
 //! closed unless piped, the child killed when its handle is dropped, and a stalled
 //! transfer fails (under 1 KiB/s for 30 s). With a CA bundle, git trusts exactly
 //! it (`http.sslCAInfo`, and `GIT_SSL_CAINFO` removed since it would win). A CGI
 //! run ([`Git::http_backend`]) starts from an empty environment but for `PATH`
-//! and `HOME`: it sees the request, not the gateway's environment. The one git
+//! and `HOME`: it sees the request, not the gateway's environment. A source's
+//! credential ([`Options::credential`]) goes in as `http.extraHeader` through the
+//! protected config environment, never the command line (which `ps` shows and
+//! errors quote) nor a repository's config (which the data dir keeps), with
+//! git's HTTP tracing switched off so it is never printed either. The one git
 //! command git itself hands us, the pack cache hook's `pack-objects`
 //! ([`hooked_pack_objects`]), keeps the environment git gave it.
 
@@ -39,10 +43,12 @@ const ENV: [(&str, &str); 2] = [("GIT_CONFIG_NOSYSTEM", "1"), ("GIT_TERMINAL_PRO
 
 /// Command-line config on every git run: a stalled transfer fails instead of
 /// hanging, and no stored credentials are read or written.
-const CONFIG: [&str; 3] = [
+const CONFIG: [&str; 4] = [
     "http.lowSpeedLimit=1024",
     "http.lowSpeedTime=30",
     "credential.helper=",
+    // A source refusing us is an error to report, never a question to ask.
+    "core.askPass=",
 ];
 
 /// Bound on what git may print on stderr that we keep for an error message.
@@ -92,7 +98,17 @@ pub struct Options {
     pub ca_bundle: Option<PathBuf>,
     /// Bound on one run to completion; git is killed past it.
     pub timeout: Option<Duration>,
+    /// The source's credential, sent as `Authorization` on git's HTTP requests.
+    pub credential: Option<crate::config::Credential>,
 }
+
+/// Tracing that would print HTTP headers (the credential among them).
+const TRACE_ENV: [&str; 4] = [
+    "GIT_TRACE_CURL",
+    "GIT_CURL_VERBOSE",
+    "GIT_TRACE",
+    "GIT_TRACE_PACKET",
+];
 
 /// Where git's stderr goes when it is streamed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +254,8 @@ impl Git {
         }
         cmd.envs(ENV)
             .env_remove("GIT_DIR")
+            .env_remove("GIT_ASKPASS")
+            .env_remove("SSH_ASKPASS")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if let Some(dir) = &self.git_dir {
@@ -252,9 +270,20 @@ impl Git {
         for config in CONFIG {
             cmd.arg("-c").arg(config);
         }
-        if !self.config_env.is_empty() {
-            cmd.env("GIT_CONFIG_COUNT", self.config_env.len().to_string());
-            for (i, (key, value)) in self.config_env.iter().enumerate() {
+        let mut config_env: Vec<(&str, String)> = self
+            .config_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        if let Some(credential) = &self.options.credential {
+            config_env.push(("http.extraHeader", credential.git_header()));
+            for var in TRACE_ENV {
+                cmd.env_remove(var);
+            }
+        }
+        if !config_env.is_empty() {
+            cmd.env("GIT_CONFIG_COUNT", config_env.len().to_string());
+            for (i, (key, value)) in config_env.iter().enumerate() {
                 cmd.env(format!("GIT_CONFIG_KEY_{i}"), key)
                     .env(format!("GIT_CONFIG_VALUE_{i}"), value);
             }
@@ -541,8 +570,8 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/index", silent.local_addr().unwrap());
         let options = Options {
-            ca_bundle: None,
             timeout: Some(Duration::from_millis(300)),
+            ..Options::default()
         };
         let started = std::time::Instant::now();
         let err = Git::new(["ls-remote", "--heads"])

@@ -3,7 +3,7 @@
 //! Requests come in through the [`doors`] (registry endpoint, forward proxy with
 //! TLS [`intercept`]ion or tunnels, transparent TLS), are classified once by the
 //! [`router`], and go to the archive cache ([`store`]), the index mirror
-//! ([`index`]), the [`mutable_cache`] (`symbols.zip`) or straight through
+//! ([`index`]), the merged [`symbols`] over the [`mutable_cache`] (`symbols.zip`) or straight through
 //! ([`passthrough`]) to a source reached with the [`upstream`] client behind its
 //! [`breaker`]. [`app`] builds these services once, for every command.
 
@@ -25,6 +25,7 @@ pub mod passthrough;
 pub mod progress;
 pub mod router;
 pub mod store;
+pub mod symbols;
 pub mod upstream;
 pub mod warm;
 

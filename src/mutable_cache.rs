@@ -85,6 +85,66 @@ enum Outcome {
     Failed(String),
 }
 
+/// What to answer for a URL, before it is turned into a response (or, for
+/// [`MutableCache::current`], into the stored body it names).
+enum Decision {
+    /// This stored copy, served this way.
+    Serve(Record, Served),
+    /// The upstream failed (the error): stale-if-error with this copy, if recent enough.
+    Stale(Record, String),
+    /// The upstream's answer, handed on as it is.
+    Pass(Response<GatewayBody>),
+    /// Not stored, and the upstream failed.
+    Fail(String),
+}
+
+/// A mutable resource's content as [`MutableCache::current`] found it.
+pub enum Current {
+    /// A stored body (fresh, just revalidated or downloaded, or stale-if-error).
+    Body(StoredBody),
+    /// The upstream has none (404 or 410): nothing stored either.
+    Absent,
+    /// The upstream failed and no stored copy may stand in for it.
+    Failed(String),
+}
+
+/// A body in the mutable cache's content store.
+#[derive(Debug, Clone)]
+pub struct StoredBody {
+    /// `sha256-...` (SRI) of the body: names it, and changes with it.
+    pub integrity: String,
+    pub size: u64,
+    /// The content store it is in.
+    content: PathBuf,
+    /// Served in place of an upstream that failed (stale-if-error).
+    pub stale: bool,
+}
+
+impl StoredBody {
+    #[cfg(test)]
+    pub(crate) fn for_tests(integrity: String, size: u64, content: &Path) -> StoredBody {
+        StoredBody {
+            integrity,
+            size,
+            content: content.to_path_buf(),
+            stale: false,
+        }
+    }
+
+    /// Put the body at `to` (a hard link, or a copy across file systems), checked
+    /// against its digest, for blocking readers: it stays readable there whatever
+    /// the cache does to its own copy meanwhile. Blocking.
+    pub fn link_to(&self, to: &Path) -> Result<(), String> {
+        let sri: Integrity = self
+            .integrity
+            .parse()
+            .map_err(|e| format!("bad stored digest: {e}"))?;
+        cacache::hard_link_hash_sync(&self.content, &sri, to)
+            .or_else(|_| cacache::copy_hash_sync(&self.content, &sri, to).map(|_| ()))
+            .map_err(|e| format!("stored copy unreadable: {e}"))
+    }
+}
+
 /// How a stored copy is being served, for `x-cache` and `Warning`.
 #[derive(Clone, Copy)]
 enum Served {
@@ -165,46 +225,88 @@ impl MutableCache {
         client: &HeaderMap,
         head: bool,
     ) -> Option<Response<GatewayBody>> {
-        let stored = self.load(url).await;
-        if self.upstream.is_offline() {
-            let rec = stored?;
-            return Some(self.serve(&rec, client, head, Served::Hit).await);
-        }
-        Some(self.answer(url, stored, client, head).await)
+        let resp = match self.decide(url).await? {
+            Decision::Serve(rec, served) => self.serve(&rec, client, head, served).await,
+            Decision::Stale(rec, error) => self.serve_stale(&rec, client, head, &error).await,
+            Decision::Pass(resp) => resp,
+            Decision::Fail(error) => body::text(
+                StatusCode::BAD_GATEWAY,
+                format!("{url} is not stored and the upstream failed: {error}"),
+            ),
+        };
+        Some(resp)
     }
 
-    /// RFC 9111 / 5861 with an upstream to ask.
-    async fn answer(
-        self: &Arc<Self>,
-        url: &str,
-        stored: Option<Record>,
-        client: &HeaderMap,
-        head: bool,
-    ) -> Response<GatewayBody> {
+    /// What `url` holds now, by the same rules as [`MutableCache::respond`] (fresh,
+    /// revalidated, replaced, or stale-if-error), for a caller that combines it
+    /// with other resources instead of serving it (the merged `symbols.zip`).
+    pub async fn current(self: &Arc<Self>, url: &str) -> Current {
+        let Some(decision) = self.decide(url).await else {
+            return Current::Failed("offline, and no stored copy".into());
+        };
+        match decision {
+            Decision::Serve(rec, _) => Current::Body(self.stored_body(&rec, false)),
+            Decision::Stale(rec, error) if self.may_serve_stale(&rec) => {
+                tracing::warn!(%url, %error, "upstream unavailable; using the stored copy (stale-if-error)");
+                Current::Body(self.stored_body(&rec, true))
+            }
+            Decision::Stale(_, error) | Decision::Fail(error) => Current::Failed(error),
+            Decision::Pass(resp)
+                if matches!(resp.status(), StatusCode::NOT_FOUND | StatusCode::GONE) =>
+            {
+                Current::Absent
+            }
+            Decision::Pass(resp) => Current::Failed(format!(
+                "the upstream answered {} (not stored)",
+                resp.status()
+            )),
+        }
+    }
+
+    /// No upstream is asked (`serve --offline`).
+    pub fn is_offline(&self) -> bool {
+        self.upstream.is_offline()
+    }
+
+    fn stored_body(&self, rec: &Record, stale: bool) -> StoredBody {
+        StoredBody {
+            integrity: rec.integrity.clone(),
+            size: rec.size,
+            content: self.content.dir().to_path_buf(),
+            stale,
+        }
+    }
+
+    /// RFC 9111 / 5861: what to answer for `url`, asking the upstream if need be.
+    /// `None`: offline with no stored copy.
+    async fn decide(self: &Arc<Self>, url: &str) -> Option<Decision> {
+        let stored = self.load(url).await;
+        if self.upstream.is_offline() {
+            return Some(Decision::Serve(stored?, Served::Hit));
+        }
+        Some(self.decide_online(url, stored).await)
+    }
+
+    async fn decide_online(self: &Arc<Self>, url: &str, stored: Option<Record>) -> Decision {
         let Some(stored) = stored else {
             return match self.exchange(url, None).await {
                 Outcome::Current(rec) | Outcome::Replaced(rec) => {
-                    self.serve(&rec, client, head, Served::Miss).await
+                    Decision::Serve(rec, Served::Miss)
                 }
-                Outcome::Passed(resp) => resp,
-                Outcome::Failed(error) => body::text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("{url} is not stored and the upstream failed: {error}"),
-                ),
+                Outcome::Passed(resp) => Decision::Pass(resp),
+                Outcome::Failed(error) => Decision::Fail(error),
             };
         };
         let now = SystemTime::now();
         let canonical = canonical_request(url);
         if let BeforeRequest::Fresh(_) = stored.policy.before_request(&canonical, now) {
-            return self.serve(&stored, client, head, Served::Hit).await;
+            return Decision::Serve(stored, Served::Hit);
         }
         if self.upstream.health().is_down_or_slow_url(url) {
             // Never wait on a source known to be down or too slow to wait for; a
             // probe or revalidation goes on in the background.
             self.revalidate_in_background(url);
-            return self
-                .serve_stale(&stored, client, head, "its source is down or slow")
-                .await;
+            return Decision::Stale(stored, "its source is down or slow".into());
         }
         let stale_for = millis(now).saturating_sub(stored.fresh_until);
         let swr = self
@@ -213,9 +315,7 @@ impl MutableCache {
             .max(Duration::from_secs(stored.upstream_swr));
         if u128::from(stale_for) < swr.as_millis() {
             self.revalidate_in_background(url);
-            return self
-                .serve(&stored, client, head, Served::StaleRevalidating)
-                .await;
+            return Decision::Serve(stored, Served::StaleRevalidating);
         }
         let outcome = if self.may_serve_stale(&stored) {
             match self.revalidate_or_give_up(url, &stored).await {
@@ -226,7 +326,7 @@ impl MutableCache {
                     let error = format!(
                         "the upstream did not answer within {waited:?}; revalidation continues in the background"
                     );
-                    return self.serve_stale(&stored, client, head, &error).await;
+                    return Decision::Stale(stored, error);
                 }
             }
         } else {
@@ -234,10 +334,10 @@ impl MutableCache {
             self.exchange(url, Some(stored.clone())).await
         };
         match outcome {
-            Outcome::Current(rec) => self.serve(&rec, client, head, Served::Revalidated).await,
-            Outcome::Replaced(rec) => self.serve(&rec, client, head, Served::Miss).await,
-            Outcome::Passed(resp) => resp,
-            Outcome::Failed(error) => self.serve_stale(&stored, client, head, &error).await,
+            Outcome::Current(rec) => Decision::Serve(rec, Served::Revalidated),
+            Outcome::Replaced(rec) => Decision::Serve(rec, Served::Miss),
+            Outcome::Passed(resp) => Decision::Pass(resp),
+            Outcome::Failed(error) => Decision::Stale(stored, error),
         }
     }
 
@@ -736,7 +836,7 @@ fn directive_secs(headers: &HeaderMap, name: &str) -> u64 {
 }
 
 /// RFC 9110 §13.1.2: weak comparison; `*` matches any stored representation.
-fn if_none_match(client: &HeaderMap, etag: &str) -> bool {
+pub(crate) fn if_none_match(client: &HeaderMap, etag: &str) -> bool {
     let ours = etag.trim().trim_start_matches("W/");
     client
         .get_all(header::IF_NONE_MATCH)

@@ -35,7 +35,7 @@ pub enum Route {
     Asset(AssetPath),
     /// `/git/index/<rest>`: git smart HTTP for the index; `rest` keeps the query.
     Index(String),
-    /// `/symbols.zip`: mutable; cached by RFC 9111 unless the request carries
+    /// `/symbols.zip`: mutable, merged over the sources ([`crate::symbols`]); cached by RFC 9111 unless the request carries
     /// credentials or is not a GET/HEAD, then passed through.
     Symbols,
     /// Anything else (API, publishing, web pages, requests with credentials).
@@ -229,14 +229,16 @@ async fn dispatch(
                 .await
         }
         Route::Symbols => {
-            let url = src.symbols.to_string();
             let private = req.headers().contains_key(header::AUTHORIZATION)
                 || req.headers().contains_key(header::COOKIE);
             let read = matches!(*req.method(), Method::GET | Method::HEAD);
             if !read || private {
-                return passthrough::forward(&app.upstream, req, &url).await;
+                return match app.symbols.passthrough_url(src) {
+                    Some(url) => passthrough::forward(&app.upstream, req, &url).await,
+                    None => body::text(StatusCode::NOT_FOUND, "no source serves symbols.zip"),
+                };
             }
-            match app.mutable.respond(&url, req.headers(), head).await {
+            match app.symbols.respond(src, req.headers(), head).await {
                 Some(resp) => resp,
                 // No upstream and no copy of its own: the one an imported bundle brought.
                 None => app.store.respond(Object::symbols(Vec::new()), head).await,
@@ -327,6 +329,7 @@ fn health(app: &Services) -> Response<GatewayBody> {
                 "source": m.source,
                 "commit": m.snapshot().commit.clone(),
                 "age_seconds": m.age().map(|a| a.as_secs()),
+                "last_error": m.last_error(),
             })).collect::<Vec<_>>(),
             "sources": app.sources.iter().zip(app.breakers.report()).map(|(s, mut health)| {
                 health["name"] = s.name.clone().into();

@@ -1,6 +1,11 @@
 //! The HTTP client the gateway uses to reach its sources: pooled connections,
 //! HTTP/1.1 and HTTP/2 by ALPN, system roots plus an optional extra CA, and
 //! timeouts on connect, on the response head and between body chunks.
+//!
+//! The gateway's own requests ([`Upstream::send_guarded`], [`Upstream::probe`])
+//! carry the credential of the source the URL belongs to, and only that one;
+//! [`Upstream::send`] (the passthrough of clients' requests) adds nothing, so a
+//! client never rides on the gateway's credentials.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -140,14 +145,16 @@ impl Upstream {
     /// reported back.
     pub async fn send_guarded(
         &self,
-        req: Request<GatewayBody>,
+        mut req: Request<GatewayBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let url = req.uri().to_string();
         if self.offline {
             return Err(UpstreamError::Offline { url });
         }
         let ticket = self.health.admit_url(&url)?;
+        self.authorize(&mut req);
         let result = self.send(req).await;
+        self.note_auth(&url, &result);
         match verdict(&url, &result) {
             Ok(()) => ticket.success(),
             Err(error) => ticket.failure(&error),
@@ -155,19 +162,42 @@ impl Upstream {
         result
     }
 
+    /// A gateway request carries its source's credential, or no `Authorization`
+    /// at all (whatever a caller left there is not the gateway's to send).
+    fn authorize<B>(&self, req: &mut Request<B>) {
+        let url = req.uri().to_string();
+        let headers = req.headers_mut();
+        headers.remove(http::header::AUTHORIZATION);
+        if let Some(credential) = self.health.credential_for_url(&url) {
+            headers.insert(http::header::AUTHORIZATION, credential.header.clone());
+        }
+    }
+
+    /// A 401/403 is the source refusing the gateway: visible in the log and in
+    /// `/-/health`, though not a breaker failure (the source is up).
+    fn note_auth(&self, url: &str, result: &Result<Response<Incoming>, UpstreamError>) {
+        if let Ok(resp) = result {
+            self.health.auth_outcome_url(url, resp.status());
+        }
+    }
+
     /// Whether the source behind `url` answers: a GET, judged like a guarded call
     /// (5xx and transport errors fail), bounded by `[timeouts]`; the body is not read.
     /// Not behind the breaker: the caller holds the probe ticket and reports.
     pub async fn probe(&self, url: &str) -> Result<(), String> {
-        let req = Request::get(url)
+        let mut req = Request::get(url)
             .header(http::header::USER_AGENT, crate::USER_AGENT)
             .header(http::header::ACCEPT, "*/*")
             .body(crate::body::empty())
             .map_err(|_| UpstreamError::BadUrl(url.to_string()).to_string())?;
-        verdict(url, &self.send(req).await)
+        self.authorize(&mut req);
+        let result = self.send(req).await;
+        self.note_auth(url, &result);
+        verdict(url, &result)
     }
 
-    /// Send a request and wait (bounded) for the response head.
+    /// Send a request as it is and wait (bounded) for the response head. No
+    /// credential of the gateway's is added: this is what passthrough uses.
     pub async fn send(
         &self,
         req: Request<GatewayBody>,

@@ -225,7 +225,8 @@ async fn head_size(upstream: &Upstream, url: &str) -> Option<u64> {
         .header(header::USER_AGENT, crate::USER_AGENT)
         .body(body::empty())
         .ok()?;
-    let resp = upstream.send(req).await.ok()?;
+    // The gateway's own request: guarded, with the source's credential.
+    let resp = upstream.send_guarded(req).await.ok()?;
     if !resp.status().is_success() {
         return None;
     }

@@ -1,6 +1,10 @@
 //! A bare git mirror of one source's index in the data dir, refreshed from the
 //! upstream by one `git fetch` at a time however many clients wait, and the
 //! checksums read from its tip.
+//!
+//! A private source's fetches carry its credential (see [`crate::git::Options`]);
+//! a fetch the source refuses (401/403) is an authentication error of the source,
+//! logged and shown in `/-/health`, not a breaker failure: the source is up.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::checksums::{module_of_path, Checksums};
 use crate::breaker::Breakers;
+use crate::config::Credential;
 use crate::git::{self, Git};
 
 /// What the mirror holds at its current tip.
@@ -71,6 +76,10 @@ pub struct Mirror {
     refreshes: AtomicU64,
     /// A background refresh (started while the source is down) is queued or running.
     background: AtomicBool,
+    /// Sent with every fetch from the source (its `auth`).
+    credential: Option<Credential>,
+    /// Why the last refresh failed, until one succeeds (for `/-/health`).
+    last_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl Mirror {
@@ -107,7 +116,27 @@ impl Mirror {
             refreshed_at: RwLock::new(refreshed_at),
             refreshes: AtomicU64::new(0),
             background: AtomicBool::new(false),
+            credential: None,
+            last_failure: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Fetch with `credential` (the source's `auth`), if any.
+    pub fn with_credential(mut self, credential: Option<Credential>) -> Mirror {
+        self.credential = credential;
+        self
+    }
+
+    /// Why the last refresh failed, if the last one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = error;
     }
 
     pub fn dir(&self) -> &Path {
@@ -214,11 +243,29 @@ impl Mirror {
         let started = Instant::now();
         let fetched = self.fetch().await;
         match &fetched {
-            Ok(()) => ticket.success(),
+            Ok(()) => {
+                ticket.success();
+                self.settings.health.auth_accepted(&self.source);
+            }
+            Err(error) if refused(error) => {
+                // The source answered: up, but not to us. git asks for a user name
+                // only after a 401.
+                ticket.success();
+                let status = if error.contains("returned error: 403") {
+                    "403 Forbidden"
+                } else {
+                    "401 Unauthorized"
+                };
+                self.settings.health.auth_refused(
+                    &self.source,
+                    &format!("{status} for the index fetch ({error})"),
+                );
+            }
             Err(error) => ticket.failure(error),
         }
         match fetched {
             Ok(()) => {
+                self.set_last_error(None);
                 state.last_ok = Some(started);
                 state.last_error = None;
                 *self.refreshed_at.write().unwrap_or_else(|p| p.into_inner()) =
@@ -243,6 +290,7 @@ impl Mirror {
                 Freshness::Fresh
             }
             Err(error) => {
+                self.set_last_error(Some(error.clone()));
                 state.last_error = Some((Instant::now(), error.clone()));
                 tracing::warn!(source = %self.source, %error, "index refresh failed");
                 self.degraded(error)
@@ -264,22 +312,33 @@ impl Mirror {
     /// Clone (first time, atomically: a half clone is never used) or fetch the
     /// upstream's branches.
     async fn fetch(&self) -> Result<(), String> {
+        // Only runs that reach the source carry its credential.
+        let options = git::Options {
+            credential: self.credential.clone(),
+            ..self.git_options()
+        };
         if !self.exists() {
-            return git::clone_mirror(&self.url, &self.dir, &self.git_options())
+            return git::clone_mirror(&self.url, &self.dir, &options)
                 .await
                 .map_err(|e| e.to_string());
         }
         let refspec = "+refs/heads/*:refs/heads/*";
-        self.git(&[
-            "fetch",
-            "--prune",
-            "--quiet",
-            "--no-tags",
-            &self.url,
-            refspec,
-        ])
+        Git::in_repo(
+            &self.dir,
+            [
+                "fetch",
+                "--prune",
+                "--quiet",
+                "--no-tags",
+                &self.url,
+                refspec,
+            ],
+        )
+        .with(&options)
+        .output()
         .await
         .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     /// Re-read the checksums if the tip moved. Returns whether it did.
@@ -364,11 +423,13 @@ impl Mirror {
         Ok(checksums)
     }
 
-    /// How this mirror's git runs reach the source.
+    /// How this mirror's git runs reach the source (the credential is added by
+    /// the runs that do: [`Mirror::fetch`]).
     fn git_options(&self) -> git::Options {
         git::Options {
             ca_bundle: self.settings.ca_bundle.clone(),
             timeout: Some(self.settings.fetch_timeout),
+            credential: None,
         }
     }
 
@@ -379,5 +440,28 @@ impl Mirror {
             .output()
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+/// Whether a failed fetch was the source refusing us: git reports a 401/403 as
+/// `returned error: 401`, or, having no credentials to offer (no helper, no
+/// prompt), as being unable to read a user name.
+fn refused(error: &str) -> bool {
+    error.contains("returned error: 401")
+        || error.contains("returned error: 403")
+        || error.contains("could not read Username")
+        || error.contains("Authentication failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused;
+
+    #[test]
+    fn refusals_are_told_from_outages() {
+        assert!(refused("git fetch failed (exit status: 128): fatal: unable to access 'https://h/git/index/': The requested URL returned error: 403"));
+        assert!(refused("git clone failed (exit status: 128): fatal: could not read Username for 'https://h': terminal prompts disabled"));
+        assert!(!refused("git fetch failed (exit status: 128): fatal: unable to access 'https://h/git/index/': The requested URL returned error: 502"));
+        assert!(!refused("git fetch took longer than 5s"));
     }
 }

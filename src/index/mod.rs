@@ -124,12 +124,10 @@ impl Index {
             .iter()
             .map(|s| {
                 let dir = root.join(repo_name(&s.name));
-                Arc::new(Mirror::new(
-                    &s.name,
-                    s.index.as_str(),
-                    dir,
-                    settings.clone(),
-                ))
+                Arc::new(
+                    Mirror::new(&s.name, s.index.as_str(), dir, settings.clone())
+                        .with_credential(s.credential.clone()),
+                )
             })
             .collect();
         let merged = merge::Merged::new(&root);

@@ -16,6 +16,7 @@
 //!   [`sources`] (several sources as one registry: the merged index, claims,
 //!   pinned views), [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
 //!   [`store_admin`] (`cache gc`, `cache verify`, the size bound),
+//!   [`private_sources`] (several sources: credentials, merged `symbols.zip`),
 //!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
 //! - [`upstream_selftest`] tests of the harness itself, without the gateway.
 //!
@@ -29,6 +30,7 @@ mod hostile_git;
 mod index_mirror;
 mod mutable_cache_and_breaker;
 mod offline_bundle;
+mod private_sources;
 mod proxy_intercept;
 mod registry_endpoint;
 mod sources;

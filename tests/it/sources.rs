@@ -34,7 +34,7 @@ tunnel = "deny"
 /// with another version) and `bob/util` (public); the public `acme/evil` is
 /// what claims keep out.
 async fn acme() -> TwoSources {
-    TwoSources::start(TWO, &[], |internal, public| {
+    let (sources, ()) = TwoSources::start(TWO, &[], |internal, public| {
         internal.publish("acme/json", "0.1.0", &[]);
         internal.publish(
             "acme/app",
@@ -46,7 +46,8 @@ async fn acme() -> TwoSources {
         public.publish("acme/json", "0.2.0", &[]);
         public.publish("acme/evil", "0.1.0", &[]);
     })
-    .await
+    .await;
+    sources
 }
 
 /// The merged index's `main` as the gateway advertises it.

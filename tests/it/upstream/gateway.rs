@@ -78,7 +78,8 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway with a fresh data dir:
     /// `serve --listen 127.0.0.1:<free port> --data-dir <tmp> --upstream
-    /// <upstream_url> --upstream-ca <ca_pem> <extra_args>`, and waits until
+    /// <upstream_url> --upstream-ca <ca_pem> <extra_args>` (no `--upstream` when
+    /// `upstream_url` is empty: a config file's [[sources]] then), and waits until
     /// `GET /-/health` answers 200 (or 401, when `server.auth` asks for credentials).
     pub async fn start(upstream_url: &str, ca_pem: &Path, extra_args: &[&str]) -> Gateway {
         Gateway::start_with_env(upstream_url, ca_pem, extra_args, &[]).await
@@ -110,11 +111,22 @@ impl Gateway {
         data_dir: &Path,
         extra_args: &[&str],
     ) -> Gateway {
+        Gateway::start_with_data_dir_env(upstream_url, ca_pem, data_dir, extra_args, &[]).await
+    }
+
+    /// [`Gateway::start_with_data_dir`] with `env` added to the process's environment.
+    pub async fn start_with_data_dir_env(
+        upstream_url: &str,
+        ca_pem: &Path,
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let data_dir = DataDir {
             path: data_dir.to_path_buf(),
             _owner: None,
         };
-        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, &[]).await
+        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, env).await
     }
 
     /// Like [`Gateway::start_with_data_dir`], keeping `data_dir` (and the temp dir
@@ -204,17 +216,15 @@ impl Gateway {
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")
-            .arg(self.data_dir.path())
-            .arg("--upstream-ca")
+            .arg(self.data_dir.path());
+        // No URL: the config file's [[sources]] name the upstreams (`--upstream`
+        // and [[sources]] together are refused).
+        if !self.upstream_url.is_empty() {
+            cmd.arg("--upstream").arg(&self.upstream_url);
+        }
+        cmd.arg("--upstream-ca")
             .arg(&self.ca_pem)
             .args(&self.extra_args)
-            // No upstream URL: the config file names the sources (`[[sources]]`).
-            .args(
-                (!self.upstream_url.is_empty())
-                    .then_some(["--upstream", self.upstream_url.as_str()])
-                    .into_iter()
-                    .flatten(),
-            )
             .env("RUST_LOG", "moonbit_registry=debug")
             .env("RUST_BACKTRACE", "1")
             .env("HOME", &home)

@@ -88,6 +88,50 @@ pub async fn setup_configured_env<T>(
     (setup, published)
 }
 
+/// [`TwoSources`] and a gateway in front of them; derefs to the sources.
+pub struct TwoSourcesGateway {
+    pub sources: TwoSources,
+    pub gateway: Gateway,
+}
+
+impl std::ops::Deref for TwoSourcesGateway {
+    type Target = TwoSources;
+    fn deref(&self) -> &TwoSources {
+        &self.sources
+    }
+}
+
+impl TwoSourcesGateway {
+    /// Start the gateway again on its data dir.
+    pub async fn restart_gateway(&mut self) {
+        let data_dir = self.gateway.data_dir.clone();
+        self.gateway.kill();
+        self.gateway = self.sources.gateway_on(data_dir).await;
+    }
+}
+
+/// [`TwoSources`] with a gateway: `publish` fills (internal, public) first;
+/// `extra_toml` comes first in the config file (top-level keys and sections),
+/// `internal_auth` goes into the internal source's table (`{internal}` there stands
+/// for the internal upstream's URL), `env` into the gateway's environment; the
+/// internal upstream requires `Authorization: <internal_requires>` if given (from
+/// before the gateway starts).
+pub async fn setup_two_sources<T>(
+    extra_toml: &str,
+    internal_auth: &str,
+    internal_requires: Option<&str>,
+    env: &[(&str, &str)],
+    publish: impl FnOnce(&Registry, &Registry) -> T,
+) -> (TwoSourcesGateway, T) {
+    let toml = format!(
+        "{extra_toml}\n\n[[sources]]\nname = \"internal\"\nregistry = \"{{internal}}\"\n{internal_auth}\n\n[[sources]]\nname = \"public\"\nregistry = \"{{public}}\"\n",
+    );
+    let (sources, published) = TwoSources::start(&toml, env, publish).await;
+    sources.internal.require_authorization(internal_requires);
+    let gateway = sources.gateway().await;
+    (TwoSourcesGateway { sources, gateway }, published)
+}
+
 /// `git clone` of the gateway's index into `dir`; `extra` goes before the URL
 /// (e.g. `--depth 1`). Protocol `2` or `0`.
 pub fn clone_index(gw: &Gateway, dir: &Path, protocol: &str, extra: &[&str]) -> Output {
@@ -276,13 +320,13 @@ pub struct TwoSources {
 impl TwoSources {
     /// Start both upstreams after `publish` filled their registries; `toml` is the
     /// gateways' config, with `{internal}` and `{public}` standing for their URLs.
-    pub async fn start(
+    pub async fn start<T>(
         toml: &str,
         env: &[(&str, &str)],
-        publish: impl FnOnce(&Registry, &Registry),
-    ) -> TwoSources {
+        publish: impl FnOnce(&Registry, &Registry) -> T,
+    ) -> (TwoSources, T) {
         let (internal, public) = (Arc::new(Registry::new()), Arc::new(Registry::new()));
-        publish(&internal, &public);
+        let published = publish(&internal, &public);
         let internal = Upstream::start(internal).await;
         let public = Upstream::start(public).await;
         let dir = tempfile::tempdir().expect("temp dir for the gateway config");
@@ -295,7 +339,7 @@ impl TwoSources {
             .replace("{internal}", &internal.url())
             .replace("{public}", &public.url());
         std::fs::write(&config, toml).expect("write the gateway config");
-        TwoSources {
+        let sources = TwoSources {
             internal,
             public,
             ca_bundle,
@@ -305,7 +349,8 @@ impl TwoSources {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             _dir: dir,
-        }
+        };
+        (sources, published)
     }
 
     /// A gateway (with a data dir of its own) in front of both sources.
@@ -319,11 +364,21 @@ impl TwoSources {
         Gateway::start_with_env("", &self.ca_bundle, &args, &env).await
     }
 
+    /// A gateway on `data_dir` (kept as long as the gateway runs).
+    pub async fn gateway_on(&self, data_dir: super::gateway::DataDir) -> Gateway {
+        let args = ["--config", self.config.to_str().expect("UTF-8 temp path")];
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Gateway::start_on("", &self.ca_bundle, data_dir, &args, &env).await
+    }
+
     /// Stop `gw` and start a gateway on its data dir.
     pub async fn restart(&self, gw: Gateway) -> Gateway {
         let dir = gw.data_dir.clone();
         drop(gw);
-        let args = ["--config", self.config.to_str().expect("UTF-8 temp path")];
-        Gateway::start_on("", &self.ca_bundle, dir, &args, &[]).await
+        self.gateway_on(dir).await
     }
 }

@@ -1,6 +1,8 @@
 //! `Upstream`: the test registry served over HTTPS on 127.0.0.1, the way
 //! mooncakes.io serves it (git index, archives, `symbols.zip`, assets), with
-//! a request log and injectable faults.
+//! a request log (headers included, so a test can tell who sent credentials),
+//! injectable faults, and optionally a private registry's check: every request
+//! must carry one exact `Authorization` value, else 401.
 //!
 //! The server runs on its own Tokio runtime (two worker threads), so a test
 //! may block its own thread (run `git`, `curl`, publish) on any runtime
@@ -107,6 +109,8 @@ pub(super) struct Shared {
     handle: Handle,
     log: Mutex<Vec<SeenRequest>>,
     fault: Mutex<Fault>,
+    /// The `Authorization` value every request must carry (a private registry).
+    required_auth: Mutex<Option<String>>,
     accept_task: Mutex<Option<JoinHandle<()>>>,
     /// Every connection, h2 stream and CGI helper task, so `stop` can abort them.
     tasks: Mutex<JoinSet<()>>,
@@ -150,6 +154,7 @@ impl Upstream {
             handle: runtime.handle().clone(),
             log: Mutex::new(Vec::new()),
             fault: Mutex::new(Fault::None),
+            required_auth: Mutex::new(None),
             accept_task: Mutex::new(None),
             tasks: Mutex::new(JoinSet::new()),
         });
@@ -205,6 +210,26 @@ impl Upstream {
     /// Forgets the requests seen so far.
     pub fn clear_requests(&self) {
         lock(&self.shared.log).clear();
+    }
+
+    /// From now on every request must carry `Authorization: <value>` (e.g.
+    /// `Bearer t0k3n`, `Basic dXNlcjpwdw==`), else it gets a 401; `None`: public.
+    pub fn require_authorization(&self, value: Option<&str>) {
+        *lock(&self.shared.required_auth) = value.map(str::to_string);
+    }
+
+    /// The `Authorization` header of every request seen so far, in order, with
+    /// its path (`None`: the request had none).
+    pub fn authorizations(&self) -> Vec<(String, Option<String>)> {
+        lock(&self.shared.log)
+            .iter()
+            .map(|r| {
+                (
+                    r.path.clone(),
+                    r.header("authorization").map(str::to_string),
+                )
+            })
+            .collect()
     }
 
     /// Sets the fault for requests from now on (`Fault::None` clears it).
@@ -354,7 +379,19 @@ async fn handle(
             })
             .collect(),
     };
+    let required = lock(&shared.required_auth).clone();
+    let given = seen.header("authorization").map(str::to_string);
     lock(&shared.log).push(seen);
+    if let Some(required) = required {
+        if given.as_deref() != Some(required.as_str()) {
+            let mut resp = text(StatusCode::UNAUTHORIZED, "credentials required\n");
+            resp.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer realm=\"test registry\""),
+            );
+            return resp;
+        }
+    }
 
     let fault = lock(&shared.fault).clone();
     match fault {

@@ -25,14 +25,14 @@ impl TestPki {
     pub fn generate() -> TestPki {
         let ca_key = KeyPair::generate().expect("generate CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        // A name of its own: OpenSSL (git) finds a CA in a bundle by its name, so two
-        // test upstreams' CAs in one bundle must not share one.
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        // A name of its own: a client trusting several upstreams' CAs (OpenSSL,
+        // for git) looks the issuer up by name and would try only the first.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ca_params.distinguished_name.push(
             DnType::CommonName,
             format!(
-                "moonbit-registry test upstream CA {} {n}",
+                "moonbit-registry test upstream CA {}-{n}",
                 std::process::id()
             ),
         );
