@@ -1,6 +1,8 @@
 //! A bare git mirror of one source's index in the data dir, refreshed from the
 //! upstream by one `git fetch` at a time however many clients wait, and the
-//! checksums read from its tip.
+//! checksums read from its tip. A hosted mirror ([`Mirror::hosted`]) is the index
+//! of a source the gateway hosts itself: never fetched, its refresh only re-reads
+//! the tip that `publish` moved.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -71,6 +73,8 @@ pub struct Mirror {
     refreshes: AtomicU64,
     /// A background refresh (started while the source is down) is queued or running.
     background: AtomicBool,
+    /// The index of a source hosted here: created empty, never fetched.
+    hosted: bool,
 }
 
 impl Mirror {
@@ -86,6 +90,21 @@ impl Mirror {
             pack_cache: false,
         };
         Mirror::new(source, "", dir, settings)
+    }
+
+    /// The index of a source the gateway hosts (`local = true`), kept in `dir` and
+    /// written by `publish`, possibly from another process: every refresh re-reads
+    /// the tip (a cheap `git rev-parse`; `max_age` is zero so each client's ref
+    /// advertisement does one), and nothing is ever fetched.
+    pub fn hosted(source: &str, dir: PathBuf, settings: MirrorSettings) -> Mirror {
+        let settings = MirrorSettings {
+            max_age: Duration::ZERO,
+            ..settings
+        };
+        Mirror {
+            hosted: true,
+            ..Mirror::new(source, "", dir, settings)
+        }
     }
 
     /// A mirror of `url` kept in `dir` (a bare repository, created on first refresh).
@@ -107,11 +126,17 @@ impl Mirror {
             refreshed_at: RwLock::new(refreshed_at),
             refreshes: AtomicU64::new(0),
             background: AtomicBool::new(false),
+            hosted: false,
         }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether this is the index of a source hosted here ([`Mirror::hosted`]).
+    pub fn is_hosted(&self) -> bool {
+        self.hosted
     }
 
     pub fn exists(&self) -> bool {
@@ -264,6 +289,10 @@ impl Mirror {
     /// Clone (first time, atomically: a half clone is never used) or fetch the
     /// upstream's branches.
     async fn fetch(&self) -> Result<(), String> {
+        if self.hosted {
+            // Nothing to fetch: `publish` writes it; an empty one is made on first use.
+            return crate::hosted::create_index(&self.dir).await;
+        }
         if !self.exists() {
             return git::clone_mirror(&self.url, &self.dir, &self.git_options())
                 .await
@@ -284,9 +313,15 @@ impl Mirror {
 
     /// Re-read the checksums if the tip moved. Returns whether it did.
     async fn reload(&self) -> Result<bool, String> {
-        let commit = self
+        let commit = match self
             .git(&["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
-            .await?;
+            .await
+        {
+            Ok(commit) => commit,
+            // A hosted index nothing was published to yet has no commit: empty.
+            Err(_) if self.hosted && self.snapshot().commit.is_none() => return Ok(false),
+            Err(e) => return Err(e),
+        };
         let commit = String::from_utf8_lossy(&commit).trim().to_string();
         if self.snapshot().commit.as_deref() == Some(commit.as_str()) {
             return Ok(false);

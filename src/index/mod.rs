@@ -7,7 +7,10 @@
 //! the refresh finishes in the background); when the refresh fails the stale mirror
 //! is served and the log says how stale. Before any mirror exists, requests stream
 //! straight through to the upstream. An offline index (`serve --offline`) is the
-//! same index with refreshes switched off: mirrors are served as they are.
+//! same index with refreshes switched off: mirrors are served as they are. A
+//! source the gateway hosts (`local = true`) has a hosted mirror instead, which
+//! `publish` writes and which is never fetched (offline included, it re-reads its
+//! tip on every advertisement).
 
 pub mod checksums;
 pub mod mirror;
@@ -15,7 +18,7 @@ pub mod pack_cache;
 pub mod selection;
 pub mod serve;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
@@ -102,11 +105,12 @@ const GIT_SLOTS: usize = 32;
 
 impl Index {
     pub fn new(
-        root: PathBuf,
+        data_dir: &Path,
         sources: &[Source],
         settings: MirrorSettings,
         limits: serve::Limits,
     ) -> Index {
+        let root = data_dir.join("index");
         let pack_cache = settings
             .pack_cache
             .then(|| pack_cache::Hook::new(&root.join(".pack-cache")))
@@ -114,6 +118,10 @@ impl Index {
         let mirrors = sources
             .iter()
             .map(|s| {
+                if s.local {
+                    let dir = crate::hosted::Hosted::new(data_dir, &s.name).index_dir();
+                    return Arc::new(Mirror::hosted(&s.name, dir, settings.clone()));
+                }
                 let dir = root.join(repo_name(&s.name));
                 Arc::new(Mirror::new(
                     &s.name,
@@ -128,7 +136,6 @@ impl Index {
             unknown_pacer: Pacer::new(UNKNOWN_REFRESH_EVERY),
             asked_pacer: Pacer::new(ASKED_REFRESH_EVERY),
             backend: serve::Backend {
-                root,
                 slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
                 limits,
                 pack_cache,
@@ -236,7 +243,7 @@ impl Index {
         let mirror = &self.mirrors[position];
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
         // same tip their GET advertised.
-        let advertisement = req.method() == Method::GET && !self.offline;
+        let advertisement = req.method() == Method::GET && (!self.offline || mirror.is_hosted());
         let freshness = if advertisement && mirror.exists() && mirror.source_down_or_slow() {
             // Never wait on a source known to be down or too slow: serve the mirror,
             // and let a background refresh try (or probe) the upstream.
@@ -289,6 +296,16 @@ impl Index {
                     .unwrap_or_else(|| "unknown".into());
                 tracing::warn!(source = %mirror.source, age = %age, %error, "upstream index unavailable; serving the stale mirror");
             }
+            Freshness::Missing { error } if mirror.is_hosted() => {
+                // Its URLs name no host: there is nothing to pass through to.
+                return body::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the index of local source `{}` could not be created: {error}",
+                        mirror.source
+                    ),
+                );
+            }
             Freshness::Missing { .. } if self.offline => {
                 return body::text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -301,8 +318,7 @@ impl Index {
                 return passthrough::forward(upstream, req, &url).await;
             }
         }
-        let repo = repo_name(&mirror.source);
-        serve::upload_pack(&self.backend, &repo, rest, req, client).await
+        serve::upload_pack(&self.backend, mirror.dir(), rest, req, client).await
     }
 
     /// The checksum the index holds for `key`, refreshing once if no source knows it
