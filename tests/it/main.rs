@@ -15,6 +15,7 @@
 //!   [`mutable_cache_and_breaker`] (`symbols.zip` and upstream outages),
 //!   [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
 //!   [`store_admin`] (`cache gc`, `cache verify`, the size bound),
+//!   [`publish`] (local sources: `publish`, `POST /-/publish`),
 //!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
 //! - [`upstream_selftest`] tests of the harness itself, without the gateway.
 //!
@@ -29,6 +30,7 @@ mod index_mirror;
 mod mutable_cache_and_breaker;
 mod offline_bundle;
 mod proxy_intercept;
+mod publish;
 mod registry_endpoint;
 mod store_admin;
 mod upstream_selftest;

@@ -192,10 +192,12 @@ impl Gateway {
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")
-            .arg(self.data_dir.path())
-            .arg("--upstream")
-            .arg(&self.upstream_url)
-            .arg("--upstream-ca")
+            .arg(self.data_dir.path());
+        // No upstream URL: the config's `[[sources]]` name the sources.
+        if !self.upstream_url.is_empty() {
+            cmd.arg("--upstream").arg(&self.upstream_url);
+        }
+        cmd.arg("--upstream-ca")
             .arg(&self.ca_pem)
             .args(&self.extra_args)
             .env("RUST_LOG", "moonbit_registry=debug")
