@@ -408,6 +408,18 @@ mod tests {
         assert_eq!(classify(&get, "/symbols.zip", false), Route::Symbols);
         assert_eq!(classify(&get, "/api/v0/search?kw=x", false), Route::Pass);
         assert_eq!(classify(&get, "/-/health", false), Route::Health);
+        // Publishing carries its token: classified before credentials bypass the rest.
+        assert_eq!(
+            classify(&Method::POST, "/-/publish?source=local", true),
+            Route::Publish {
+                source: Some("local".into())
+            }
+        );
+        assert_eq!(
+            classify(&Method::POST, "/-/publish", true),
+            Route::Publish { source: None }
+        );
+        assert_eq!(classify(&get, "/-/publish", false), Route::Pass);
     }
 
     #[test]

@@ -64,6 +64,15 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
 
     // Everything checked: now, and only now, change the data dir.
     let app = Services::open(&config, Mode::Command)?;
+    // A hosted index is written by `publish` alone: a bundle never replaces it.
+    let target_mirror = app.index.mirror_named(&manifest.source);
+    if target_mirror.is_hosted() {
+        anyhow::bail!(
+            "refused {}: its index would replace that of local source `{}`, which only `publish` writes",
+            file.display(),
+            target_mirror.source
+        );
+    }
     let store_dir = data_dir.join("store");
     std::fs::create_dir_all(&store_dir)?;
     let mut added = 0usize;

@@ -459,3 +459,55 @@ async fn a_missing_publish_token_variable_stops_the_start() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("token_env"), "{}", stderr(&out));
 }
+
+/// A local archive file changed on disk after it was published is never served
+/// as a complete archive: a small one (read whole) is refused, a large one
+/// (streamed) ends in an error instead of a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_local_archive_is_never_served_as_complete() {
+    let toml =
+        "[[sources]]\nname = \"local\"\nlocal = true\n\n[storage]\nmemory_item_max = \"4KiB\"\n";
+    let (s, _) = setup_sources(toml, &[], |_| ()).await;
+    let work = tempfile::tempdir().unwrap();
+    // Bytes deflate cannot shrink, so the large archive stays above memory_item_max.
+    let mut noise = Vec::with_capacity(64 * 1024);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while noise.len() < 64 * 1024 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    for (name, payload) in [("acme/small", &b"tiny"[..]), ("acme/large", &noise[..])] {
+        let manifest = format!(r#"{{"name":"{name}","version":"0.1.0"}}"#);
+        let zip = zip_of(&[
+            ("moon.mod.json", manifest.as_bytes()),
+            ("payload.bin", payload),
+        ]);
+        let path = work.path().join("m.zip");
+        std::fs::write(&path, &zip).unwrap();
+        ok(&cli_publish(&s, &path), "publish");
+        let file = local_dir(&s).join(format!("archives/{name}/0.1.0.zip"));
+        admin::flip_byte(&file, zip.len() / 2);
+        let url = format!(
+            "{}/user/{}%2F0.1.0.zip",
+            s.gateway.url(),
+            name.replace('/', "%2F")
+        );
+        let got = work.path().join("got.zip");
+        let out = curl(&["-o", got.to_str().unwrap(), "-w", "%{http_code}", &url]);
+        let served = std::fs::read(&got).unwrap_or_default();
+        assert_ne!(
+            sha256_hex(&served),
+            sha256_file(&file),
+            "{name}: the damaged file was served"
+        );
+        if payload.len() < 4096 {
+            assert_eq!(stdout(&out), "500", "{name}: {}", stderr(&out));
+        } else {
+            // Headers went out before the end was checked: the transfer must fail.
+            assert!(!out.status.success(), "{name}: the transfer ended cleanly");
+            assert!(served.len() < zip.len(), "{name}: every byte was served");
+        }
+    }
+}
