@@ -511,3 +511,50 @@ async fn a_damaged_local_archive_is_never_served_as_complete() {
         }
     }
 }
+
+/// Publishes racing each other (command-line processes and `POST /-/publish`,
+/// all at once) are serialised by the source's lock: every one is in the index,
+/// none overwrote another, and the history is one line of commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishes_are_all_kept() {
+    let s = std::sync::Arc::new(gateway(true).await);
+    let work = tempfile::tempdir().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (cli, dir) = (s.clone(), work.path().join(format!("cli{i}")));
+        tasks.push(std::thread::spawn(move || {
+            let manifest = format!(r#"{{"name":"acme/cli{i}","version":"0.1.0"}}"#);
+            let dir = module_dir(&dir, &manifest);
+            let out = cli_publish(&cli, &dir);
+            ok(&out, "concurrent publish");
+        }));
+        let s = s.clone();
+        tasks.push(std::thread::spawn(move || {
+            let manifest = format!(r#"{{"name":"acme/http{i}","version":"0.1.0"}}"#);
+            let zip = zip_of(&[("moon.mod.json", manifest.as_bytes())]);
+            let (status, body) = post(&s, &zip, Some(TOKEN), "");
+            assert_eq!(status, 201, "{body}");
+        }));
+    }
+    for t in tasks {
+        t.join().unwrap();
+    }
+    let repo = local_dir(&s).join("index.git");
+    let log = git(
+        None,
+        &[
+            "--git-dir",
+            repo.to_str().unwrap(),
+            "rev-list",
+            "--count",
+            "--first-parent",
+            "main",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&log.stdout).trim(), "8");
+    for i in 0..4 {
+        for name in [format!("acme/cli{i}"), format!("acme/http{i}")] {
+            assert_eq!(served_index(&s, &name).lines().count(), 1, "{name}");
+        }
+    }
+}
