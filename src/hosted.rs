@@ -6,9 +6,13 @@
 //! all find a hosted source's files through [`Hosted`], so the layout is said once.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::archive::ArchiveKey;
 use crate::git::{self, Git};
+
+/// Bound on `git init` (local and quick; a hung file system must not hang a clone).
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The files of one hosted source.
 #[derive(Debug, Clone)]
@@ -74,6 +78,10 @@ pub async fn create_index(dir: &Path) -> Result<(), String> {
     let repo = tmp.path().join("index.git");
     Git::new(["init", "--quiet", "--bare", "--initial-branch=main"])
         .arg(&repo)
+        .with(&git::Options {
+            ca_bundle: None,
+            timeout: Some(INIT_TIMEOUT),
+        })
         .output()
         .await
         .map_err(|e| e.to_string())?;

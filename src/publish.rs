@@ -26,7 +26,7 @@ use crate::app::Services;
 use crate::body::{self, GatewayBody};
 use crate::client::bearer_matches;
 use crate::config::Source;
-use crate::git::Git;
+use crate::git::{self, Git};
 use crate::hosted::{self, Hosted};
 use crate::index::checksums::registry_deps;
 use crate::index::Index;
@@ -40,6 +40,8 @@ const ENTRIES_MAX: usize = 50_000;
 const UNPACKED_FACTOR: u64 = 8;
 /// How long a publish waits for another one to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
+/// Bound on one git command in the hosted index (all local and quick).
+const GIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest module name accepted.
 const NAME_MAX: usize = 256;
 /// Top-level directories of a module directory that are build output or caches,
@@ -796,9 +798,17 @@ async fn lock(path: &Path) -> Result<std::fs::File, Refusal> {
     }
 }
 
+/// A git command in the hosted index `repo`, bounded in time.
+fn in_index(repo: &Path, args: &[&str]) -> Git {
+    Git::in_repo(repo, args).with(&git::Options {
+        ca_bundle: None,
+        timeout: Some(GIT_TIMEOUT),
+    })
+}
+
 /// git in the hosted index, its output trimmed.
 async fn git_text(repo: &Path, args: &[&str]) -> Result<String, Refusal> {
-    Git::in_repo(repo, args)
+    in_index(repo, args)
         .text()
         .await
         .map(|t| t.trim().to_string())
@@ -816,7 +826,7 @@ async fn read_file_at(repo: &Path, tip: &str, path: &str) -> Result<Option<Strin
     else {
         return Ok(None);
     };
-    let bytes = Git::in_repo(repo, ["cat-file", "blob", oid])
+    let bytes = in_index(repo, &["cat-file", "blob", oid])
         .output()
         .await
         .map_err(|e| Refusal::Failed(e.to_string()))?;
@@ -840,7 +850,7 @@ async fn commit(
         .map_err(failed("cannot write the index file"))?;
     let index_file = scratch.path().join("index");
     let git = |args: &[&str]| {
-        Git::in_repo(repo, args)
+        in_index(repo, args)
             .env("GIT_INDEX_FILE", &index_file)
             .env("GIT_AUTHOR_NAME", "moonbit-registry")
             .env("GIT_AUTHOR_EMAIL", "publish@moonbit-registry.invalid")
