@@ -40,6 +40,8 @@ const ENTRIES_MAX: usize = 50_000;
 const UNPACKED_FACTOR: u64 = 8;
 /// How long a publish waits for another one to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
+/// Scratch files older than the longest upload plus this are a crash's leftovers.
+const TMP_GRACE: Duration = Duration::from_secs(3600);
 /// Bound on one git command in the hosted index (all local and quick).
 const GIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest module name accepted.
@@ -172,6 +174,8 @@ pub async fn publish(
     }
 
     let _lock = lock(&hosted.lock_path()).await?;
+    // What a crash left: nothing running can be older than an upload may last.
+    sweep(&tmp, app.config.publish.body_timeout + TMP_GRACE);
     let repo = hosted.index_dir();
     hosted::create_index(&repo).await.map_err(Refusal::Failed)?;
     // Re-read what other processes may have published meanwhile.
@@ -762,6 +766,25 @@ fn created_at() -> String {
     )
 }
 
+/// Remove what in `dir` was last modified more than `age` ago.
+fn sweep(dir: &Path, age: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|elapsed| elapsed > age);
+        if old {
+            let path = entry.path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+    }
+}
+
 /// One publish at a time per source, across processes: an exclusive lock on the
 /// source's lock file, released when the returned file is dropped.
 async fn lock(path: &Path) -> Result<std::fs::File, Refusal> {
@@ -935,6 +958,18 @@ mod tests {
         ] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_old_scratch_files_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::write(&new, "running").unwrap();
+        let f = std::fs::File::create(&old).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        sweep(dir.path(), Duration::from_secs(3600));
+        assert!(!old.exists() && new.exists());
     }
 
     #[test]

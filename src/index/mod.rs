@@ -327,13 +327,18 @@ impl Index {
         if let Some(known) = self.lookup(key) {
             return known;
         }
-        if self.offline {
+        // Offline, only a hosted index (ours, never fetched) can have changed.
+        if self.offline && !self.mirrors.iter().any(|m| m.is_hosted()) {
             return Expectation::Unknown;
         }
         // Requests for unknown archives cannot make the gateway hammer the upstream.
         let slot = self.unknown_pacer.wait().await;
         // A source that is down is not waited for (its probe may be running).
-        for m in self.mirrors.iter().filter(|m| !m.source_down()) {
+        let refreshed = self
+            .mirrors
+            .iter()
+            .filter(|m| !m.source_down() && (!self.offline || m.is_hosted()));
+        for m in refreshed {
             m.refresh_started_after(slot).await;
         }
         self.lookup(key).unwrap_or(Expectation::Unknown)

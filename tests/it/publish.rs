@@ -558,3 +558,31 @@ async fn concurrent_publishes_are_all_kept() {
         }
     }
 }
+
+/// `serve --offline` fetches nothing, but a local source is its own: a version
+/// published beside it is in the index and served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_offline_gateway_serves_what_is_published_to_it() {
+    let toml = "offline = true\n\n[[sources]]\nname = \"local\"\nlocal = true\n";
+    let (s, _) = setup_sources(toml, &[], |_| ()).await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = module_dir(work.path(), r#"{"name":"acme/offline","version":"1.2.3"}"#);
+    let out = cli_publish(&s, &dir);
+    ok(&out, "publish beside an offline gateway");
+    let checksum = json(&out)["checksum"].as_str().unwrap().to_string();
+    // Asked for before any client saw the new index (a client with an index of
+    // its own), then after a clone.
+    let got = work.path().join("got.zip");
+    let url = format!("{}/user/acme%2Foffline%2F1.2.3.zip", s.gateway.url());
+    ok(
+        &curl(&["-f", "-o", got.to_str().unwrap(), &url]),
+        "GET the archive offline",
+    );
+    assert_eq!(sha256_file(&got), checksum);
+    assert!(served_index(&s, "acme/offline").contains(&checksum));
+    assert_eq!(
+        s.upstream.count("GET", "/"),
+        0,
+        "an offline gateway fetched"
+    );
+}
