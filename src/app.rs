@@ -58,6 +58,9 @@ pub struct Services {
     /// Bearer token the admin endpoints require (`admin.token_env`); without one
     /// they answer loopback clients only.
     pub admin_token: Option<String>,
+    /// Bearer token `POST /-/publish` requires (`publish.token_env`); without one
+    /// the endpoint is off.
+    pub publish_token: Option<String>,
     /// A command's spool files and git CA bundle; removed when it ends.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -72,6 +75,17 @@ impl Services {
                     .ok()
                     .filter(|t| !t.is_empty())
                     .with_context(|| format!("admin.token_env names `{var}`, which is not set"))?,
+            ),
+            _ => None,
+        };
+        let publish_token = match (&config.publish.token_env, mode) {
+            (Some(var), Mode::Serve | Mode::Offline) => Some(
+                std::env::var(var)
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .with_context(|| {
+                        format!("publish.token_env names `{var}`, which is not set")
+                    })?,
             ),
             _ => None,
         };
@@ -136,7 +150,7 @@ impl Services {
             slots_per_client: config.index.slots_per_client,
             refresh_wait: config.index.refresh_wait,
         };
-        let mut index = Index::new(data_dir.join("index"), &sources, mirrors, limits);
+        let mut index = Index::new(data_dir, &sources, mirrors, limits);
         if mode == Mode::Offline {
             index = index.offline();
         }
@@ -155,6 +169,7 @@ impl Services {
         Ok(Services {
             prefetch: config.prefetch && mode == Mode::Serve,
             admin_token,
+            publish_token,
             config: config.clone(),
             mode,
             sources,
@@ -196,6 +211,8 @@ impl Services {
         let targets: Vec<(String, String)> = self
             .sources
             .iter()
+            // A hosted source is never fetched from, so never probed.
+            .filter(|s| !s.local)
             .map(|s| {
                 let url = join(&s.index, "/info/refs?service=git-upload-pack");
                 (s.name.clone(), url)

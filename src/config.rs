@@ -242,12 +242,29 @@ pub struct SourceAuth {
 }
 
 /// `[publish]`, for publishing to a local source over HTTP (`POST /-/publish`).
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishSettings {
     /// Environment variable holding the bearer token `POST /-/publish` requires;
     /// unset, the endpoint is off (the `publish` command still works).
     pub token_env: Option<String>,
+    /// Longest pause between two chunks of an uploaded zip (408 past it).
+    #[serde(with = "humantime_serde")]
+    pub body_idle: Duration,
+    /// Longest a whole upload may take (408 past it). Its size is bounded by
+    /// `storage.archive_max` (413 past it).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        PublishSettings {
+            token_env: None,
+            body_idle: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 /// `[timeouts]`, for the upstream client: how long the gateway waits for a source.

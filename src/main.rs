@@ -1,6 +1,7 @@
 //! The `moonbit-registry` command line: `serve` runs the gateway; `warm`,
-//! `export`, `import`, `keygen` and `cache` prepare and look after its store
-//! (each command's logic lives in its own module).
+//! `export`, `import`, `keygen` and `cache` prepare and look after its store;
+//! `publish` adds a module version to a local source (each command's logic lives
+//! in its own module).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -42,6 +43,18 @@ enum Command {
     },
     /// Look after the store: list, verify, collect garbage.
     Cache(CacheArgs),
+    /// Publish a module version to a local source (`local = true`): PATH is a
+    /// module directory (with moon.mod.json) or a zip made by `moon package`.
+    Publish {
+        /// Module directory or zip
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        /// Local source to publish to [default: the first local source]
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Print the path of the interception CA certificate (creating the CA if needed).
     Ca {
         /// Print the certificate itself (PEM) instead of its path.
@@ -251,6 +264,11 @@ fn main() -> ExitCode {
         Command::Import(args) => import(args),
         Command::Keygen { out } => keygen(&out),
         Command::Cache(args) => cache(args),
+        Command::Publish {
+            path,
+            source,
+            common,
+        } => publish(&path, source.as_deref(), common),
         Command::Ca { pem, common } => ca(pem, common).map(|()| true),
         Command::Env {
             proxy,
@@ -351,6 +369,17 @@ fn keygen(out: &std::path::Path) -> anyhow::Result<bool> {
         "public key:  {} (give it to importers: --trust-key)",
         public.display()
     );
+    Ok(true)
+}
+
+fn publish(path: &std::path::Path, source: Option<&str>, common: Common) -> anyhow::Result<bool> {
+    let config = common.load()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let published = runtime.block_on(async {
+        let app = Services::open(&config, Mode::Command)?;
+        moonbit_registry::publish::run(&app, path, source).await
+    })?;
+    println!("{}", serde_json::to_string(&published)?);
     Ok(true)
 }
 

@@ -1,7 +1,12 @@
 //! The one place that decides what a request is ([`Route`]) and which handler
 //! answers it, once, whatever door the request came in by ([`Door`]) and whatever
 //! the mode: the doors hand over one origin-form request, the router classifies it
-//! and calls the archive store, the index, the mutable cache or the passthrough.
+//! and calls the archive store, the index, the mutable cache, publishing or the
+//! passthrough.
+//!
+//! Sources the gateway hosts (`local = true`) have URLs that name no host: they are
+//! left out of every list of URLs to fetch from, and their archives are served
+//! from their files ([`Object::local_archive`]).
 
 use http::{header, Method, Request, Response, StatusCode};
 
@@ -9,7 +14,7 @@ use crate::app::Services;
 use crate::archive::{ArchiveKey, AssetPath, PathError};
 use crate::body::{self, GatewayBody};
 use crate::client::{bearer_matches, Client};
-use crate::config::join;
+use crate::config::{join, Source};
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Offline};
 use crate::passthrough;
@@ -29,6 +34,8 @@ pub enum Route {
     Health,
     /// `POST /-/index/refresh`: refresh every index mirror now.
     IndexRefresh,
+    /// `POST /-/publish[?source=NAME]`: publish the zip in the body to a local source.
+    Publish { source: Option<String> },
     /// `GET|HEAD /user/<enc>.zip`: an immutable archive, cached.
     Archive(ArchiveKey),
     /// `GET|HEAD /assets/...`: a prebuilt wasm asset or its `.sha256`, cached.
@@ -73,6 +80,14 @@ pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) ->
     }
     if path == "/-/index/refresh" && *method == Method::POST {
         return Route::IndexRefresh;
+    }
+    if path == "/-/publish" && *method == Method::POST {
+        let source = query.and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "source")
+                .map(|(_, v)| v.into_owned())
+        });
+        return Route::Publish { source };
     }
     // Credentials mean a personal answer: never served from or stored in the cache.
     if has_credentials || !read {
@@ -186,6 +201,7 @@ async fn dispatch(
             Some(refusal) => refusal,
             None => refresh_asked(app).await,
         },
+        Route::Publish { source } => crate::publish::handle(app, req, source.as_deref()).await,
         Route::Archive(key) => {
             // Before the index is asked (which may refresh it): a recent 404 answers.
             if let Some(resp) = app
@@ -215,9 +231,7 @@ async fn dispatch(
         }
         Route::Asset(asset) => {
             let path = format!("/assets/{}", asset.raw);
-            let urls = app
-                .sources
-                .iter()
+            let urls = remote_sources(app)
                 .map(|s| join(&s.registry, &path))
                 .collect();
             let object = Object::asset(&asset, urls);
@@ -229,6 +243,10 @@ async fn dispatch(
                 .await
         }
         Route::Symbols => {
+            let Some(src) = remote_for(app, source) else {
+                // Only hosted sources: no symbols but one an imported bundle brought.
+                return app.store.respond(Object::symbols(Vec::new()), head).await;
+            };
             let private = req.headers().contains_key(header::AUTHORIZATION)
                 || req.headers().contains_key(header::COOKIE);
             let read = matches!(*req.method(), Method::GET | Method::HEAD);
@@ -245,6 +263,12 @@ async fn dispatch(
             }
         }
         Route::Pass => {
+            let Some(src) = remote_for(app, source) else {
+                return body::text(
+                    StatusCode::NOT_FOUND,
+                    "this gateway hosts its sources itself and has no registry to pass this request to",
+                );
+            };
             let url = join(
                 &src.registry,
                 &format!("/{}", view.target.trim_start_matches('/')),
@@ -340,31 +364,38 @@ fn health(app: &Services) -> Response<GatewayBody> {
     )
 }
 
+/// The sources the gateway fetches from: every one but those it hosts.
+fn remote_sources(app: &Services) -> impl Iterator<Item = &Source> {
+    app.sources.iter().filter(|s| !s.local)
+}
+
+/// The source a request for the door's source `position` is passed to: that one,
+/// or, if it is hosted here, the first source that is not.
+fn remote_for(app: &Services, position: usize) -> Option<&Source> {
+    Some(&app.sources[position])
+        .filter(|s| !s.local)
+        .or_else(|| remote_sources(app).next())
+}
+
 /// Where to fetch an archive and what to check it against: the source whose
-/// index lists it, or every source (unverified, not stored) if none does.
+/// index lists it (its file, for a source hosted here), or every source fetched
+/// from (unverified, not stored) if none does.
 fn object_for(app: &Services, key: &ArchiveKey, expectation: Expectation) -> Object {
-    let path = key.upstream_path();
-    match expectation {
-        Expectation::Known { source, checksum } => Object::archive(
-            key,
-            checksum,
-            app.index.refreshes(),
-            vec![join(&app.sources[source].archive, &path)],
-        ),
-        Expectation::Unknown => {
-            tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");
-            // A claimed module is asked of its claimant only, never of a later source.
-            let claimant = app.index.claimant(&key.name());
-            let urls = app
-                .sources
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| claimant.is_none_or(|c| c == *i))
-                .map(|(_, s)| join(&s.archive, &path))
-                .collect();
-            Object::unlisted_archive(key, urls)
-        }
+    if let Some(listed) = crate::warm::object(app, key, &expectation) {
+        return listed;
     }
+    tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");
+    let path = key.upstream_path();
+    // A claimed module is asked of its claimant only, never of a later source.
+    let claimant = app.index.claimant(&key.name());
+    let urls = app
+        .sources
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| !s.local && claimant.is_none_or(|c| c == *i))
+        .map(|(_, s)| join(&s.archive, &path))
+        .collect();
+    Object::unlisted_archive(key, urls)
 }
 
 /// Start fetching `key`'s dependencies in the background: `moon` asks for them
@@ -421,6 +452,18 @@ mod tests {
         assert_eq!(classify(&get, "/symbols.zip", false), Route::Symbols);
         assert_eq!(classify(&get, "/api/v0/search?kw=x", false), Route::Pass);
         assert_eq!(classify(&get, "/-/health", false), Route::Health);
+        // Publishing carries its token: classified before credentials bypass the rest.
+        assert_eq!(
+            classify(&Method::POST, "/-/publish?source=local", true),
+            Route::Publish {
+                source: Some("local".into())
+            }
+        );
+        assert_eq!(
+            classify(&Method::POST, "/-/publish", true),
+            Route::Publish { source: None }
+        );
+        assert_eq!(classify(&get, "/-/publish", false), Route::Pass);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::app::{Mode, Services};
 use crate::archive::ArchiveKey;
 use crate::body;
 use crate::config::{join, Config};
+use crate::hosted::Hosted;
 use crate::index::mirror::Freshness;
 use crate::index::selection::{Chosen, Selection};
 use crate::index::Expectation;
@@ -55,12 +56,23 @@ pub async fn refresh(app: &Services) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What to fetch for `key`, verified against the index.
+/// What to fetch for `key`, verified against the index (for a source hosted
+/// here, the file it is read from); `None` if no index lists it.
 pub fn object(app: &Services, key: &ArchiveKey, expectation: &Expectation) -> Option<Object> {
     let Expectation::Known { source, checksum } = expectation else {
         return None;
     };
-    let url = join(&app.sources[*source].archive, &key.upstream_path());
+    let src = &app.sources[*source];
+    if src.local {
+        let file = Hosted::new(app.data_dir(), &src.name).archive_path(key);
+        return Some(Object::local_archive(
+            key,
+            checksum.clone(),
+            app.index.refreshes(),
+            file,
+        ));
+    }
+    let url = join(&src.archive, &key.upstream_path());
     Some(Object::archive(
         key,
         checksum.clone(),

@@ -39,6 +39,15 @@ pub async fn run(
         signing::sign(b"check", key)?;
     }
     let app = Services::open(&config, Mode::Command)?;
+    let primary = &app.sources[0];
+    if primary.local {
+        // Its archives are files of its own, not in the store a bundle is made from.
+        bail!(
+            "the first source, `{}`, is hosted here (local = true): a bundle carries a fetched source's index; back up {} instead",
+            primary.name,
+            crate::hosted::Hosted::new(app.data_dir(), &primary.name).dir().display()
+        );
+    }
     warm::refresh(&app).await?;
     let chosen = app.index.select(&selection)?;
     let primary = &app.sources[0];

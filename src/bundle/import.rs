@@ -75,6 +75,13 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
             .with_context(|| {
                 format!("refused {}: it carries the index of source `{source}`, which is not configured here", file.display())
             })?;
+        // A hosted index is written by `publish` alone: a bundle never replaces it.
+        if mirror.is_hosted() {
+            anyhow::bail!(
+                "refused {}: its index would replace that of local source `{source}`, which only `publish` writes",
+                file.display()
+            );
+        }
         targets.push(mirror.dir().to_path_buf());
     }
     let store_dir = data_dir.join("store");

@@ -183,9 +183,12 @@ impl Doors {
             return Ok(req);
         };
         // Liveness probes (load balancers, Kubernetes) carry no credentials, and with
-        // an admin token the admin endpoints check their own (Bearer) credentials.
+        // an admin or publish token those endpoints check their own (Bearer) credentials.
         let path = req.uri().path();
-        if path == "/-/health" || (path.starts_with("/-/") && self.app.admin_token.is_some()) {
+        if path == "/-/health"
+            || (path.starts_with("/-/") && self.app.admin_token.is_some())
+            || (path == "/-/publish" && self.app.publish_token.is_some())
+        {
             return Ok(req);
         }
         if basic_matches(req.headers().get(header::AUTHORIZATION), expected) {

@@ -283,7 +283,7 @@ impl Merged {
         true
     }
 
-    /// The repository (relative to the index root) serving the view at `at`: its
+    /// The repository serving the view at `at`: its
     /// `main` is `commit` (of the merged history, or of a lone source's mirror
     /// at `objects`). Made or moved on demand.
     pub async fn pin(
@@ -291,7 +291,7 @@ impl Merged {
         at: SystemTime,
         objects: &Path,
         commit: &str,
-    ) -> Result<String, String> {
+    ) -> Result<PathBuf, String> {
         let _guard = self.lock.lock().await;
         let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let name = format!("{PINS}/{secs}.git");
@@ -311,7 +311,7 @@ impl Merged {
         ))
         .await?;
         prune_pins(&self.root.join(PINS)).await;
-        Ok(name)
+        Ok(dir)
     }
 
     /// Create the repository: `HEAD -> main`, the sources' refs hidden from clients.

@@ -5,6 +5,10 @@
 //! A private source's fetches carry its credential (see [`crate::git::Options`]);
 //! a fetch the source refuses (401/403) is an authentication error of the source,
 //! logged and shown in `/-/health`, not a breaker failure: the source is up.
+//!
+//! A hosted mirror ([`Mirror::hosted`]) is the index
+//! of a source the gateway hosts itself: never fetched, its refresh only re-reads
+//! the tip that `publish` moved.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -80,6 +84,8 @@ pub struct Mirror {
     credential: Option<Credential>,
     /// Why the last refresh failed, until one succeeds (for `/-/health`).
     last_failure: std::sync::Mutex<Option<String>>,
+    /// The index of a source hosted here: created empty, never fetched.
+    hosted: bool,
 }
 
 impl Mirror {
@@ -95,6 +101,21 @@ impl Mirror {
             pack_cache: false,
         };
         Mirror::new(source, "", dir, settings)
+    }
+
+    /// The index of a source the gateway hosts (`local = true`), kept in `dir` and
+    /// written by `publish`, possibly from another process: every refresh re-reads
+    /// the tip (a cheap `git rev-parse`; `max_age` is zero so each client's ref
+    /// advertisement does one), and nothing is ever fetched.
+    pub fn hosted(source: &str, dir: PathBuf, settings: MirrorSettings) -> Mirror {
+        let settings = MirrorSettings {
+            max_age: Duration::ZERO,
+            ..settings
+        };
+        Mirror {
+            hosted: true,
+            ..Mirror::new(source, "", dir, settings)
+        }
     }
 
     /// A mirror of `url` kept in `dir` (a bare repository, created on first refresh).
@@ -118,6 +139,7 @@ impl Mirror {
             background: AtomicBool::new(false),
             credential: None,
             last_failure: std::sync::Mutex::new(None),
+            hosted: false,
         }
     }
 
@@ -141,6 +163,11 @@ impl Mirror {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether this is the index of a source hosted here ([`Mirror::hosted`]).
+    pub fn is_hosted(&self) -> bool {
+        self.hosted
     }
 
     pub fn exists(&self) -> bool {
@@ -317,6 +344,10 @@ impl Mirror {
             credential: self.credential.clone(),
             ..self.git_options()
         };
+        if self.hosted {
+            // Nothing to fetch: `publish` writes it; an empty one is made on first use.
+            return crate::hosted::create_index(&self.dir).await;
+        }
         if !self.exists() {
             return git::clone_mirror(&self.url, &self.dir, &options)
                 .await
@@ -343,9 +374,15 @@ impl Mirror {
 
     /// Re-read the checksums if the tip moved. Returns whether it did.
     async fn reload(&self) -> Result<bool, String> {
-        let commit = self
+        let commit = match self
             .git(&["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
-            .await?;
+            .await
+        {
+            Ok(commit) => commit,
+            // A hosted index nothing was published to yet has no commit: empty.
+            Err(_) if self.hosted && self.snapshot().commit.is_none() => return Ok(false),
+            Err(e) => return Err(e),
+        };
         let commit = String::from_utf8_lossy(&commit).trim().to_string();
         if self.snapshot().commit.as_deref() == Some(commit.as_str()) {
             return Ok(false);

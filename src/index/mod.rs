@@ -12,6 +12,9 @@
 //! offline index (`serve --offline`) is the same index with refreshes switched
 //! off: mirrors are served as they are. A pinned view (`/at/<time>/`) serves each
 //! source's history as it stood at that time.
+//! A source the gateway hosts (`local = true`) has a hosted mirror, which
+//! `publish` writes and which is never fetched (offline included, it re-reads its
+//! tip on every advertisement).
 
 pub mod checksums;
 pub mod merge;
@@ -20,7 +23,7 @@ pub mod pack_cache;
 pub mod selection;
 pub mod serve;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
@@ -111,11 +114,12 @@ const GIT_SLOTS: usize = 32;
 
 impl Index {
     pub fn new(
-        root: PathBuf,
+        data_dir: &Path,
         sources: &[Source],
         settings: MirrorSettings,
         limits: serve::Limits,
     ) -> Index {
+        let root = data_dir.join("index");
         let pack_cache = settings
             .pack_cache
             .then(|| pack_cache::Hook::new(&root.join(".pack-cache")))
@@ -123,6 +127,10 @@ impl Index {
         let mirrors = sources
             .iter()
             .map(|s| {
+                if s.local {
+                    let dir = crate::hosted::Hosted::new(data_dir, &s.name).index_dir();
+                    return Arc::new(Mirror::hosted(&s.name, dir, settings.clone()));
+                }
                 let dir = root.join(repo_name(&s.name));
                 Arc::new(
                     Mirror::new(&s.name, s.index.as_str(), dir, settings.clone())
@@ -138,7 +146,6 @@ impl Index {
             unknown_pacer: Pacer::new(UNKNOWN_REFRESH_EVERY),
             asked_pacer: Pacer::new(ASKED_REFRESH_EVERY),
             backend: serve::Backend {
-                root,
                 slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
                 limits,
                 pack_cache,
@@ -296,20 +303,19 @@ impl Index {
     ) -> Response<GatewayBody> {
         // Only the ref advertisement refreshes: the POSTs of one clone must see the
         // same tip their GET advertised.
-        let advertisement = req.method() == Method::GET && !self.offline;
-        let freshness = if advertisement {
-            futures_util::future::join_all(self.mirrors.iter().map(|m| self.freshen(m))).await
-        } else {
-            self.mirrors
-                .iter()
-                .map(|m| match m.exists() {
-                    true => Freshness::Fresh,
-                    false => Freshness::Missing {
-                        error: "no mirror yet".into(),
-                    },
-                })
-                .collect()
-        };
+        let advertisement = req.method() == Method::GET;
+        let freshness = futures_util::future::join_all(self.mirrors.iter().map(|m| async move {
+            if advertisement && (!self.offline || m.is_hosted()) {
+                self.freshen(m).await
+            } else if m.exists() {
+                Freshness::Fresh
+            } else {
+                Freshness::Missing {
+                    error: "no mirror yet".into(),
+                }
+            }
+        }))
+        .await;
         for (m, f) in self.mirrors.iter().zip(&freshness) {
             if let Freshness::Stale { age, error } = f {
                 let age = age
@@ -321,7 +327,7 @@ impl Index {
         if advertisement {
             self.merge().await;
         }
-        let repo = if let Some(at) = at {
+        let repo: PathBuf = if let Some(at) = at {
             match self.pin(at).await {
                 Ok(repo) => repo,
                 Err(error) => {
@@ -340,9 +346,20 @@ impl Index {
                 };
                 return body::text(StatusCode::SERVICE_UNAVAILABLE, why);
             }
-            merge::REPO.to_string()
+            self.merged.dir().to_path_buf()
         } else {
+            let mirror = &self.mirrors[0];
             match &freshness[0] {
+                Freshness::Missing { error } if mirror.is_hosted() => {
+                    // Its URLs name no host: there is nothing to pass through to.
+                    return body::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "the index of local source `{}` could not be created: {error}",
+                            mirror.source
+                        ),
+                    );
+                }
                 Freshness::Missing { .. } if self.offline => {
                     return body::text(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -354,7 +371,7 @@ impl Index {
                     let url = join(&source.index, &format!("/{rest}"));
                     return passthrough::forward(upstream, req, &url).await;
                 }
-                _ => repo_name(&self.mirrors[0].source),
+                _ => mirror.dir().to_path_buf(),
             }
         };
         serve::upload_pack(&self.backend, &repo, rest, req, client).await
@@ -362,7 +379,7 @@ impl Index {
 
     /// The repository serving the view at `at` (see [`merge::Merged::pin`]): the
     /// last merged commit by then, or with one source its last commit by then.
-    async fn pin(&self, at: std::time::SystemTime) -> Result<String, String> {
+    async fn pin(&self, at: std::time::SystemTime) -> Result<PathBuf, String> {
         let (objects, commit) = if self.is_merged() {
             let commit = self.merged.commit_at(at).await?;
             (self.merged.dir().join("objects"), commit)
@@ -428,13 +445,18 @@ impl Index {
         if let Some(known) = self.lookup(key) {
             return known;
         }
-        if self.offline {
+        // Offline, only a hosted index (ours, never fetched) can have changed.
+        if self.offline && !self.mirrors.iter().any(|m| m.is_hosted()) {
             return Expectation::Unknown;
         }
         // Requests for unknown archives cannot make the gateway hammer the upstream.
         let slot = self.unknown_pacer.wait().await;
         // A source that is down is not waited for (its probe may be running).
-        for m in self.mirrors.iter().filter(|m| !m.source_down()) {
+        let refreshed = self
+            .mirrors
+            .iter()
+            .filter(|m| !m.source_down() && (!self.offline || m.is_hosted()));
+        for m in refreshed {
             m.refresh_started_after(slot).await;
         }
         self.lookup(key).unwrap_or(Expectation::Unknown)

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -171,27 +171,24 @@ struct ClientSlot {
     _entered: Entered,
 }
 
-/// What answers clients' git requests from the mirrors: `git http-backend` over
-/// the bare repos under `root`, its slots, the bounds on a request, and the pack
-/// cache identical clones share.
+/// What answers clients' git requests from the mirrors: `git http-backend`, its
+/// slots, the bounds on a request, and the pack cache identical clones share.
 pub struct Backend {
-    pub root: PathBuf,
     pub slots: Slots,
     pub limits: Limits,
     pub pack_cache: Option<pack_cache::Hook>,
 }
 
-/// Serve `rest` (`info/refs?...` or `git-upload-pack`) from the bare repo
-/// `<root>/<repo>`, for `client`.
+/// Serve `rest` (`info/refs?...` or `git-upload-pack`) from the bare repo `repo`
+/// (a mirror's directory), for `client`.
 pub async fn upload_pack(
     backend: &Backend,
-    repo: &str,
+    repo: &Path,
     rest: &str,
     req: Request<GatewayBody>,
     client: Option<Client>,
 ) -> Response<GatewayBody> {
     let Backend {
-        root,
         slots,
         limits,
         pack_cache,
@@ -219,11 +216,19 @@ pub async fn upload_pack(
         Ok(slot) => slot,
         Err(refused) => return refused,
     };
+    // http-backend serves repositories below a root: the mirror's parent.
+    let (Some(root), Some(name)) = (repo.parent(), repo.file_name()) else {
+        return body::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{} is not a repository path", repo.display()),
+        );
+    };
+    let name = name.to_string_lossy();
     let mut git = Git::http_backend(root)
         .env("GATEWAY_INTERFACE", "CGI/1.1")
         .env("SERVER_PROTOCOL", "HTTP/1.1")
         .env("REQUEST_METHOD", parts.method.as_str())
-        .env("PATH_INFO", format!("/{repo}/{path}"))
+        .env("PATH_INFO", format!("/{name}/{path}"))
         .env("QUERY_STRING", query)
         .env("REMOTE_ADDR", "127.0.0.1")
         // git's own bound on a body it buffers, one past ours: git refuses a body of

@@ -29,6 +29,13 @@ impl Store {
         if let Some(size) = self.stored_size(&object).await {
             return Ahead::Present { size };
         }
+        if let Some(path) = &object.local {
+            // Hosted here: its file is all there is, nothing can be fetched.
+            return Ahead::Failed(format!(
+                "the local source's file {} is missing",
+                path.display()
+            ));
+        }
         if let Trust::Checksum { refreshes, .. } = &object.trust {
             if let Some(bad) = self.quarantine.get(&object.key, *refreshes) {
                 return Ahead::Failed(format!(
@@ -68,8 +75,12 @@ impl Store {
         }
     }
 
-    /// Size of the stored copy of `object`, if there is one it accepts.
+    /// Size of the stored copy of `object`, if there is one it accepts (for a
+    /// hosted archive, its file's size: checked when it is served).
     pub async fn stored_size(&self, object: &Object) -> Option<u64> {
+        if let Some(path) = &object.local {
+            return tokio::fs::metadata(path).await.ok().map(|m| m.len());
+        }
         match self.disk.lookup(&object.key).await {
             Ok(Some(entry)) if object.accepts(&entry.sha256()) => Some(entry.size),
             _ => None,

@@ -1,11 +1,13 @@
 //! The cache of immutable objects (archives, wasm assets): memory tier, then disk
-//! tier, then one shared upstream fetch per key. Every answer says where it came
-//! from in `x-cache` (`hit` from the store, `miss` fetched now).
+//! tier, then one shared upstream fetch per key, or, for an archive of a source
+//! the gateway hosts, its file ([`local`]). Every answer says where it came from
+//! in `x-cache` (`hit` from the store or a hosted file, `miss` fetched now).
 
 pub mod ahead;
 pub mod disk;
 pub mod eviction;
 pub mod flight;
+pub mod local;
 pub mod memory;
 pub mod not_found;
 pub mod object;
@@ -161,6 +163,9 @@ impl Store {
         if let Some(resp) = self.serve_held(&object, head).await {
             return resp;
         }
+        if let Some(path) = &object.local {
+            return local::respond(self, &object, path, head).await;
+        }
         if let Trust::Checksum { refreshes, .. } = &object.trust {
             if let Some(bad) = self.quarantine.get(&object.key, *refreshes) {
                 return refuse_mismatch(&bad);
@@ -219,6 +224,10 @@ impl Store {
     /// Fetch `object` into the store in the background unless it is there already;
     /// at most `prefetch_jobs` at a time. Never blocks a client's request.
     pub async fn prefetch(self: &Arc<Self>, object: Object) {
+        // A hosted archive is here already, in its file.
+        if object.local.is_some() {
+            return;
+        }
         // Cheap checks first, so a closure that is mostly present costs no queueing.
         if let Trust::Checksum { refreshes, .. } = &object.trust {
             if self.quarantine.get(&object.key, *refreshes).is_some() {

@@ -3,6 +3,8 @@
 //! kind of object has its constructor here, so every door and command that asks
 //! for an archive, an asset or `symbols.zip` describes it the same way.
 
+use std::path::PathBuf;
+
 use super::SYMBOLS_KEY;
 use crate::archive::{ArchiveKey, AssetPath};
 
@@ -16,6 +18,9 @@ pub struct Object {
     pub key: String,
     /// Where to fetch it, in source order.
     pub urls: Vec<String>,
+    /// The file it is read from instead, for an archive of a source the gateway
+    /// hosts (`local = true`): never fetched, never copied into the store.
+    pub local: Option<PathBuf>,
     pub content_type: &'static str,
     pub trust: Trust,
 }
@@ -46,6 +51,7 @@ impl Object {
         Object {
             key: key.store_key(),
             urls,
+            local: None,
             content_type: ZIP,
             trust: Trust::Checksum {
                 label: key.label(),
@@ -55,12 +61,27 @@ impl Object {
         }
     }
 
+    /// An archive of a source the gateway hosts, kept in the file `path` that
+    /// `publish` wrote, served only with the `sha256` the index gives for it.
+    pub fn local_archive(
+        key: &ArchiveKey,
+        sha256: String,
+        refreshes: u64,
+        path: PathBuf,
+    ) -> Object {
+        Object {
+            local: Some(path),
+            ..Object::archive(key, sha256, refreshes, Vec::new())
+        }
+    }
+
     /// An archive no index lists: streamed from the first of `urls` that has it,
     /// never stored.
     pub fn unlisted_archive(key: &ArchiveKey, urls: Vec<String>) -> Object {
         Object {
             key: key.store_key(),
             urls,
+            local: None,
             content_type: ZIP,
             trust: Trust::Unverified,
         }
@@ -72,6 +93,7 @@ impl Object {
         Object {
             key: asset.store_key(),
             urls,
+            local: None,
             content_type: asset.content_type(),
             trust: Trust::Complete,
         }
@@ -83,6 +105,7 @@ impl Object {
         Object {
             key: SYMBOLS_KEY.into(),
             urls,
+            local: None,
             content_type: ZIP,
             trust: Trust::Complete,
         }

@@ -17,6 +17,7 @@
 //!   pinned views), [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
 //!   [`store_admin`] (`cache gc`, `cache verify`, the size bound),
 //!   [`private_sources`] (several sources: credentials, merged `symbols.zip`),
+//!   [`publish`] (local sources: `publish`, `POST /-/publish`),
 //!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
 //! - [`upstream_selftest`] tests of the harness itself, without the gateway.
 //!
@@ -32,6 +33,7 @@ mod mutable_cache_and_breaker;
 mod offline_bundle;
 mod private_sources;
 mod proxy_intercept;
+mod publish;
 mod registry_endpoint;
 mod sources;
 mod store_admin;

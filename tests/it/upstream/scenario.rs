@@ -49,6 +49,8 @@ pub struct Setup {
     pub registry: Arc<Registry>,
     pub upstream: Upstream,
     pub gateway: Gateway,
+    /// The gateway's config file (for one-shot commands beside it).
+    pub config: PathBuf,
     /// Holds the gateway's config file for as long as the gateway runs.
     _config_dir: tempfile::TempDir,
 }
@@ -71,18 +73,44 @@ pub async fn setup_configured_env<T>(
     env: &[(&str, &str)],
     publish: impl FnOnce(&Registry) -> T,
 ) -> (Setup, T) {
+    start(toml, env, false, publish).await
+}
+
+/// Like [`setup_configured_env`], for a config with `[[sources]]` tables instead
+/// of `--upstream`: `{upstream}` in `toml` becomes the test upstream's URL.
+pub async fn setup_sources<T>(
+    toml: &str,
+    env: &[(&str, &str)],
+    publish: impl FnOnce(&Registry) -> T,
+) -> (Setup, T) {
+    start(toml, env, true, publish).await
+}
+
+async fn start<T>(
+    toml: &str,
+    env: &[(&str, &str)],
+    sources: bool,
+    publish: impl FnOnce(&Registry) -> T,
+) -> (Setup, T) {
     let registry = Arc::new(Registry::new());
     let published = publish(&registry);
     let upstream = Upstream::start(registry.clone()).await;
     let config_dir = tempfile::tempdir().expect("temp dir for the gateway config");
     let config = config_dir.path().join("moonbit-registry.toml");
-    std::fs::write(&config, toml).expect("write the gateway config");
+    std::fs::write(&config, toml.replace("{upstream}", &upstream.url()))
+        .expect("write the gateway config");
     let args = ["--config", config.to_str().expect("UTF-8 temp path")];
-    let gateway = Gateway::start_with_env(&upstream.url(), &upstream.ca_pem, &args, env).await;
+    let upstream_url = if sources {
+        String::new()
+    } else {
+        upstream.url()
+    };
+    let gateway = Gateway::start_with_env(&upstream_url, &upstream.ca_pem, &args, env).await;
     let setup = Setup {
         registry,
         upstream,
         gateway,
+        config,
         _config_dir: config_dir,
     };
     (setup, published)
