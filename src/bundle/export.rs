@@ -39,13 +39,13 @@ pub async fn run(
         signing::sign(b"check", key)?;
     }
     let app = Services::open(&config, Mode::Command)?;
-    let primary = &app.sources[0];
-    if primary.local {
-        // Its archives are files of its own, not in the store a bundle is made from.
+    if let Some(local) = app.sources.iter().find(|s| s.local) {
+        // Its archives are files of its own, not in the store a bundle is made from,
+        // and an importing gateway could not merge its index without them.
         bail!(
-            "the first source, `{}`, is hosted here (local = true): a bundle carries a fetched source's index; back up {} instead",
-            primary.name,
-            crate::hosted::Hosted::new(app.data_dir(), &primary.name).dir().display()
+            "source `{}` is hosted here (local = true): bundles carry fetched sources only; back up {} instead",
+            local.name,
+            crate::hosted::Hosted::new(app.data_dir(), &local.name).dir().display()
         );
     }
     warm::refresh(&app).await?;

@@ -18,8 +18,7 @@ use crate::upstream::scenario::{
 const TOKEN_VAR: &str = "MBR_TEST_PUBLISH_TOKEN";
 const TOKEN: &str = "publish-s3cret";
 
-/// A local source first (what `/git/index` serves until the merged index lands),
-/// the test upstream second.
+/// A local source first, the test upstream second: one merged index.
 fn config(publish_token: bool) -> String {
     let mut toml = String::from(
         "[[sources]]\nname = \"local\"\nlocal = true\nclaims = [\"acme/*\"]\n\n\
@@ -335,9 +334,9 @@ async fn publishing_over_http_needs_the_token_and_is_seen_at_once() {
     let zip = zip_of(&[
         (
             "moon.mod.json",
-            // No dependency on the public source: until the merged index lands,
-            // `/git/index` serves the local source's index alone.
-            br#"{"name":"acme/web","version":"0.1.0","deps":{}}"#.as_slice(),
+            // A local module needing a public one: moon resolves both through
+            // the merged index.
+            br#"{"name":"acme/web","version":"0.1.0","deps":{"alice/core":"0.1.0"}}"#.as_slice(),
         ),
         ("src/lib/moon.pkg.json", b"{}".as_slice()),
         (
@@ -417,6 +416,7 @@ async fn publishing_over_http_needs_the_token_and_is_seen_at_once() {
         "publishing_over_http_needs_the_token_and_is_seen_at_once",
     ) {
         assert!(proj.join(".mooncakes/acme/web/src/lib/web.mbt").is_file());
+        assert!(proj.join(".mooncakes/alice/core/moon.mod.json").is_file());
     }
 }
 

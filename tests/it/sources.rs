@@ -13,13 +13,15 @@ use crate::upstream::scenario::{
 };
 use crate::upstream::{admin, Gateway};
 
-/// Internal first, claiming `acme/*`; the public registry second.
+/// Internal first (private: it wants a bearer token), claiming `acme/*`; the
+/// public registry second.
 const TWO: &str = r#"
 [[sources]]
 name = "internal"
 registry = "{internal}"
 claims = ["acme/*"]
 intercept_hosts = []
+auth = { bearer_env = "INTERNAL_TOKEN" }
 
 [[sources]]
 name = "public"
@@ -34,7 +36,8 @@ tunnel = "deny"
 /// with another version) and `bob/util` (public); the public `acme/evil` is
 /// what claims keep out.
 async fn acme() -> TwoSources {
-    let (sources, ()) = TwoSources::start(TWO, &[], |internal, public| {
+    let env = [("INTERNAL_TOKEN", TOKEN)];
+    let (sources, ()) = TwoSources::start(TWO, &env, |internal, public| {
         internal.publish("acme/json", "0.1.0", &[]);
         internal.publish(
             "acme/app",
@@ -48,7 +51,12 @@ async fn acme() -> TwoSources {
     })
     .await;
     sources
+        .internal
+        .require_authorization(Some(&format!("Bearer {TOKEN}")));
+    sources
 }
+
+const TOKEN: &str = "internal-t0ken";
 
 /// The merged index's `main` as the gateway advertises it.
 fn ls_remote(url: &str) -> String {
@@ -370,7 +378,10 @@ async fn a_bundle_carries_every_source_and_offline_serves_the_same_merged_index(
     let with_sources = |args: &[&str], data: &Path| {
         let mut all = args.to_vec();
         all.extend(["--config", config, "--upstream-ca", ca]);
-        admin::run(&all, Some(data), None)
+        admin::command(&all, Some(data), None)
+            .env("INTERNAL_TOKEN", TOKEN)
+            .output()
+            .expect("run moonbit-registry")
     };
     let exported = with_sources(
         &[
@@ -400,9 +411,14 @@ async fn a_bundle_carries_every_source_and_offline_serves_the_same_merged_index(
 
     s.internal.stop().await;
     s.public.stop().await;
-    let offline =
-        Gateway::start_with_data_dir("", &s.ca_bundle, &data, &["--config", config, "--offline"])
-            .await;
+    let offline = Gateway::start_with_data_dir_env(
+        "",
+        &s.ca_bundle,
+        &data,
+        &["--config", config, "--offline"],
+        &[("INTERNAL_TOKEN", TOKEN)],
+    )
+    .await;
     assert_eq!(
         ls_remote(&format!("{}/git/index", offline.url())),
         ls_remote(&format!("{}/git/index", online.url())),
