@@ -107,24 +107,36 @@ pub async fn run(
         more.push((mirror.source.clone(), commit, file));
     }
 
-    // The latest stored symbols.zip, or the source's current one (moon update asks for it).
+    // The latest stored symbols.zip, or the source's current one (moon update asks
+    // for it); with several sources, the merged one the gateway serves.
     let symbols_object = Object::symbols(vec![primary.symbols.to_string()]);
-    let symbols = match app.store.fetch_ahead(symbols_object, |_| {}).await {
-        Ahead::Present { .. } | Ahead::Fetched { .. } => {
-            let file = scratch.path().join(SYMBOLS);
-            match cacache::copy(app.store.disk().dir(), SYMBOLS_KEY, &file).await {
-                Ok(_) => Some(file),
-                Err(e) => {
-                    eprintln!("warning: stored symbols.zip unreadable, not exported: {e}");
-                    None
-                }
+    let symbols = if app.sources.len() > 1 {
+        let file = scratch.path().join(SYMBOLS);
+        match merged_symbols(&app, &file).await {
+            Ok(()) => Some(file),
+            Err(e) => {
+                eprintln!("warning: no merged symbols.zip ({e}); the bundle has none");
+                None
             }
         }
-        Ahead::Failed(reason) => {
-            eprintln!(
+    } else {
+        match app.store.fetch_ahead(symbols_object, |_| {}).await {
+            Ahead::Present { .. } | Ahead::Fetched { .. } => {
+                let file = scratch.path().join(SYMBOLS);
+                match cacache::copy(app.store.disk().dir(), SYMBOLS_KEY, &file).await {
+                    Ok(_) => Some(file),
+                    Err(e) => {
+                        eprintln!("warning: stored symbols.zip unreadable, not exported: {e}");
+                        None
+                    }
+                }
+            }
+            Ahead::Failed(reason) => {
+                eprintln!(
                 "warning: no symbols.zip stored and none fetched ({reason}); the bundle has none"
             );
-            None
+                None
+            }
         }
     };
 
@@ -182,6 +194,30 @@ pub async fn run(
         if sign_key.is_some() { ", signed" } else { "" },
     );
     Ok(true)
+}
+
+/// The merged `symbols.zip`, as `GET /symbols.zip` would answer it, streamed into `file`.
+async fn merged_symbols(app: &Services, file: &Path) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let resp = app
+        .symbols
+        .respond(&app.sources[0], &http::HeaderMap::new(), false)
+        .await
+        .context("no source answered")?;
+    if resp.status() != http::StatusCode::OK {
+        bail!("the merge answered {}", resp.status());
+    }
+    let mut body = resp.into_body();
+    let mut out = tokio::fs::File::create(file).await?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| anyhow::anyhow!("reading the merged zip: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            out.write_all(&data).await?;
+        }
+    }
+    out.flush().await?;
+    Ok(())
 }
 
 /// `git bundle create` of the mirror's HEAD and branch; returns the commit it holds.

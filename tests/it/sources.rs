@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::upstream::clients::sha256_hex;
+use crate::upstream::registry::zip_of;
 use crate::upstream::scenario::{
     curl, gateway_env, git, inside_loopback_namespace, moon, moon_bin, moon_project, ok, run,
     TwoSources,
@@ -48,6 +49,8 @@ async fn acme() -> TwoSources {
         public.publish("acme/json", "0.1.0", &[]);
         public.publish("acme/json", "0.2.0", &[]);
         public.publish("acme/evil", "0.1.0", &[]);
+        internal.set_symbols(zip_of(&[("acme.json", b"internal".as_slice())]));
+        public.set_symbols(zip_of(&[("bob.json", b"public".as_slice())]));
     })
     .await;
     sources
@@ -424,6 +427,21 @@ async fn a_bundle_carries_every_source_and_offline_serves_the_same_merged_index(
         ls_remote(&format!("{}/git/index", online.url())),
         "offline, the bundle's sources merge into the same history"
     );
+    // The merged symbols.zip travelled too.
+    let symbols = work.path().join("symbols.zip");
+    let out = curl(&[
+        "-fsS",
+        "-o",
+        symbols.to_str().unwrap(),
+        &format!("{}/symbols.zip", offline.url()),
+    ]);
+    ok(&out, "GET /symbols.zip offline");
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&symbols).unwrap()).unwrap();
+    let mut names: Vec<String> = (0..zip.len())
+        .map(|i| zip.by_index(i).unwrap().name().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["acme.json", "bob.json"]);
     let Some(bin) = moon_bin() else {
         eprintln!("SKIPPED the moon part of a_bundle_carries_every_source_and_offline_serves_the_same_merged_index: set MOON_BIN to the moon client");
         return;
