@@ -496,17 +496,8 @@ mod tests {
     #[test]
     fn a_credential_goes_to_its_own_source_only_and_refusals_are_remembered() {
         use crate::config::{Credential, SourceConfig};
-        let table = |name: &str, registry: &str| SourceConfig {
-            name: Some(name.into()),
-            registry: Some(registry.into()),
-            index: None,
-            archive: None,
-            symbols: None,
-            intercept_hosts: None,
-            claims: Vec::new(),
-            auth: None,
-            local: false,
-        };
+        let table =
+            |name: &str, registry: &str| SourceConfig::remote(Some(name.into()), registry.into());
         let config = Config {
             // Same host: the longer prefix decides.
             sources: vec![

@@ -241,6 +241,23 @@ pub struct SourceAuth {
     pub basic_env: Option<String>,
 }
 
+impl SourceConfig {
+    /// A source fetched from `registry`, every part at its usual place.
+    pub fn remote(name: Option<String>, registry: String) -> SourceConfig {
+        SourceConfig {
+            name,
+            registry: Some(registry),
+            index: None,
+            archive: None,
+            symbols: None,
+            intercept_hosts: None,
+            claims: Vec::new(),
+            auth: None,
+            local: false,
+        }
+    }
+}
+
 /// `[publish]`, for publishing to a local source over HTTP (`POST /-/publish`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -519,15 +536,8 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| MOONCAKES.to_string());
             let source = SourceConfig {
-                name: Some("default".into()),
-                registry: Some(registry),
-                index: None,
-                archive: None,
-                symbols: None,
                 intercept_hosts: self.intercept_hosts.clone(),
-                claims: Vec::new(),
-                auth: None,
-                local: false,
+                ..SourceConfig::remote(Some("default".into()), registry)
             };
             return Ok(vec![Source::resolve(&source, 0)?]);
         }
@@ -924,17 +934,7 @@ mod tests {
     fn sources_and_upstream_together_are_refused() {
         let c = Config {
             upstream: Some("https://a".into()),
-            sources: vec![SourceConfig {
-                name: None,
-                registry: Some("https://b".into()),
-                index: None,
-                archive: None,
-                symbols: None,
-                intercept_hosts: None,
-                claims: Vec::new(),
-                auth: None,
-                local: false,
-            }],
+            sources: vec![SourceConfig::remote(None, "https://b".into())],
             ..Config::default()
         };
         assert!(c.sources().is_err());

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use crate::upstream;
 use crate::upstream::clients::sha256_hex;
 use crate::upstream::scenario::{
-    curl, fetch, moon, moon_bin, moon_project, ok, refresh_index, setup_configured,
+    curl_get, fetch, moon, moon_bin, moon_project, ok, refresh_index, setup_configured,
 };
 use crate::upstream::Fault;
 
@@ -39,32 +39,13 @@ impl Got {
 }
 
 fn get(gw: &upstream::Gateway, path: &str, headers: &[&str]) -> Got {
-    let dir = tempfile::tempdir().unwrap();
-    let body = dir.path().join("body");
-    let head = dir.path().join("head");
-    let url = format!("{}{path}", gw.url());
-    let mut args = vec![
-        "-o",
-        body.to_str().unwrap(),
-        "-D",
-        head.to_str().unwrap(),
-        "-w",
-        "%{http_code}",
-    ];
-    for h in headers {
-        args.extend(["-H", h]);
-    }
-    args.push(&url);
     let started = Instant::now();
-    let out = curl(&args);
-    let took = started.elapsed();
+    let (status, head, body) = curl_get(gw, path, headers);
     Got {
-        status: String::from_utf8_lossy(&out.stdout).to_string(),
-        head: std::fs::read_to_string(&head)
-            .unwrap_or_default()
-            .to_ascii_lowercase(),
-        body: std::fs::read(&body).unwrap_or_default(),
-        took,
+        status,
+        head,
+        body,
+        took: started.elapsed(),
     }
 }
 

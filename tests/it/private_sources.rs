@@ -11,40 +11,13 @@ use std::time::{Duration, Instant};
 
 use crate::upstream::registry::zip_of;
 use crate::upstream::scenario::{
-    curl, fetch_miss_then_hit, moon, moon_bin, moon_project, ok, setup_two_sources,
-    TwoSourcesGateway,
+    fetch_miss_then_hit, moon, moon_bin, moon_project, ok, setup_two_sources, TwoSourcesGateway,
 };
 use crate::upstream::{Fault, Gateway, Published};
 
 const TOKEN: &str = "s3cr3t-internal-token-4f1d";
 
-/// `curl` a gateway path: (status, lower-cased head, body).
-fn get(gw: &Gateway, path: &str, headers: &[&str]) -> (String, String, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let body = dir.path().join("body");
-    let head = dir.path().join("head");
-    let url = format!("{}{path}", gw.url());
-    let mut args = vec![
-        "-o",
-        body.to_str().unwrap(),
-        "-D",
-        head.to_str().unwrap(),
-        "-w",
-        "%{http_code}",
-    ];
-    for h in headers {
-        args.extend(["-H", h]);
-    }
-    args.push(&url);
-    let out = curl(&args);
-    (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        std::fs::read_to_string(&head)
-            .unwrap_or_default()
-            .to_ascii_lowercase(),
-        std::fs::read(&body).unwrap_or_default(),
-    )
-}
+use crate::upstream::scenario::curl_get as get;
 
 fn health(gw: &Gateway) -> serde_json::Value {
     let (_, _, body) = get(gw, "/-/health", &[]);
@@ -89,28 +62,16 @@ async fn both_mirrors(gw: &Gateway) {
 
 /// Every file under `dir` (recursively) whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() {
-                let bytes = std::fs::read(&path).unwrap_or_default();
-                if bytes.windows(needle.len()).any(|w| w == needle) {
-                    found.push(path.display().to_string());
-                }
-            }
-        }
-    }
-    found
+    crate::upstream::admin::tree(dir)
+        .into_iter()
+        .filter(|(rel, _)| !rel.ends_with('/'))
+        .map(|(rel, _)| dir.join(rel))
+        .filter(|path| {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            bytes.windows(needle.len()).any(|w| w == needle)
+        })
+        .map(|path| path.display().to_string())
+        .collect()
 }
 
 fn publish_both(

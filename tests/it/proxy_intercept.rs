@@ -10,7 +10,8 @@ use std::process::Command;
 
 use crate::upstream::clients::sha256_hex;
 use crate::upstream::scenario::{
-    curl, gateway_env, inside_loopback_namespace, moon_bin, ok, run, setup_configured, Setup,
+    curl, gateway_env, inside_loopback_namespace, moon_bin, moon_through_proxy, ok, run,
+    setup_configured, Setup,
 };
 use crate::upstream::{Gateway, Published, Registry};
 
@@ -396,21 +397,7 @@ async fn moon_works_through_https_proxy_with_the_builtin_registry() {
         let home = work.path().join(format!("home-{round}"));
         let cwd = work.path().join(format!("work-{round}"));
         std::fs::create_dir_all(&cwd).unwrap();
-        let moon = |dir: &Path, args: &[&str]| {
-            let mut cmd = Command::new(&bin);
-            cmd.args(args)
-                .current_dir(dir)
-                .env("MOON_HOME", &home)
-                .env_remove("MOONCAKES_REGISTRY")
-                .env_remove("SSL_CERT_DIR")
-                .env("RUST_BACKTRACE", "0")
-                .env("GIT_CONFIG_NOSYSTEM", "1")
-                .env("GIT_CONFIG_GLOBAL", "/dev/null");
-            for (k, v) in &env {
-                cmd.env(k, v);
-            }
-            run(&mut cmd)
-        };
+        let moon = |dir: &Path, args: &[&str]| moon_through_proxy(&bin, &home, dir, &env, args);
         for (what, out) in [
             ("moon update", moon(&cwd, &["update"])),
             ("moon new", moon(&cwd, &["new", "proj", "--user", "tester"])),

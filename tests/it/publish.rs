@@ -12,7 +12,7 @@ use crate::upstream::admin::{self, stderr, stdout, tree};
 use crate::upstream::clients::{sha256_file, sha256_hex};
 use crate::upstream::registry::zip_of;
 use crate::upstream::scenario::{
-    clone_index, curl, git, moon, moon_bin, moon_project, ok, refresh_index, setup_sources, Setup,
+    clone_index, curl, git, moon_bin, moon_update_and_add, ok, refresh_index, setup_sources, Setup,
 };
 
 const TOKEN_VAR: &str = "MBR_TEST_PUBLISH_TOKEN";
@@ -129,14 +129,8 @@ fn moon_adds(s: &Setup, name: &str, test: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED the moon part of {test}: set MOON_BIN to the moon client (CI sets it to ../shared/tools/moon)");
         return None;
     };
-    let gw = s.gateway.url();
     let work = tempfile::tempdir().unwrap().keep();
-    let (home, cwd) = (work.join("home"), work.join("work"));
-    std::fs::create_dir_all(&cwd).unwrap();
-    ok(&moon(&bin, &home, &cwd, &gw, &["update"]), "moon update");
-    let proj = moon_project(&bin, &home, &cwd, &gw);
-    let out = moon(&bin, &home, &proj, &gw, &["add", name]);
-    ok(&out, "moon add");
+    let proj = moon_update_and_add(&bin, &work, &s.gateway.url(), name);
     Some(proj)
 }
 

@@ -3,14 +3,13 @@
 //! pinned view `/at/<time>/`, driven by real `git`, `curl` and `moon`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::upstream::clients::sha256_hex;
 use crate::upstream::registry::zip_of;
 use crate::upstream::scenario::{
-    curl, gateway_env, git, inside_loopback_namespace, moon, moon_bin, moon_project, ok, run,
-    TwoSources,
+    curl, gateway_env, git, inside_loopback_namespace, moon_bin, moon_through_proxy,
+    moon_update_and_add, ok, TwoSources,
 };
 use crate::upstream::{admin, Gateway};
 
@@ -133,15 +132,7 @@ async fn one_index_internal_first_and_claims_keep_public_modules_out() {
         eprintln!("SKIPPED the moon part of one_index_internal_first_and_claims_keep_public_modules_out: set MOON_BIN to the moon client");
         return;
     };
-    let (home, cwd) = (tmp.path().join("home"), tmp.path().join("work"));
-    std::fs::create_dir_all(&cwd).unwrap();
-    ok(
-        &moon(&bin, &home, &cwd, &gw.url(), &["update"]),
-        "moon update",
-    );
-    let proj = moon_project(&bin, &home, &cwd, &gw.url());
-    let out = moon(&bin, &home, &proj, &gw.url(), &["add", "acme/app"]);
-    ok(&out, "moon add acme/app");
+    let proj = moon_update_and_add(&bin, tmp.path(), &gw.url(), "acme/app");
     for dir in ["acme/app", "acme/json", "bob/util"] {
         installed(&proj, dir);
     }
@@ -229,16 +220,7 @@ async fn moon_still_installs_with_the_internal_source_down() {
     let gw = s.gateway().await;
     let tmp = tempfile::tempdir().unwrap();
     for round in ["both up", "internal down"] {
-        let home = tmp.path().join(format!("home-{round}"));
-        let cwd = tmp.path().join(format!("work-{round}"));
-        std::fs::create_dir_all(&cwd).unwrap();
-        ok(
-            &moon(&bin, &home, &cwd, &gw.url(), &["update"]),
-            "moon update",
-        );
-        let proj = moon_project(&bin, &home, &cwd, &gw.url());
-        let out = moon(&bin, &home, &proj, &gw.url(), &["add", "acme/app"]);
-        ok(&out, &format!("moon add acme/app ({round})"));
+        let proj = moon_update_and_add(&bin, &tmp.path().join(round), &gw.url(), "acme/app");
         for dir in ["acme/app", "acme/json", "bob/util"] {
             installed(&proj, dir);
         }
@@ -302,17 +284,7 @@ async fn the_pinned_view_serves_the_index_as_it_stood() {
         eprintln!("SKIPPED the moon part of the_pinned_view_serves_the_index_as_it_stood: set MOON_BIN to the moon client");
         return;
     };
-    let (home, cwd) = (tmp.path().join("home"), tmp.path().join("work"));
-    std::fs::create_dir_all(&cwd).unwrap();
-    ok(
-        &moon(&bin, &home, &cwd, &pinned, &["update"]),
-        "moon update (pinned)",
-    );
-    let proj = moon_project(&bin, &home, &cwd, &pinned);
-    ok(
-        &moon(&bin, &home, &proj, &pinned, &["add", "bob/util"]),
-        "moon add bob/util (pinned)",
-    );
+    let proj = moon_update_and_add(&bin, tmp.path(), &pinned, "bob/util");
     let util = installed(&proj, "bob/util");
     assert!(util.contains("\"0.1.0\""), "pinned view installed {util}");
 }
@@ -336,21 +308,7 @@ async fn moon_through_https_proxy_resolves_internal_modules() {
     let home = tmp.path().join("home");
     let cwd = tmp.path().join("work");
     std::fs::create_dir_all(&cwd).unwrap();
-    let moon = |dir: &Path, args: &[&str]| {
-        let mut cmd = Command::new(&bin);
-        cmd.args(args)
-            .current_dir(dir)
-            .env("MOON_HOME", &home)
-            .env_remove("MOONCAKES_REGISTRY")
-            .env_remove("SSL_CERT_DIR")
-            .env("RUST_BACKTRACE", "0")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null");
-        for (k, v) in &env {
-            cmd.env(k, v);
-        }
-        run(&mut cmd)
-    };
+    let moon = |dir: &Path, args: &[&str]| moon_through_proxy(&bin, &home, dir, &env, args);
     for (what, out) in [
         ("moon update", moon(&cwd, &["update"])),
         ("moon new", moon(&cwd, &["new", "proj", "--user", "tester"])),
@@ -446,17 +404,7 @@ async fn a_bundle_carries_every_source_and_offline_serves_the_same_merged_index(
         eprintln!("SKIPPED the moon part of a_bundle_carries_every_source_and_offline_serves_the_same_merged_index: set MOON_BIN to the moon client");
         return;
     };
-    let (home, cwd) = (work.path().join("home"), work.path().join("work"));
-    std::fs::create_dir_all(&cwd).unwrap();
-    ok(
-        &moon(&bin, &home, &cwd, &offline.url(), &["update"]),
-        "moon update (offline)",
-    );
-    let proj = moon_project(&bin, &home, &cwd, &offline.url());
-    ok(
-        &moon(&bin, &home, &proj, &offline.url(), &["add", "acme/app"]),
-        "moon add acme/app (offline)",
-    );
+    let proj = moon_update_and_add(&bin, work.path(), &offline.url(), "acme/app");
     for dir in ["acme/app", "acme/json", "bob/util"] {
         installed(&proj, dir);
     }

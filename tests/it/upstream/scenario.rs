@@ -410,3 +410,73 @@ impl TwoSources {
         self.gateway_on(dir).await
     }
 }
+
+/// A fresh `moon update`, `moon new` and `moon add module` through `registry`,
+/// with `MOON_HOME` at `work/home`; returns the project (`work/work/proj`).
+/// Panics with moon's output when a step fails.
+pub fn moon_update_and_add(bin: &Path, work: &Path, registry: &str, module: &str) -> PathBuf {
+    let (home, cwd) = (work.join("home"), work.join("work"));
+    std::fs::create_dir_all(&cwd).expect("work dir");
+    ok(
+        &moon(bin, &home, &cwd, registry, &["update"]),
+        "moon update",
+    );
+    let proj = moon_project(bin, &home, &cwd, registry);
+    let out = moon(bin, &home, &proj, registry, &["add", module]);
+    ok(&out, &format!("moon add {module} through {registry}"));
+    proj
+}
+
+/// `moon args` in `dir` with its built-in registry (no `MOONCAKES_REGISTRY`),
+/// through the gateway as `HTTPS_PROXY`: `env` is what `moonbit-registry env`
+/// exports (see [`gateway_env`]).
+pub fn moon_through_proxy(
+    bin: &Path,
+    home: &Path,
+    dir: &Path,
+    env: &[(String, String)],
+    args: &[&str],
+) -> Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .current_dir(dir)
+        .env("MOON_HOME", home)
+        .env_remove("MOONCAKES_REGISTRY")
+        .env_remove("SSL_CERT_DIR")
+        .env("RUST_BACKTRACE", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
+/// `curl` a gateway path with extra request `headers`: (status, lower-cased
+/// response head, body).
+pub fn curl_get(gw: &Gateway, path: &str, headers: &[&str]) -> (String, String, Vec<u8>) {
+    let dir = tempfile::tempdir().expect("temp dir for curl");
+    let body = dir.path().join("body");
+    let head = dir.path().join("head");
+    let url = format!("{}{path}", gw.url());
+    let mut args = vec![
+        "-o",
+        body.to_str().expect("UTF-8 temp path"),
+        "-D",
+        head.to_str().expect("UTF-8 temp path"),
+        "-w",
+        "%{http_code}",
+    ];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    let out = curl(&args);
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        std::fs::read_to_string(&head)
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+        std::fs::read(&body).unwrap_or_default(),
+    )
+}
