@@ -13,13 +13,15 @@ use std::sync::Arc;
 use anyhow::Context;
 use bytesize::ByteSize;
 
+use crate::archive::ArchiveKey;
 use crate::breaker::Breakers;
 use crate::ca_bundle::write_ca_bundle;
 use crate::config::{join, Config, Source};
+use crate::hosted::Hosted;
 use crate::index::mirror::MirrorSettings;
-use crate::index::Index;
+use crate::index::{Expectation, Index};
 use crate::mutable_cache::MutableCache;
-use crate::store::Store;
+use crate::store::{Object, Store};
 use crate::symbols::MergedSymbols;
 use crate::upstream::Upstream;
 
@@ -231,6 +233,31 @@ impl Services {
 
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
+    }
+
+    /// What to fetch for `key`, verified against the index (for a source hosted
+    /// here, the file it is read from); `None` if no index lists it.
+    pub fn archive_object(&self, key: &ArchiveKey, expectation: &Expectation) -> Option<Object> {
+        let Expectation::Known { source, checksum } = expectation else {
+            return None;
+        };
+        let src = &self.sources[*source];
+        if src.local {
+            let file = Hosted::new(self.data_dir(), &src.name).archive_path(key);
+            return Some(Object::local_archive(
+                key,
+                checksum.clone(),
+                self.index.refreshes(),
+                file,
+            ));
+        }
+        let url = join(&src.archive, &key.upstream_path());
+        Some(Object::archive(
+            key,
+            checksum.clone(),
+            self.index.refreshes(),
+            vec![url],
+        ))
     }
 }
 

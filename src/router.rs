@@ -381,7 +381,7 @@ fn remote_for(app: &Services, position: usize) -> Option<&Source> {
 /// index lists it (its file, for a source hosted here), or every source fetched
 /// from (unverified, not stored) if none does.
 fn object_for(app: &Services, key: &ArchiveKey, expectation: Expectation) -> Object {
-    if let Some(listed) = crate::warm::object(app, key, &expectation) {
+    if let Some(listed) = app.archive_object(key, &expectation) {
         return listed;
     }
     tracing::warn!(archive = %key, "not in any source's index; streaming it without storing");

@@ -18,16 +18,12 @@ use bytesize::ByteSize;
 use http::{header, Method, Request};
 
 use crate::app::{Mode, Services};
-use crate::archive::ArchiveKey;
 use crate::body;
-use crate::config::{join, Config};
-use crate::hosted::Hosted;
+use crate::config::Config;
 use crate::index::mirror::Freshness;
 use crate::index::selection::{Chosen, Selection};
-use crate::index::Expectation;
 use crate::progress::Progress;
 use crate::store::ahead::Ahead;
-use crate::store::Object;
 use crate::upstream::Upstream;
 
 /// Archives downloaded at once unless `--jobs` says otherwise.
@@ -54,31 +50,6 @@ pub async fn refresh(app: &Services) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// What to fetch for `key`, verified against the index (for a source hosted
-/// here, the file it is read from); `None` if no index lists it.
-pub fn object(app: &Services, key: &ArchiveKey, expectation: &Expectation) -> Option<Object> {
-    let Expectation::Known { source, checksum } = expectation else {
-        return None;
-    };
-    let src = &app.sources[*source];
-    if src.local {
-        let file = Hosted::new(app.data_dir(), &src.name).archive_path(key);
-        return Some(Object::local_archive(
-            key,
-            checksum.clone(),
-            app.index.refreshes(),
-            file,
-        ));
-    }
-    let url = join(&src.archive, &key.upstream_path());
-    Some(Object::archive(
-        key,
-        checksum.clone(),
-        app.index.refreshes(),
-        vec![url],
-    ))
 }
 
 /// How a run ended, per archive.
@@ -128,7 +99,7 @@ pub async fn fetch_all(
     let mut tasks = tokio::task::JoinSet::new();
     for (key, expectation) in &chosen.archives {
         let name = key.label();
-        let Some(object) = object(app, key, expectation) else {
+        let Some(object) = app.archive_object(key, expectation) else {
             summary.failed.push((name, "not in the index".into()));
             continue;
         };
@@ -183,7 +154,7 @@ pub async fn dry_run(app: &Services, chosen: &Chosen, jobs: usize) -> bool {
     let mut to_fetch = Vec::new();
     let mut present = 0usize;
     for (key, expectation) in &chosen.archives {
-        let Some(object) = object(app, key, expectation) else {
+        let Some(object) = app.archive_object(key, expectation) else {
             continue;
         };
         if app.store.stored_size(&object).await.is_some() {

@@ -67,8 +67,9 @@ pub async fn run(
         let Expectation::Known { checksum, source } = expectation else {
             continue;
         };
-        let object =
-            warm::object(&app, key, expectation).context("archive vanished from the index")?;
+        let object = app
+            .archive_object(key, expectation)
+            .context("archive vanished from the index")?;
         app.store
             .stored_size(&object)
             .await
