@@ -74,8 +74,9 @@ pub struct Tip {
 pub struct Merged {
     root: PathBuf,
     dir: PathBuf,
-    /// One merge (or pin) at a time: they share the build ref.
-    lock: tokio::sync::Mutex<()>,
+    /// One merge (or pin) at a time; it holds the trees of the current merged
+    /// commit, kept between merges so appending does not list them again.
+    lock: tokio::sync::Mutex<Option<Kept>>,
     tip: RwLock<Option<Arc<Tip>>>,
 }
 
@@ -85,7 +86,7 @@ impl Merged {
         Merged {
             root: root.to_path_buf(),
             dir: root.join(REPO),
-            lock: tokio::sync::Mutex::new(()),
+            lock: tokio::sync::Mutex::new(None),
             tip: RwLock::new(None),
         }
     }
@@ -116,7 +117,7 @@ impl Merged {
     /// Append to `main` a merged commit for each source commit up to the tips in
     /// `parts` (or start afresh, see the module docs). Returns whether `main` moved.
     pub async fn update(&self, parts: &[Part]) -> Result<bool, String> {
-        let _guard = self.lock.lock().await;
+        let mut kept = self.lock.lock().await;
         let wanted: Vec<(String, String)> = parts
             .iter()
             .map(|p| (p.source.clone(), p.commit.clone()))
@@ -136,23 +137,37 @@ impl Merged {
             }
             None => None,
         };
-        let claims: Vec<&Claims> = parts.iter().map(|p| &p.claims).collect();
-        let mut state = State::new(claims);
+        let claims: Vec<Claims> = parts.iter().map(|p| p.claims.clone()).collect();
         let mut positions: Vec<Option<String>> = vec![None; parts.len()];
         if let Some(base) = base {
             for (s, part) in parts.iter().enumerate() {
-                if let Some((_, at)) = base.parts.iter().find(|(n, _)| *n == part.source) {
-                    let listing = run(Git::in_repo(
-                        &self.dir,
-                        ["ls-tree", "-r", "-z", "--full-tree", at],
-                    ))
-                    .await?;
-                    state.load(s, parse_tree(&listing));
-                    positions[s] = Some(at.clone());
-                }
+                positions[s] = base
+                    .parts
+                    .iter()
+                    .find(|(n, _)| *n == part.source)
+                    .map(|(_, at)| at.clone());
             }
-            state.settle();
         }
+        // Taken out: a merge that fails half-way leaves none, and the next lists again.
+        let mut state = match (base, kept.take()) {
+            (Some(base), Some(k)) if k.commit == base.commit => k.state,
+            (Some(_), _) => {
+                let mut state = State::new(claims);
+                for (s, at) in positions.iter().enumerate() {
+                    if let Some(at) = at {
+                        let listing = run(Git::in_repo(
+                            &self.dir,
+                            ["ls-tree", "-r", "-z", "--full-tree", at],
+                        ))
+                        .await?;
+                        state.load(s, parse_tree(&listing));
+                    }
+                }
+                state.settle();
+                state
+            }
+            (None, _) => State::new(claims),
+        };
         let mut histories = Vec::new();
         for (s, part) in parts.iter().enumerate() {
             let range = match &positions[s] {
@@ -211,6 +226,12 @@ impl Merged {
         }
         stream.extend_from_slice(b"done\n");
         if made == 0 {
+            if let Some(base) = base {
+                *kept = Some(Kept {
+                    commit: base.commit.clone(),
+                    state,
+                });
+            }
             return Ok(false);
         }
         run(Git::in_repo(&self.dir, ["update-ref", "-d", &build]))
@@ -256,6 +277,10 @@ impl Merged {
             .filter_map(|(n, p)| Some((n.to_string(), p.clone()?)))
             .collect();
         tracing::info!(%commit, commits = made, parts = ?parts_now, "merged index updated");
+        *kept = Some(Kept {
+            commit: commit.clone(),
+            state,
+        });
         *self.tip.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Tip {
             commit,
             parts: parts_now,
@@ -379,16 +404,22 @@ impl Merged {
 /// A tree entry: `(mode, oid)`.
 type Blob = (String, String);
 
+/// The trees of a merged commit, for the next merge to go on from.
+struct Kept {
+    commit: String,
+    state: State,
+}
+
 /// The sources' trees and the merged tree, kept in step as source commits are
 /// taken in.
-struct State<'a> {
-    claims: Vec<&'a Claims>,
+struct State {
+    claims: Vec<Claims>,
     sources: Vec<HashMap<String, Blob>>,
     merged: HashMap<String, Blob>,
 }
 
-impl<'a> State<'a> {
-    fn new(claims: Vec<&'a Claims>) -> State<'a> {
+impl State {
+    fn new(claims: Vec<Claims>) -> State {
         State {
             sources: vec![HashMap::new(); claims.len()],
             claims,
@@ -588,7 +619,7 @@ fn parse_tree(listing: &[u8]) -> Vec<Entry> {
 
 /// Which source provides the module `name`: the one that claims it (even if it
 /// lacks it: then none), else the first that `has` it.
-pub fn provider(name: &str, claims: &[&Claims], has: impl Fn(usize) -> bool) -> Option<usize> {
+pub fn provider(name: &str, claims: &[Claims], has: impl Fn(usize) -> bool) -> Option<usize> {
     match claims.iter().position(|c| c.matches(name)) {
         Some(claimer) => has(claimer).then_some(claimer),
         None => (0..claims.len()).find(|&s| has(s)),
@@ -738,7 +769,7 @@ mod tests {
     #[test]
     fn the_first_source_with_a_module_provides_the_whole_file() {
         let none = Claims::default();
-        let mut state = State::new(vec![&none, &none]);
+        let mut state = State::new(vec![none.clone(), none.clone()]);
         state.load(0, vec![entry("user/acme/json.index", "a1")]);
         state.load(
             1,
@@ -778,7 +809,7 @@ mod tests {
     fn claimed_modules_never_come_from_another_source() {
         let c = claims(&["acme/*"]);
         let none = Claims::default();
-        let mut state = State::new(vec![&c, &none]);
+        let mut state = State::new(vec![c.clone(), none.clone()]);
         let out = state.apply(
             1,
             &[
@@ -796,7 +827,7 @@ mod tests {
             ]
         );
         // A claim on a later source wins over an earlier source that has the module.
-        let mut state = State::new(vec![&none, &c]);
+        let mut state = State::new(vec![none, c]);
         state.apply(0, &[change("user/acme/json.index", Some("first"))]);
         state.apply(1, &[change("user/acme/json.index", Some("claimer"))]);
         assert_eq!(merged(&state)[0].1, "claimer");

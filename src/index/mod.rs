@@ -482,8 +482,7 @@ impl Index {
     /// The source that provides module `name`, by the merge's rule: the one that
     /// claims it, else the first whose index has it.
     pub fn provider(&self, name: &str) -> Option<usize> {
-        let claims: Vec<&Claims> = self.claims.iter().collect();
-        merge::provider(name, &claims, |s| {
+        merge::provider(name, &self.claims, |s| {
             self.mirrors[s].snapshot().checksums.has_module(name)
         })
     }
