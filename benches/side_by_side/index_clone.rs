@@ -94,7 +94,7 @@ pub async fn run(b: &mut Bench) {
 
 /// `git clone --depth 1 --single-branch --no-tags URL DIR` as moon runs it, isolated
 /// from this machine's git config, trusting the test CA for the direct clone.
-fn clone(home: &Path, ca_pem: &Path, url: &str, dir: &Path) -> Child {
+pub fn clone(home: &Path, ca_pem: &Path, url: &str, dir: &Path) -> Child {
     let mut cmd: Command = clients::git_trusting(home, ca_pem);
     cmd.args([
         "clone",

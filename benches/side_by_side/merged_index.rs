@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::side_by_side::report::{Better, Row};
-use crate::side_by_side::Bench;
+use crate::side_by_side::{index_clone, Bench};
 use crate::upstream::clients;
 use crate::upstream::{Gateway, Registry, Upstream};
 
@@ -66,16 +66,9 @@ pub async fn run(b: &mut Bench) {
             let url = format!("{}/git/index", gw.url());
             let dir = work.path().join(format!("clone-{round}-{k}"));
             let started = Instant::now();
-            let out = clients::run(clients::git(&home).args([
-                "clone",
-                "--quiet",
-                "--depth",
-                "1",
-                "--single-branch",
-                "--no-tags",
-                &url,
-                dir.to_str().expect("UTF-8 path"),
-            ]));
+            let out = index_clone::clone(&home, &ca, &url, &dir)
+                .wait_with_output()
+                .expect("wait for git clone");
             assert!(out.status.success(), "clone {url} failed");
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             if k == 0 { &mut clone_m } else { &mut clone_s }.push(ms);
