@@ -19,6 +19,7 @@ use crate::config::{join, Config, Source};
 use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
 use crate::mutable_cache::MutableCache;
+use crate::ops::metrics::Metrics;
 use crate::store::Store;
 use crate::symbols::MergedSymbols;
 use crate::upstream::Upstream;
@@ -61,6 +62,8 @@ pub struct Services {
     /// Bearer token `POST /-/publish` requires (`publish.token_env`); without one
     /// the endpoint is off.
     pub publish_token: Option<String>,
+    /// Prometheus metrics (`GET /-/metrics`), recorded by the doors and breakers.
+    pub metrics: Arc<Metrics>,
     /// A command's spool files and git CA bundle; removed when it ends.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -109,7 +112,8 @@ impl Services {
         // Where this process keeps what it writes for itself.
         let own_dir = scratch.as_ref().map_or(data_dir.as_path(), |s| s.path());
 
-        let breakers = Arc::new(Breakers::new(&sources, &config.breaker));
+        let metrics = Arc::new(Metrics::new(sources.iter().map(|s| s.name.as_str())));
+        let breakers = Arc::new(Breakers::counted(&sources, &config.breaker, Some(&metrics)));
         let mut upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?
             .with_health(breakers.clone());
         if mode == Mode::Offline {
@@ -170,6 +174,7 @@ impl Services {
             prefetch: config.prefetch && mode == Mode::Serve,
             admin_token,
             publish_token,
+            metrics,
             config: config.clone(),
             mode,
             sources,

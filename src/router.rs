@@ -17,6 +17,7 @@ use crate::client::{bearer_matches, Client};
 use crate::config::{join, Source};
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Offline};
+use crate::ops::metrics::{RouteName, Scraped};
 use crate::passthrough;
 use crate::store::{Object, Trust};
 
@@ -34,6 +35,8 @@ pub enum Route {
     Health,
     /// `POST /-/index/refresh`: refresh every index mirror now.
     IndexRefresh,
+    /// `GET /-/metrics`: Prometheus metrics (admin).
+    Metrics,
     /// `POST /-/publish[?source=NAME]`: publish the zip in the body to a local source.
     Publish { source: Option<String> },
     /// `GET|HEAD /user/<enc>.zip`: an immutable archive, cached.
@@ -80,6 +83,9 @@ pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) ->
     }
     if path == "/-/index/refresh" && *method == Method::POST {
         return Route::IndexRefresh;
+    }
+    if path == "/-/metrics" && read {
+        return Route::Metrics;
     }
     if path == "/-/publish" && *method == Method::POST {
         let source = query.and_then(|q| {
@@ -152,13 +158,38 @@ pub async fn route(
     let target = path_and_query(&req);
     let (at, target) = match pinned(&target) {
         Ok(view) => view,
-        Err(reason) => return body::text(StatusCode::BAD_REQUEST, reason),
+        Err(reason) => {
+            let mut resp = body::text(StatusCode::BAD_REQUEST, reason);
+            resp.extensions_mut().insert(RouteName::Refused);
+            return resp;
+        }
     };
     let credentials = req.headers().contains_key(header::AUTHORIZATION)
         || req.headers().contains_key(header::COOKIE);
     let route = classify(req.method(), target, credentials);
+    let name = route.name();
     let view = View { at, target };
-    dispatch(app, route, req, door.source(), client, view).await
+    let mut resp = dispatch(app, route, req, door.source(), client, view).await;
+    // For the access log and metrics, counted by the doors when the response ends.
+    resp.extensions_mut().insert(name);
+    resp
+}
+
+impl Route {
+    /// The route's label in metrics and the access log.
+    pub fn name(&self) -> RouteName {
+        match self {
+            Route::Health | Route::IndexRefresh | Route::Metrics | Route::Publish { .. } => {
+                RouteName::Admin
+            }
+            Route::Archive(_) => RouteName::Archive,
+            Route::Asset(_) => RouteName::Asset,
+            Route::Index(_) => RouteName::Index,
+            Route::Symbols => RouteName::Symbols,
+            Route::Pass => RouteName::Passthrough,
+            Route::Refuse(..) => RouteName::Refused,
+        }
+    }
 }
 
 /// What a request sees of the registry: as it is now, or (`/at/<time>/...`, for
@@ -200,6 +231,10 @@ async fn dispatch(
         Route::IndexRefresh => match admin_refusal(app, &req, client) {
             Some(refusal) => refusal,
             None => refresh_asked(app).await,
+        },
+        Route::Metrics => match admin_refusal(app, &req, client) {
+            Some(refusal) => refusal,
+            None => metrics(app),
         },
         Route::Publish { source } => crate::publish::handle(app, req, source.as_deref()).await,
         Route::Archive(key) => {
@@ -334,6 +369,37 @@ async fn refresh_asked(app: &Services) -> Response<GatewayBody> {
         }
         Err(Offline) => body::offline(),
     }
+}
+
+/// `GET /-/metrics`: the Prometheus exposition (OpenMetrics text), with the
+/// gauges read from the services now.
+fn metrics(app: &Services) -> Response<GatewayBody> {
+    let scraped = Scraped {
+        flights_in_progress: i64::try_from(app.store.in_flight()).unwrap_or(i64::MAX),
+        memory_bytes: i64::try_from(app.store.memory_bytes()).unwrap_or(i64::MAX),
+        sources: app
+            .sources
+            .iter()
+            .map(|s| {
+                let age = app
+                    .index
+                    .mirrors()
+                    .iter()
+                    .find(|m| m.source == s.name)
+                    .and_then(|m| m.age())
+                    .map(|a| a.as_secs());
+                (!app.breakers.is_down(&s.name), age)
+            })
+            .collect(),
+    };
+    let mut resp = Response::new(body::full(app.metrics.encode(scraped)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    resp
 }
 
 /// `GET /-/health`: the gateway's own view of its sources and mirrors.

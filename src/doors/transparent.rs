@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use super::send_timeout::SendTimeout;
 use super::{sni, tls, tunnel, Carrying, Doors, TunnelRefused};
+use crate::ops::metrics::DoorName;
 
 /// How long a redirected client may take to send its TLS ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,7 +32,9 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
             }
         };
         let doors = doors.clone();
+        let open = doors.app.metrics.connection(DoorName::Transparent);
         tokio::spawn(async move {
+            let _open = open;
             let name = match sni::peek_server_name(&stream, HELLO_TIMEOUT).await {
                 Ok(Some(name)) => name.to_ascii_lowercase(),
                 Ok(None) => {

@@ -128,6 +128,11 @@ impl Store {
         &self.disk
     }
 
+    /// Bytes the memory tier holds.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.weighted_size()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.flights.in_flight()
     }

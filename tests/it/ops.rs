@@ -1,0 +1,302 @@
+//! Running the gateway like infrastructure: `GET /-/metrics` after real `moon`
+//! runs (exact archive hits and misses for a known closure, a strict parse of the
+//! exposition, a bounded number of series).
+
+use std::collections::BTreeMap;
+
+use crate::upstream::scenario::{curl, moon, moon_bin, moon_project, ok, setup_configured};
+use crate::upstream::Gateway;
+
+/// One sample: metric name and its labels, sorted.
+type Series = (String, Vec<(String, String)>);
+
+/// Parse the text exposition strictly (OpenMetrics text as `prometheus-client`
+/// writes it, which Prometheus scrapes): every line a `# HELP`, `# TYPE`, `# UNIT`,
+/// a sample of a declared family, or the final `# EOF`; no series twice.
+fn parse_exposition(text: &str) -> Result<BTreeMap<Series, f64>, String> {
+    let mut families: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.last() != Some(&"# EOF") {
+        return Err("the exposition does not end with `# EOF`".into());
+    }
+    for (n, line) in lines[..lines.len() - 1].iter().enumerate() {
+        let at = |why: &str| format!("line {}: {why}: {line:?}", n + 1);
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if !valid_name(name) {
+                return Err(at("bad metric name"));
+            }
+            match kind {
+                "HELP" | "UNIT" => {}
+                "TYPE" => {
+                    let t = parts.next().unwrap_or("");
+                    let known = [
+                        "counter",
+                        "gauge",
+                        "histogram",
+                        "summary",
+                        "info",
+                        "stateset",
+                        "unknown",
+                    ];
+                    if !known.contains(&t) {
+                        return Err(at("unknown type"));
+                    }
+                    if families.insert(name.to_string(), t.to_string()).is_some() {
+                        return Err(at("family declared twice"));
+                    }
+                }
+                _ => return Err(at("unknown comment")),
+            }
+            continue;
+        }
+        let (series, value) = sample(line).ok_or_else(|| at("not a sample"))?;
+        let family = families
+            .iter()
+            .find(|(f, t)| {
+                let suffixes: &[&str] = match t.as_str() {
+                    "counter" => &["_total", "_created"],
+                    "histogram" => &["_bucket", "_count", "_sum", "_created"],
+                    _ => &[""],
+                };
+                suffixes.iter().any(|s| series.0 == format!("{f}{s}"))
+            })
+            .ok_or_else(|| at("sample of an undeclared family"))?;
+        if family.1 == "histogram"
+            && series.0.ends_with("_bucket")
+            && !series.1.iter().any(|(k, _)| k == "le")
+        {
+            return Err(at("histogram bucket without `le`"));
+        }
+        if samples.insert(series, value).is_some() {
+            return Err(at("series twice"));
+        }
+    }
+    Ok(samples)
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// `name{k="v",...} value` (label values with `\\`, `\"`, `\n` escapes).
+fn sample(line: &str) -> Option<(Series, f64)> {
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    if !valid_name(name) {
+        return None;
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(mut body) = rest.strip_prefix('{') {
+        loop {
+            let eq = body.find('=')?;
+            let key = &body[..eq];
+            if !valid_name(key) || key.contains(':') {
+                return None;
+            }
+            let quoted = body[eq + 1..].strip_prefix('"')?;
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let end = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '\\' => match chars.next()?.1 {
+                        '\\' => value.push('\\'),
+                        '"' => value.push('"'),
+                        'n' => value.push('\n'),
+                        _ => return None,
+                    },
+                    '"' => break i,
+                    c => value.push(c),
+                }
+            };
+            labels.push((key.to_string(), value));
+            let after = &quoted[end + 1..];
+            if let Some(tail) = after.strip_prefix('}') {
+                rest = tail;
+                break;
+            }
+            body = after.strip_prefix(',')?;
+        }
+    }
+    let value = rest.strip_prefix(' ')?;
+    // The gateway writes no timestamps or exemplars: a second field is refused.
+    let v: f64 = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    let mut seen = std::collections::HashSet::new();
+    if !labels.iter().all(|(k, _)| seen.insert(k.clone())) {
+        return None;
+    }
+    labels.sort();
+    Some(((name.to_string(), labels), v))
+}
+
+/// `GET /-/metrics`, parsed.
+fn scrape(gw: &Gateway) -> BTreeMap<Series, f64> {
+    let out = curl(&["-f", &format!("{}/-/metrics", gw.url())]);
+    ok(&out, "GET /-/metrics");
+    let text = String::from_utf8(out.stdout).expect("UTF-8 exposition");
+    parse_exposition(&text).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{text}"))
+}
+
+/// The value of `name` with exactly these labels (0 when absent).
+fn value(m: &BTreeMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    labels.sort();
+    m.get(&(name.to_string(), labels)).copied().unwrap_or(0.0)
+}
+
+fn archives(m: &BTreeMap<Series, f64>, cache: &str) -> f64 {
+    value(
+        m,
+        "moonbit_registry_requests_total",
+        &[("route", "archive"), ("cache", cache)],
+    )
+}
+
+/// A known closure (app -> lex/runtime -> core) through `moon update` + `moon add`:
+/// the first run misses every archive once, a second (fresh `MOON_HOME`) hits all
+/// three; the exposition parses strictly, and 1,000 requests for different
+/// archives that do not exist add no series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
+    let Some(bin) = moon_bin() else {
+        eprintln!("SKIPPED metrics_count_a_moon_closure_exactly_and_stay_bounded: set MOON_BIN to the moon client");
+        return;
+    };
+    // Without prefetch, every archive the gateway fetches is one moon asked for.
+    let (s, closure) = setup_configured("prefetch = false\n", |r| {
+        vec![
+            r.publish("alice/core", "0.1.0", &[]),
+            r.publish("bob/lex/runtime", "0.2.0", &[("alice/core", "0.1.0")]),
+            r.publish("alice/app", "1.0.0", &[("bob/lex/runtime", "0.2.0")]),
+        ]
+    })
+    .await;
+    let gw = s.gateway.url();
+    let before = scrape(&s.gateway);
+    assert_eq!(archives(&before, "miss") + archives(&before, "hit"), 0.0);
+    let work = tempfile::tempdir().unwrap();
+    for round in ["cold", "warm"] {
+        let home = work.path().join(format!("home-{round}"));
+        let cwd = work.path().join(format!("work-{round}"));
+        std::fs::create_dir_all(&cwd).unwrap();
+        ok(&moon(&bin, &home, &cwd, &gw, &["update"]), "moon update");
+        let proj = moon_project(&bin, &home, &cwd, &gw);
+        ok(
+            &moon(&bin, &home, &proj, &gw, &["add", "alice/app"]),
+            "moon add",
+        );
+        let m = scrape(&s.gateway);
+        let (hits, misses) = if round == "cold" {
+            (0.0, 3.0)
+        } else {
+            (3.0, 3.0)
+        };
+        assert_eq!(archives(&m, "miss"), misses, "{round}: archive misses");
+        assert_eq!(archives(&m, "hit"), hits, "{round}: archive hits");
+        // Each archive came from the upstream once, as the upstream saw it.
+        for p in &closure {
+            assert_eq!(s.upstream.count("GET", &p.url_path()), 1, "{}", p.name);
+        }
+        assert!(
+            value(
+                &m,
+                "moonbit_registry_upstream_requests_total",
+                &[("source", "default"), ("outcome", "ok")]
+            ) >= 3.0,
+            "upstream exchanges counted"
+        );
+        // The index was served: moon update cloned it from the mirror.
+        assert!(
+            value(
+                &m,
+                "moonbit_registry_requests_total",
+                &[("route", "index"), ("cache", "mirror")]
+            ) > 0.0
+        );
+        let durations = value(
+            &m,
+            "moonbit_registry_request_duration_seconds_count",
+            &[("route", "archive")],
+        );
+        assert_eq!(
+            durations,
+            hits + misses,
+            "{round}: one duration per archive request"
+        );
+    }
+    let m = scrape(&s.gateway);
+    assert_eq!(
+        value(&m, "moonbit_registry_source_up", &[("source", "default")]),
+        1.0
+    );
+    assert_eq!(value(&m, "moonbit_registry_flights_in_progress", &[]), 0.0);
+    assert!(value(&m, "moonbit_registry_connections", &[("door", "main")]) >= 1.0);
+
+    // 1,000 different archives, none of them published: not one new series.
+    let series_before = m.len();
+    // In parallel: requests for unknown archives share the paced index refreshes.
+    let out = curl(&[
+        "-Z",
+        "--parallel-max",
+        "250",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &format!("{gw}/user/nobody%2Fm[1-1000]%2F1.0.0.zip"),
+    ]);
+    ok(&out, "1,000 archive requests");
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(codes.lines().count(), 1000);
+    assert!(codes.lines().all(|c| c == "404"), "{codes}");
+    let m = scrape(&s.gateway);
+    assert_eq!(m.len(), series_before, "series grew with request keys");
+    assert!(
+        value(
+            &m,
+            "moonbit_registry_requests_total",
+            &[("route", "archive"), ("cache", "none")]
+        ) + value(
+            &m,
+            "moonbit_registry_requests_total",
+            &[("route", "archive"), ("cache", "miss")]
+        ) >= 1000.0
+    );
+    // Nothing in a label names a module or a client.
+    assert!(m.keys().all(|(_, labels)| labels
+        .iter()
+        .all(|(_, v)| !v.contains("nobody") && !v.contains("127.0.0.1"))));
+}
+
+#[test]
+fn the_strict_parser_refuses_what_prometheus_would() {
+    let good = "# TYPE a counter\na_total{x=\"1\"} 2\n# EOF\n";
+    assert_eq!(parse_exposition(good).unwrap().len(), 1);
+    for bad in [
+        "a_total 1\n# EOF\n",                                    // undeclared
+        "# TYPE a counter\na_total{x=\"1} 2\n# EOF\n",           // open quote
+        "# TYPE a counter\na_total 2\na_total 3\n# EOF\n",       // twice
+        "# TYPE a counter\na_total two\n# EOF\n",                // not a number
+        "# TYPE a counter\na_total 2\n",                         // no EOF
+        "# TYPE a counter\na_total{x=\"1\",x=\"2\"} 2\n# EOF\n", // label twice
+    ] {
+        assert!(parse_exposition(bad).is_err(), "accepted {bad:?}");
+    }
+}
