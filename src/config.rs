@@ -59,6 +59,27 @@ pub struct Config {
     pub breaker: BreakerSettings,
     /// Never contact an upstream: index from the mirror, archives from the store.
     pub offline: bool,
+    /// `[log]`, for the log writer ([`crate::ops::log`]).
+    pub log: LogSettings,
+}
+
+/// `[log]`: how the gateway writes its log (to stderr).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `"text"` (default) or `"json"` (one object per line); `serve --log-format`.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
 }
 
 /// `[server]`, for the doors: what one client connection may cost.
@@ -330,6 +351,7 @@ impl Default for Config {
             mutable: MutableCacheSettings::default(),
             breaker: BreakerSettings::default(),
             offline: false,
+            log: LogSettings::default(),
         }
     }
 }

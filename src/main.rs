@@ -3,7 +3,6 @@
 //! `publish` adds a module version to a local source (each command's logic lives
 //! in its own module).
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,10 +11,9 @@ use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use moonbit_registry::app::{Mode, Services};
 use moonbit_registry::ca_bundle::write_ca_bundle;
-use moonbit_registry::config::{Config, Overrides};
+use moonbit_registry::config::{Config, LogFormat, Overrides};
 use moonbit_registry::index::selection::{Pattern, Selection};
 use moonbit_registry::intercept::load_ca;
-use tracing_subscriber::EnvFilter;
 
 /// A caching gateway for the MoonBit package registry (mooncakes.io).
 #[derive(Parser)]
@@ -216,6 +214,9 @@ enum CacheAction {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Log lines as `text` or `json` (one object per line) [default: log.format, text]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     /// Address to listen on [default: 127.0.0.1:8080; env MOONBIT_REGISTRY_LISTEN]
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -240,20 +241,12 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    // Log lines are written by a background thread: a request never waits on stderr
-    // (but lines are not dropped when it falls behind).
-    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("moonbit_registry=info")),
-        )
-        .with_writer(log_writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    // `serve` reads its log format from its config, so it starts the log itself.
+    let _log_guard = match &cli.command {
+        Command::Serve(_) => None,
+        _ => Some(moonbit_registry::ops::log::init(LogFormat::Text)),
+    };
     let result = match cli.command {
         Command::PackObjectsCache { dir, command } => {
             return moonbit_registry::index::pack_cache::run(&dir, &command)
@@ -298,7 +291,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         offline: args.offline.then_some(true),
         transparent_listen: args.transparent_listen,
     };
-    let config = Config::load(args.config.as_deref(), overrides)?;
+    let mut config = Config::load(args.config.as_deref(), overrides)?;
+    if let Some(format) = args.log_format {
+        config.log.format = format;
+    }
+    let _log_guard = moonbit_registry::ops::log::init(config.log.format);
     let mode = if config.offline {
         Mode::Offline
     } else {

@@ -45,6 +45,11 @@ pub fn track(
         .unwrap_or(RouteName::Proxy);
     let status = resp.status();
     let cache = CacheResult::of(status, resp.headers().get("x-cache").map(|v| v.as_bytes()));
+    let declared = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let record = Record {
         metrics: metrics.clone(),
         access,
@@ -52,6 +57,7 @@ pub fn track(
         status,
         cache,
         bytes: 0,
+        declared,
         complete: false,
     };
     resp.map(|inner| {
@@ -70,6 +76,8 @@ struct Record {
     status: StatusCode,
     cache: CacheResult,
     bytes: u64,
+    /// `Content-Length`, when the response has one: hyper stops polling once it is sent.
+    declared: Option<u64>,
     /// The body reached its end (not cut short by an error or a client leaving).
     complete: bool,
 }
@@ -84,7 +92,7 @@ impl Record {
             target: "moonbit_registry::access",
             door = a.door,
             method = %a.method,
-            target = %a.target,
+            path = %a.target,
             host = a.host.as_deref().unwrap_or("-"),
             route = self.route.as_str(),
             status = self.status.as_u16(),
@@ -146,8 +154,9 @@ impl Body for Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         if let Some(record) = self.record.take() {
-            // An empty body hyper never polls is complete; any other is cut short.
-            if self.inner.is_end_stream() {
+            // An empty body hyper never polls is complete, and so is one whose declared
+            // length was sent (hyper stops there); any other is cut short.
+            if self.inner.is_end_stream() || record.declared == Some(record.bytes) {
                 record_complete(record);
             } else {
                 record.finish();

@@ -1,6 +1,7 @@
-//! Running the gateway like infrastructure: Prometheus [`metrics`] and the access
-//! log ([`access`]). Nothing here decides how a request is answered; the doors
+//! Running the gateway like infrastructure: Prometheus [`metrics`], the access
+//! log ([`access`]) and the [`log`] writer (text or JSON lines). Nothing here decides how a request is answered; the doors
 //! and handlers record into it, and the router exposes it (`GET /-/metrics`).
 
 pub mod access;
+pub mod log;
 pub mod metrics;

@@ -300,3 +300,150 @@ fn the_strict_parser_refuses_what_prometheus_would() {
         assert!(parse_exposition(bad).is_err(), "accepted {bad:?}");
     }
 }
+
+/// The gateway's log as JSON objects, one per line; panics on a line that is not one.
+fn json_log(gw: &Gateway) -> Vec<serde_json::Value> {
+    gw.log()
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("log line is not a JSON object ({e}): {line}"))
+        })
+        .collect()
+}
+
+/// The access events of a log.
+fn access_events(log: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    log.iter()
+        .filter(|e| e["target"] == "moonbit_registry::access" && e["message"] == "request")
+        .collect()
+}
+
+/// `log.format = "json"`: every line of the gateway's log is one JSON object, and
+/// every request (curl's, and a real moon run's) has exactly one access event
+/// with its door, method, route, status, bytes, duration, cache result and source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_log_has_one_access_event_per_request() {
+    let (s, core) = setup_configured("prefetch = false\n[log]\nformat = \"json\"\n", |r| {
+        r.publish("alice/core", "0.1.0", &[])
+    })
+    .await;
+    let gw = s.gateway.url();
+    let archive = core.url_path();
+    // Each request is told apart by its query string (which no route looks at here).
+    let requests = [
+        (format!("{archive}?n=1"), "archive", "miss", 200),
+        (format!("{archive}?n=2"), "archive", "hit", 200),
+        ("/-/health?n=3".to_string(), "admin", "none", 200),
+        ("/-/metrics?n=4".to_string(), "admin", "none", 200),
+        (
+            "/user/alice%2Fnope%2F1.0.0.zip?n=5".to_string(),
+            "archive",
+            // The upstream's 404, passed on: fetched now.
+            "miss",
+            404,
+        ),
+        (
+            "/user/not-an-archive?n=6".to_string(),
+            "refused",
+            "none",
+            400,
+        ),
+        (
+            "/git/index/info/refs?service=git-upload-pack&n=7".to_string(),
+            "index",
+            "mirror",
+            200,
+        ),
+    ];
+    // The harness's own requests (waiting for the gateway to answer) came before.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let earlier = access_events(&json_log(&s.gateway)).len();
+    for (path, ..) in &requests {
+        let out = curl(&["-s", "-o", "/dev/null", &format!("{gw}{path}")]);
+        ok(&out, path);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let log = json_log(&s.gateway);
+    let events = access_events(&log);
+    for (path, route, cache, status) in &requests {
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e["path"] == path.as_str())
+            .collect();
+        assert_eq!(mine.len(), 1, "{path}: access events {mine:?}");
+        let e = mine[0];
+        assert_eq!(e["door"], "endpoint", "{e}");
+        assert_eq!(e["method"], "GET", "{e}");
+        assert_eq!(e["route"], *route, "{e}");
+        assert_eq!(e["cache"], *cache, "{e}");
+        assert_eq!(e["status"], *status, "{e}");
+        assert_eq!(e["source"], "default", "{e}");
+        assert!(e["duration_ms"].as_f64().is_some(), "{e}");
+        assert_eq!(e["complete"], true, "{e}");
+        assert!(e.get("job").is_none(), "{e}");
+    }
+    let archive_bytes = core.size;
+    for n in ["1", "2"] {
+        let e = events
+            .iter()
+            .find(|e| e["path"] == format!("{archive}?n={n}").as_str())
+            .unwrap();
+        assert_eq!(e["bytes"], archive_bytes, "{e}");
+    }
+    assert_eq!(
+        events.len(),
+        earlier + requests.len(),
+        "no other request was logged"
+    );
+
+    // A real moon run: one access event per request the gateway answered, which the
+    // metrics count the same way (the scrape itself is the one request more).
+    if let Some(bin) = moon_bin() {
+        let work = tempfile::tempdir().unwrap();
+        let (home, cwd) = (work.path().join("home"), work.path().join("work"));
+        std::fs::create_dir_all(&cwd).unwrap();
+        ok(&moon(&bin, &home, &cwd, &gw, &["update"]), "moon update");
+        let proj = moon_project(&bin, &home, &cwd, &gw);
+        ok(
+            &moon(&bin, &home, &proj, &gw, &["add", "alice/core"]),
+            "moon add",
+        );
+        let m = scrape(&s.gateway);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let log = json_log(&s.gateway);
+        let events = access_events(&log);
+        let counted: f64 = m
+            .iter()
+            .filter(|((name, _), _)| name == "moonbit_registry_requests_total")
+            .map(|(_, v)| v)
+            .sum();
+        // The scrape is counted when its response ends, after it was written.
+        assert_eq!(
+            events.len() as f64,
+            counted + 1.0,
+            "access events vs counted requests"
+        );
+        assert!(events
+            .iter()
+            .any(|e| e["route"] == "index" && e["method"] == "POST"));
+    } else {
+        eprintln!("json_log_has_one_access_event_per_request: moon part SKIPPED (set MOON_BIN)");
+    }
+}
+
+/// `serve --log-format json` does the same without a config file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_flag_writes_json_lines() {
+    let (s, _) = crate::upstream::scenario::setup_with(|_| ()).await;
+    let up = s.upstream.url();
+    let gw = Gateway::start(&up, &s.upstream.ca_pem, &["--log-format", "json"]).await;
+    ok(
+        &curl(&["-s", "-o", "/dev/null", &format!("{}/-/health", gw.url())]),
+        "health",
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let log = json_log(&gw);
+    assert!(!log.is_empty());
+    assert!(access_events(&log).iter().any(|e| e["path"] == "/-/health"));
+}
