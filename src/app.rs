@@ -19,6 +19,7 @@ use crate::config::{join, Config, Source};
 use crate::index::mirror::MirrorSettings;
 use crate::index::Index;
 use crate::mutable_cache::MutableCache;
+use crate::ops::jobs::Jobs;
 use crate::ops::metrics::Metrics;
 use crate::store::Store;
 use crate::symbols::MergedSymbols;
@@ -64,6 +65,8 @@ pub struct Services {
     pub publish_token: Option<String>,
     /// Prometheus metrics (`GET /-/metrics`), recorded by the doors and breakers.
     pub metrics: Arc<Metrics>,
+    /// Per-CI-job counters (`GET /-/jobs/<id>`), bounded by `jobs.max`.
+    pub jobs: Arc<Jobs>,
     /// A command's spool files and git CA bundle; removed when it ends.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -175,6 +178,7 @@ impl Services {
             admin_token,
             publish_token,
             metrics,
+            jobs: Arc::new(Jobs::new(config.jobs.max)),
             config: config.clone(),
             mode,
             sources,

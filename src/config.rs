@@ -61,6 +61,22 @@ pub struct Config {
     pub offline: bool,
     /// `[log]`, for the log writer ([`crate::ops::log`]).
     pub log: LogSettings,
+    /// `[jobs]`, for the per-CI-job counters ([`crate::ops::jobs`]).
+    pub jobs: JobsSettings,
+}
+
+/// `[jobs]`: per-CI-job counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSettings {
+    /// Jobs remembered at once; the least recently seen are forgotten first.
+    pub max: u64,
+}
+
+impl Default for JobsSettings {
+    fn default() -> Self {
+        JobsSettings { max: 1000 }
+    }
 }
 
 /// `[log]`: how the gateway writes its log (to stderr).
@@ -352,6 +368,7 @@ impl Default for Config {
             breaker: BreakerSettings::default(),
             offline: false,
             log: LogSettings::default(),
+            jobs: JobsSettings::default(),
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::client::{bearer_matches, Client};
 use crate::config::{join, Source};
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Offline};
+use crate::ops::jobs::JobId;
 use crate::ops::metrics::{RouteName, Scraped};
 use crate::passthrough;
 use crate::store::{Object, Trust};
@@ -37,6 +38,8 @@ pub enum Route {
     IndexRefresh,
     /// `GET /-/metrics`: Prometheus metrics (admin).
     Metrics,
+    /// `GET /-/jobs/<id>`: one CI job's counters as JSON (admin).
+    JobReport(String),
     /// `POST /-/publish[?source=NAME]`: publish the zip in the body to a local source.
     Publish { source: Option<String> },
     /// `GET|HEAD /user/<enc>.zip`: an immutable archive, cached.
@@ -86,6 +89,9 @@ pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) ->
     }
     if path == "/-/metrics" && read {
         return Route::Metrics;
+    }
+    if let Some(id) = path.strip_prefix("/-/jobs/").filter(|_| read) {
+        return Route::JobReport(id.to_string());
     }
     if path == "/-/publish" && *method == Method::POST {
         let source = query.and_then(|q| {
@@ -156,32 +162,59 @@ pub async fn route(
     client: Option<Client>,
 ) -> Response<GatewayBody> {
     let target = path_and_query(&req);
-    let (at, target) = match pinned(&target) {
-        Ok(view) => view,
+    // `/job/<id>/` and `/at/<time>/` prefixes, in either order: data on the request.
+    let prefixes = job_prefix(&target).and_then(|(job, rest)| {
+        let (at, rest) = pinned(rest)?;
+        match job {
+            Some(job) => Ok((Some(job), at, rest)),
+            None => job_prefix(rest).map(|(job, rest)| (job, at, rest)),
+        }
+    });
+    let (job, at, target) = match prefixes {
+        Ok(found) => found,
         Err(reason) => {
             let mut resp = body::text(StatusCode::BAD_REQUEST, reason);
             resp.extensions_mut().insert(RouteName::Refused);
             return resp;
         }
     };
+    // A job named by the door (the proxy user name) when the path names none.
+    let job = job.or_else(|| req.extensions().get::<JobId>().cloned());
     let credentials = req.headers().contains_key(header::AUTHORIZATION)
         || req.headers().contains_key(header::COOKIE);
     let route = classify(req.method(), target, credentials);
     let name = route.name();
     let view = View { at, target };
     let mut resp = dispatch(app, route, req, door.source(), client, view).await;
-    // For the access log and metrics, counted by the doors when the response ends.
+    // For the access log, metrics and job counters, counted by the doors when the
+    // response ends.
     resp.extensions_mut().insert(name);
+    if let Some(job) = job {
+        resp.extensions_mut().insert(job);
+    }
     resp
+}
+
+/// Split `/job/<id>/rest` into the job and `/rest`; other targets are returned whole.
+fn job_prefix(target: &str) -> Result<(Option<JobId>, &str), String> {
+    let Some(rest) = target.trim_start_matches('/').strip_prefix("job/") else {
+        return Ok((None, target));
+    };
+    let (raw, rest) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    JobId::parse(raw)
+        .map(|job| (Some(job), rest))
+        .map_err(|e| format!("`/job/<id>/`: {e}"))
 }
 
 impl Route {
     /// The route's label in metrics and the access log.
     pub fn name(&self) -> RouteName {
         match self {
-            Route::Health | Route::IndexRefresh | Route::Metrics | Route::Publish { .. } => {
-                RouteName::Admin
-            }
+            Route::Health
+            | Route::IndexRefresh
+            | Route::Metrics
+            | Route::JobReport(_)
+            | Route::Publish { .. } => RouteName::Admin,
             Route::Archive(_) => RouteName::Archive,
             Route::Asset(_) => RouteName::Asset,
             Route::Index(_) => RouteName::Index,
@@ -235,6 +268,10 @@ async fn dispatch(
         Route::Metrics => match admin_refusal(app, &req, client) {
             Some(refusal) => refusal,
             None => metrics(app),
+        },
+        Route::JobReport(id) => match admin_refusal(app, &req, client) {
+            Some(refusal) => refusal,
+            None => job_report(app, &id),
         },
         Route::Publish { source } => crate::publish::handle(app, req, source.as_deref()).await,
         Route::Archive(key) => {
@@ -400,6 +437,24 @@ fn metrics(app: &Services) -> Response<GatewayBody> {
         ),
     );
     resp
+}
+
+/// `GET /-/jobs/<id>`: the job's counters, or 404 if it was never seen (or forgotten).
+fn job_report(app: &Services, id: &str) -> Response<GatewayBody> {
+    let job = match JobId::parse(id) {
+        Ok(job) => job,
+        Err(reason) => return body::text(StatusCode::BAD_REQUEST, reason),
+    };
+    match app.jobs.get(&job) {
+        Some(counters) => body::json(StatusCode::OK, &counters.to_json(job.as_str())),
+        None => body::text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no request of job `{}` seen (or forgotten: jobs.max)",
+                job.as_str()
+            ),
+        ),
+    }
 }
 
 /// `GET /-/health`: the gateway's own view of its sources and mirrors.

@@ -264,7 +264,7 @@ impl Doors {
             source: (!proxied).then(|| self.source_name(0)),
             started,
         };
-        Ok(access::track(&self.app.metrics, access, resp))
+        Ok(access::track(self.recorders(), access, resp))
     }
 
     /// A request decrypted from an intercepted TLS connection for `source`.
@@ -295,7 +295,14 @@ impl Doors {
             source: Some(self.source_name(source)),
             started,
         };
-        Ok(access::track(&self.app.metrics, access, resp))
+        Ok(access::track(self.recorders(), access, resp))
+    }
+
+    fn recorders(&self) -> access::Recorders<'_> {
+        access::Recorders {
+            metrics: &self.app.metrics,
+            jobs: &self.app.jobs,
+        }
     }
 
     /// The configured name of the source at `position`.

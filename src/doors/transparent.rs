@@ -45,7 +45,7 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
             let _permit = permit;
             let stream = SendTimeout::new(stream, doors.send_timeout);
             if doors.intercepted_source(&name).is_some() {
-                return tls::terminate(doors, stream, Some(name), peer).await;
+                return tls::terminate(doors, stream, Some(name), peer, None).await;
             }
             match doors.open_tunnel(&name, 443, Carrying::Transparent).await {
                 Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,

@@ -15,6 +15,7 @@ use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use super::jobs::{Ended, JobId, Jobs};
 use super::metrics::{CacheResult, Metrics, RouteName};
 use crate::body::{BoxError, GatewayBody};
 
@@ -31,10 +32,16 @@ pub struct Access {
     pub started: Instant,
 }
 
+/// Where ended requests are counted.
+pub struct Recorders<'a> {
+    pub metrics: &'a Arc<Metrics>,
+    pub jobs: &'a Arc<Jobs>,
+}
+
 /// Wrap `resp` so the request is counted and logged once, when its body ends or
 /// is dropped.
 pub fn track(
-    metrics: &Arc<Metrics>,
+    to: Recorders<'_>,
     access: Access,
     resp: Response<GatewayBody>,
 ) -> Response<GatewayBody> {
@@ -43,6 +50,10 @@ pub fn track(
         .get::<RouteName>()
         .copied()
         .unwrap_or(RouteName::Proxy);
+    let job = resp
+        .extensions()
+        .get::<JobId>()
+        .map(|job| (job.clone(), to.jobs.clone()));
     let status = resp.status();
     let cache = CacheResult::of(status, resp.headers().get("x-cache").map(|v| v.as_bytes()));
     let declared = resp
@@ -51,7 +62,8 @@ pub fn track(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let record = Record {
-        metrics: metrics.clone(),
+        metrics: to.metrics.clone(),
+        job,
         access,
         route,
         status,
@@ -71,6 +83,7 @@ pub fn track(
 
 struct Record {
     metrics: Arc<Metrics>,
+    job: Option<(JobId, Arc<Jobs>)>,
     access: Access,
     route: RouteName,
     status: StatusCode,
@@ -87,6 +100,16 @@ impl Record {
         let elapsed = self.access.started.elapsed();
         self.metrics
             .request(self.route, self.cache, elapsed.as_secs_f64());
+        if let Some((job, jobs)) = &self.job {
+            let ended = Ended {
+                route: self.route,
+                cache: self.cache,
+                bytes: self.bytes,
+                complete: self.complete,
+                elapsed,
+            };
+            jobs.record(job, &ended);
+        }
         let a = &self.access;
         tracing::info!(
             target: "moonbit_registry::access",
@@ -101,6 +124,7 @@ impl Record {
             complete = self.complete,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             source = a.source.as_deref().unwrap_or("-"),
+            job = self.job.as_ref().map(|(job, _)| job.as_str()),
             "request"
         );
     }

@@ -447,3 +447,156 @@ async fn log_format_flag_writes_json_lines() {
     assert!(!log.is_empty());
     assert!(access_events(&log).iter().any(|e| e["path"] == "/-/health"));
 }
+
+/// `moonbit-registry <args>` beside the test gateway (its config file, its address).
+fn cli(s: &crate::upstream::scenario::Setup, args: &[&str]) -> std::process::Output {
+    let addr = s.gateway.addr.to_string();
+    let config = s.config.to_str().unwrap();
+    crate::upstream::scenario::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_moonbit-registry"))
+            .args(args)
+            .args(["--listen", &addr, "--config", config])
+            .env_remove("MOONBIT_REGISTRY_JOB")
+            .env_remove("GITHUB_RUN_ID")
+            .env_remove("CI_JOB_ID")
+            .env_remove("BUILDKITE_JOB_ID"),
+    )
+}
+
+/// `env --job J1` makes moon's registry `/job/J1/`; `report --job J1 --json` then
+/// counts the closure's three archives, all fetched cold; a second job with the
+/// same closure gets all three from the cache. Text and Markdown say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_job_report_counts_a_moon_closure() {
+    let Some(bin) = moon_bin() else {
+        eprintln!("SKIPPED per_job_report_counts_a_moon_closure: set MOON_BIN to the moon client");
+        return;
+    };
+    let (s, closure) = setup_configured("prefetch = false\n", |r| {
+        vec![
+            r.publish("alice/core", "0.1.0", &[]),
+            r.publish("bob/lex/runtime", "0.2.0", &[("alice/core", "0.1.0")]),
+            r.publish("alice/app", "1.0.0", &[("bob/lex/runtime", "0.2.0")]),
+        ]
+    })
+    .await;
+    let closure_bytes: u64 = closure.iter().map(|p| p.size).sum();
+    let work = tempfile::tempdir().unwrap();
+    for (job, cold) in [("J1", 3), ("J2", 0)] {
+        let out = cli(&s, &["env", "--registry", "--job", job]);
+        ok(&out, "moonbit-registry env --job");
+        let exports = String::from_utf8_lossy(&out.stdout).to_string();
+        let registry = exports
+            .lines()
+            .find_map(|l| l.strip_prefix("export MOONCAKES_REGISTRY="))
+            .map(|v| v.trim_matches('\'').to_string())
+            .unwrap_or_else(|| panic!("no MOONCAKES_REGISTRY in {exports}"));
+        assert_eq!(registry, format!("{}/job/{job}", s.gateway.url()));
+        assert!(exports.contains(&format!("export MOONBIT_REGISTRY_JOB='{job}'")));
+
+        let home = work.path().join(format!("home-{job}"));
+        let cwd = work.path().join(format!("work-{job}"));
+        std::fs::create_dir_all(&cwd).unwrap();
+        ok(
+            &moon(&bin, &home, &cwd, &registry, &["update"]),
+            "moon update",
+        );
+        let proj = moon_project(&bin, &home, &cwd, &registry);
+        ok(
+            &moon(&bin, &home, &proj, &registry, &["add", "alice/app"]),
+            "moon add",
+        );
+        for dir in ["alice/app", "bob/lex+runtime", "alice/core"] {
+            let installed = proj.join(".mooncakes").join(dir).join("moon.mod.json");
+            assert!(installed.is_file(), "{job}: {dir} not installed");
+        }
+
+        let out = cli(&s, &["report", "--job", job, "--json"]);
+        ok(&out, "moonbit-registry report --json");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report JSON");
+        assert_eq!(r["job"], job, "{r}");
+        assert_eq!(r["archives"], 3, "{job}: {r}");
+        assert_eq!(r["modules_fetched_cold"], cold, "{job}: {r}");
+        assert_eq!(r["archives_from_cache"], 3 - cold, "{job}: {r}");
+        assert_eq!(r["errors"], 0, "{job}: {r}");
+        assert!(
+            r["requests"].as_u64().unwrap() > 3,
+            "index requests too: {r}"
+        );
+        assert!(r["bytes_served"].as_u64().unwrap() >= closure_bytes, "{r}");
+        if cold == 3 {
+            assert!(
+                r["bytes_from_upstream"].as_u64().unwrap() >= closure_bytes,
+                "{r}"
+            );
+        }
+
+        let out = cli(&s, &["report", "--job", job]);
+        ok(&out, "moonbit-registry report");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.starts_with(&format!("this job: 3 archives, {} from cache,", 3 - cold)),
+            "{text}"
+        );
+        assert!(text.contains(&format!(", {cold} cold;")), "{text}");
+        let out = cli(&s, &["report", "--job", job, "--markdown"]);
+        ok(&out, "moonbit-registry report --markdown");
+        let md = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            md.contains(&format!("| modules fetched cold | {cold} |")),
+            "{md}"
+        );
+    }
+
+    // `/job/<id>/` composes with a pinned view, in either order.
+    let now = humantime_now();
+    for (path, job) in [
+        (
+            format!("/job/J3/at/{now}/git/index/info/refs?service=git-upload-pack"),
+            "J3",
+        ),
+        (
+            format!("/at/{now}/job/J4/git/index/info/refs?service=git-upload-pack"),
+            "J4",
+        ),
+    ] {
+        let out = curl(&[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("{}{path}", s.gateway.url()),
+        ]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{path}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let out = cli(&s, &["report", "--job", job, "--json"]);
+        ok(&out, "report");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["requests"], 1, "{path}: {r}");
+    }
+    // A job id that is not one is refused; an unknown job is a clear error.
+    let out = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{}/job/a%20b/git/index/info/refs", s.gateway.url()),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
+    let out = cli(&s, &["report", "--job", "never-seen"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{out:?}"
+    );
+}
+
+/// Now as RFC 3339 (UTC, seconds).
+fn humantime_now() -> String {
+    let out = crate::upstream::scenario::run(
+        std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
