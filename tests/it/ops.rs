@@ -600,3 +600,57 @@ fn humantime_now() -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Through `HTTPS_PROXY` the job is the proxy user name `env --job` puts in the
+/// proxy URL: curl (which sends it as `Proxy-Authorization` on its CONNECT) fetches
+/// an archive twice from the intercepted download host, and the job's report
+/// counts one cold archive and one from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_job_report_through_the_proxy() {
+    if !crate::upstream::scenario::inside_loopback_namespace(
+        module_path!(),
+        "per_job_report_through_the_proxy",
+    ) {
+        return;
+    }
+    let intercept =
+        "intercept_hosts = [\"mooncakes.io\", \"download.mooncakes.io\"]\n[proxy]\ntunnel = \"deny\"\n";
+    let (s, json) = setup_configured(intercept, |r| r.publish("alice/json", "0.1.0", &[])).await;
+    let data_dir = s.gateway.data_dir.to_str().unwrap().to_string();
+    let out = cli(&s, &["env", "--job", "P1", "--data-dir", &data_dir]);
+    ok(&out, "moonbit-registry env --job (proxy)");
+    let exports = String::from_utf8_lossy(&out.stdout).to_string();
+    let get = |name: &str| {
+        exports
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(|v| v.trim_matches('\'').to_string())
+            .unwrap_or_else(|| panic!("no {name} in {exports}"))
+    };
+    let proxy = get("HTTPS_PROXY");
+    assert_eq!(proxy, format!("http://P1@{}", s.gateway.addr));
+    let bundle = get("SSL_CERT_FILE");
+    let url = format!("https://download.mooncakes.io/user/{}.zip", json.segment);
+    for _ in 0..2 {
+        let out = curl(&[
+            "-f",
+            "-o",
+            "/dev/null",
+            "--proxy",
+            &proxy,
+            "--cacert",
+            &bundle,
+            &url,
+        ]);
+        ok(&out, "curl through the proxy");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let out = cli(&s, &["report", "--job", "P1", "--json"]);
+    ok(&out, "report");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["archives"], 2, "{r}");
+    assert_eq!(r["modules_fetched_cold"], 1, "{r}");
+    assert_eq!(r["archives_from_cache"], 1, "{r}");
+    assert_eq!(r["bytes_served"], 2 * json.size, "{r}");
+    assert_eq!(r["bytes_from_upstream"], json.size, "{r}");
+}
