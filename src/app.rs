@@ -134,6 +134,9 @@ impl Services {
             }
         };
 
+        let mut store = store;
+        store.count_into(metrics.store_counters());
+
         let ca_bundle = match &config.upstream_ca {
             Some(ca) => {
                 let bundle = own_dir.join("upstream-ca-bundle.pem");

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use super::jobs::{Ended, JobId, Jobs};
-use super::metrics::{CacheResult, Metrics, RouteName};
+use super::metrics::{CacheResult, Metrics, RouteName, Tier};
 use crate::body::{BoxError, GatewayBody};
 
 /// What the doors know of a request when its response head is ready.
@@ -54,6 +54,7 @@ pub fn track(
         .extensions()
         .get::<JobId>()
         .map(|job| (job.clone(), to.jobs.clone()));
+    let tier = resp.extensions().get::<Tier>().copied();
     let status = resp.status();
     let cache = CacheResult::of(status, resp.headers().get("x-cache").map(|v| v.as_bytes()));
     let declared = resp
@@ -68,6 +69,7 @@ pub fn track(
         route,
         status,
         cache,
+        tier: tier.or_else(|| Tier::of(cache)),
         bytes: 0,
         declared,
         complete: false,
@@ -88,6 +90,8 @@ struct Record {
     route: RouteName,
     status: StatusCode,
     cache: CacheResult,
+    /// Where the body comes from, if it is a cached class's.
+    tier: Option<Tier>,
     bytes: u64,
     /// `Content-Length`, when the response has one: hyper stops polling once it is sent.
     declared: Option<u64>,
@@ -100,6 +104,9 @@ impl Record {
         let elapsed = self.access.started.elapsed();
         self.metrics
             .request(self.route, self.cache, elapsed.as_secs_f64());
+        if let Some(tier) = self.tier {
+            self.metrics.served(tier, self.bytes);
+        }
         if let Some((job, jobs)) = &self.job {
             let ended = Ended {
                 route: self.route,

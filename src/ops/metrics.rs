@@ -114,6 +114,31 @@ impl CacheResult {
     }
 }
 
+/// Where the bytes of a response came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// The memory tier (the store tags its responses from memory).
+    Memory,
+    /// This machine's disk: the disk tier, the index mirror, stored `symbols.zip`.
+    Disk,
+    /// Streamed from an upstream now (misses, pass-through, revalidations).
+    Upstream,
+}
+
+impl Tier {
+    /// The tier of a response the store did not tag, by its cache result; `None`
+    /// for answers the gateway writes itself (admin, refusals, errors).
+    pub fn of(cache: CacheResult) -> Option<Tier> {
+        match cache {
+            CacheResult::Hit | CacheResult::Mirror | CacheResult::Stale => Some(Tier::Disk),
+            CacheResult::Miss | CacheResult::Bypass | CacheResult::Revalidated => {
+                Some(Tier::Upstream)
+            }
+            CacheResult::Error | CacheResult::None => None,
+        }
+    }
+}
+
 /// How a tunnel request was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TunnelDecision {
@@ -194,6 +219,16 @@ pub struct SourceOutcomes {
     pub error: Counter,
 }
 
+/// The store's own counters (a store built for a one-shot command keeps its
+/// unregistered defaults).
+#[derive(Debug, Clone, Default)]
+pub struct StoreCounters {
+    /// Clients that joined an upstream fetch already in progress.
+    pub flight_waiters: Counter,
+    /// Entries removed from the disk tier to keep it within `storage.max_size`.
+    pub evictions: Counter,
+}
+
 /// Values read from the services when metrics are scraped (they are state, not events).
 #[derive(Debug, Default)]
 pub struct Scraped {
@@ -210,12 +245,14 @@ pub struct Metrics {
     requests: Vec<Counter>,
     durations: Vec<Histogram>,
     tunnels: [Counter; 3],
+    served: [Counter; 3],
     connections: [Gauge; 2],
     flights: Gauge,
     memory_bytes: Gauge,
     source_up: Vec<Gauge>,
     index_age: Vec<Gauge>,
     upstream: Vec<SourceOutcomes>,
+    store: StoreCounters,
 }
 
 impl Metrics {
@@ -256,6 +293,15 @@ impl Metrics {
                 })
             })
             .collect();
+
+        let served_family = Family::<TierOnly, Counter>::default();
+        registry.register(
+            "served_bytes",
+            "Response body bytes sent to clients, by where they came from (memory, disk, upstream)",
+            served_family.clone(),
+        );
+        let served = ["memory", "disk", "upstream"]
+            .map(|t| served_family.get_or_create_owned(&TierOnly { tier: Word(t) }));
 
         let tunnels_family = Family::<DecisionOnly, Counter>::default();
         registry.register(
@@ -337,11 +383,25 @@ impl Metrics {
             })
             .collect();
 
+        let store = StoreCounters::default();
+        registry.register(
+            "flight_waiters",
+            "Clients that joined an upstream archive fetch already in progress instead of starting one",
+            store.flight_waiters.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Entries evicted from the disk tier to keep it within storage.max_size",
+            store.evictions.clone(),
+        );
+
         Metrics {
+            store,
             registry,
             requests,
             durations,
             tunnels,
+            served,
             connections,
             flights,
             memory_bytes,
@@ -358,6 +418,11 @@ impl Metrics {
         self.durations[r].observe(seconds);
     }
 
+    /// Body bytes one response sent, from `tier`.
+    pub fn served(&self, tier: Tier, bytes: u64) {
+        self.served[tier as usize].inc_by(bytes);
+    }
+
     pub fn tunnel(&self, decision: TunnelDecision) {
         self.tunnels[decision as usize].inc();
     }
@@ -367,6 +432,11 @@ impl Metrics {
         let gauge = self.connections[door as usize].clone();
         gauge.inc();
         ConnectionGuard(gauge)
+    }
+
+    /// The counters the store increments.
+    pub fn store_counters(&self) -> StoreCounters {
+        self.store.clone()
     }
 
     /// The counters of the source at `position` in the config, if there is one.

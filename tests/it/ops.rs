@@ -229,6 +229,19 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
                 &[("route", "index"), ("cache", "mirror")]
             ) > 0.0
         );
+        // Archive bytes: from the upstream on the cold run, from the store after.
+        let served = |tier| value(&m, "moonbit_registry_served_bytes_total", &[("tier", tier)]);
+        let closure_bytes = closure.iter().map(|p| p.size).sum::<u64>() as f64;
+        assert!(
+            served("upstream") >= closure_bytes,
+            "{round}: served from the upstream"
+        );
+        if round == "warm" {
+            assert!(
+                served("memory") + served("disk") >= closure_bytes,
+                "served from the store"
+            );
+        }
         let durations = value(
             &m,
             "moonbit_registry_request_duration_seconds_count",
@@ -653,4 +666,42 @@ async fn per_job_report_through_the_proxy() {
     assert_eq!(r["archives_from_cache"], 1, "{r}");
     assert_eq!(r["bytes_served"], 2 * json.size, "{r}");
     assert_eq!(r["bytes_from_upstream"], json.size, "{r}");
+}
+
+/// Five clients asking at once for an archive the upstream sends slowly share one
+/// fetch: the metrics count four waiters, one upstream request and one miss per client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_clients_sharing_one_fetch() {
+    let (s, big) = setup_configured("prefetch = false\n", |r| {
+        r.publish("alice/big", "1.0.0", &[])
+    })
+    .await;
+    s.upstream.set_fault(crate::upstream::Fault::DelayEach(
+        std::time::Duration::from_millis(800),
+    ));
+    let url = format!("{}{}", s.gateway.url(), big.url_path());
+    let clients: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || curl(&["-f", "-o", "/dev/null", &url]))
+        })
+        .collect();
+    for c in clients {
+        ok(&c.join().unwrap(), "download");
+    }
+    s.upstream.set_fault(crate::upstream::Fault::None);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(s.upstream.count("GET", &big.url_path()), 1);
+    let m = scrape(&s.gateway);
+    assert_eq!(value(&m, "moonbit_registry_flight_waiters_total", &[]), 4.0);
+    assert_eq!(archives(&m, "miss"), 5.0);
+    assert_eq!(
+        value(
+            &m,
+            "moonbit_registry_served_bytes_total",
+            &[("tier", "upstream")]
+        ),
+        5.0 * big.size as f64
+    );
+    assert_eq!(value(&m, "moonbit_registry_evictions_total", &[]), 0.0);
 }
