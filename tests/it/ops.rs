@@ -666,6 +666,29 @@ async fn per_job_report_through_the_proxy() {
     assert_eq!(r["archives_from_cache"], 1, "{r}");
     assert_eq!(r["bytes_served"], 2 * json.size, "{r}");
     assert_eq!(r["bytes_from_upstream"], json.size, "{r}");
+
+    // A host that is not intercepted, with tunnels denied: refused, and counted.
+    let out = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "--proxy",
+        &proxy,
+        "https://example.com/",
+    ]);
+    assert!(!out.status.success());
+    let m = scrape(&s.gateway);
+    let tunnels = |d| value(&m, "moonbit_registry_tunnels_total", &[("decision", d)]);
+    assert_eq!((tunnels("forbidden"), tunnels("allowed")), (1.0, 0.0));
+    // The CONNECTs themselves are proxy requests; what came through them, archives.
+    assert_eq!(archives(&m, "miss") + archives(&m, "hit"), 2.0);
+    assert!(
+        value(
+            &m,
+            "moonbit_registry_requests_total",
+            &[("route", "proxy"), ("cache", "none")]
+        ) >= 2.0
+    );
 }
 
 /// Five clients asking at once for an archive the upstream sends slowly share one
