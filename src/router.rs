@@ -19,6 +19,7 @@ use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Offline};
 use crate::ops::jobs::JobId;
 use crate::ops::metrics::{RouteName, Scraped};
+use crate::ops::status::{render, JobStatus, SourceStatus, Status};
 use crate::passthrough;
 use crate::store::{Object, Trust};
 
@@ -40,6 +41,8 @@ pub enum Route {
     Metrics,
     /// `GET /-/jobs/<id>`: one CI job's counters as JSON (admin).
     JobReport(String),
+    /// `GET /-/` or `/-/status`: the HTML status page (admin).
+    Status,
     /// `POST /-/publish[?source=NAME]`: publish the zip in the body to a local source.
     Publish { source: Option<String> },
     /// `GET|HEAD /user/<enc>.zip`: an immutable archive, cached.
@@ -89,6 +92,9 @@ pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) ->
     }
     if path == "/-/metrics" && read {
         return Route::Metrics;
+    }
+    if (path == "/-/" || path == "/-/status") && read {
+        return Route::Status;
     }
     if let Some(id) = path.strip_prefix("/-/jobs/").filter(|_| read) {
         return Route::JobReport(id.to_string());
@@ -214,6 +220,7 @@ impl Route {
             | Route::IndexRefresh
             | Route::Metrics
             | Route::JobReport(_)
+            | Route::Status
             | Route::Publish { .. } => RouteName::Admin,
             Route::Archive(_) => RouteName::Archive,
             Route::Asset(_) => RouteName::Asset,
@@ -268,6 +275,10 @@ async fn dispatch(
         Route::Metrics => match admin_refusal(app, &req, client) {
             Some(refusal) => refusal,
             None => metrics(app),
+        },
+        Route::Status => match admin_refusal(app, &req, client) {
+            Some(refusal) => refusal,
+            None => status_page(app),
         },
         Route::JobReport(id) => match admin_refusal(app, &req, client) {
             Some(refusal) => refusal,
@@ -435,6 +446,61 @@ fn metrics(app: &Services) -> Response<GatewayBody> {
         http::HeaderValue::from_static(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+    );
+    resp
+}
+
+/// Jobs listed on the status page, at most.
+const STATUS_JOBS: usize = 20;
+
+/// `GET /-/`: the status page, from the same state `/-/health` and `/-/metrics` read.
+fn status_page(app: &Services) -> Response<GatewayBody> {
+    let (requests, archive_hits, archive_misses) = app.metrics.totals();
+    let mirrors = app.index.mirrors();
+    let health = app.breakers.report();
+    let sources = app
+        .sources
+        .iter()
+        .zip(health)
+        .map(|(s, h)| {
+            let mirror = mirrors.iter().find(|m| m.source == s.name);
+            SourceStatus {
+                name: s.name.clone(),
+                registry: s.registry.as_str().to_string(),
+                up: !app.breakers.is_down(&s.name),
+                last_error: h["last_error"].as_str().map(str::to_string),
+                index_commit: mirror.and_then(|m| m.snapshot().commit.clone()),
+                index_age_seconds: mirror.and_then(|m| m.age()).map(|a| a.as_secs()),
+            }
+        })
+        .collect();
+    let status = Status {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: app.metrics.uptime_seconds(),
+        sources,
+        memory_bytes: app.store.memory_bytes(),
+        memory_budget: app.config.storage.memory.as_u64(),
+        disk_bound: app.config.storage.max_size.map(|b| b.as_u64()),
+        requests,
+        archive_hits,
+        archive_misses,
+        flights: app.store.in_flight(),
+        jobs: app
+            .jobs
+            .some(STATUS_JOBS)
+            .into_iter()
+            .map(|(id, archives, from_cache, cold)| JobStatus {
+                id,
+                archives,
+                from_cache,
+                cold,
+            })
+            .collect(),
+    };
+    let mut resp = Response::new(body::full(render(&status)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
     );
     resp
 }

@@ -143,6 +143,23 @@ impl Jobs {
             .record(ended);
     }
 
+    /// Up to `n` remembered jobs with their (archives, from cache, cold) counts.
+    pub fn some(&self, n: usize) -> Vec<(String, u64, u64, u64)> {
+        self.jobs
+            .iter()
+            .take(n)
+            .map(|(id, c)| {
+                let get = |a: &AtomicU64| a.load(Relaxed);
+                (
+                    id.as_str().to_string(),
+                    get(&c.archives),
+                    get(&c.archive_hits),
+                    get(&c.archive_misses),
+                )
+            })
+            .collect()
+    }
+
     /// The counters of `job`, if it is still remembered.
     pub fn get(&self, job: &JobId) -> Option<Arc<JobCounters>> {
         self.jobs.get(job)

@@ -253,6 +253,7 @@ pub struct Metrics {
     index_age: Vec<Gauge>,
     upstream: Vec<SourceOutcomes>,
     store: StoreCounters,
+    started: std::time::Instant,
 }
 
 impl Metrics {
@@ -396,6 +397,7 @@ impl Metrics {
         );
 
         Metrics {
+            started: std::time::Instant::now(),
             store,
             registry,
             requests,
@@ -432,6 +434,21 @@ impl Metrics {
         let gauge = self.connections[door as usize].clone();
         gauge.inc();
         ConnectionGuard(gauge)
+    }
+
+    /// Requests answered, and archive hits and misses, since start.
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let cache = CacheResult::ALL.len();
+        let requests = self.requests.iter().map(Counter::get).sum();
+        let archive = RouteName::Archive as usize * cache;
+        let hits = self.requests[archive + CacheResult::Hit as usize].get();
+        let misses = self.requests[archive + CacheResult::Miss as usize].get();
+        (requests, hits, misses)
+    }
+
+    /// Seconds since the metrics (and so the gateway) started.
+    pub fn uptime_seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 
     /// The counters the store increments.

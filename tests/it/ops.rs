@@ -588,6 +588,55 @@ async fn per_job_report_counts_a_moon_closure() {
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["requests"], 1, "{path}: {r}");
     }
+    // The status page shows the source, the counters and the jobs.
+    let out = curl(&["-s", "-D", "-", &format!("{}/-/", s.gateway.url())]);
+    ok(&out, "GET /-/");
+    let page = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, html) = page.split_once("\r\n\r\n").expect("a response head");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/html; charset=utf-8"),
+        "{head}"
+    );
+    check_html(html).unwrap_or_else(|e| panic!("status page: {e}\n{html}"));
+    assert!(
+        !html.contains("<script") && !html.contains("http-equiv") && !html.contains("src="),
+        "no scripts or external assets"
+    );
+    let row = |table: &str| {
+        let start = html
+            .find(&format!("<table id=\"{table}\">"))
+            .unwrap_or_else(|| panic!("no {table} table"));
+        html[start..start + html[start..].find("</table>").unwrap()].to_string()
+    };
+    let sources = row("sources");
+    assert!(
+        sources.contains("<td>default</td>") && sources.contains("<td class=\"up\">up</td>"),
+        "{sources}"
+    );
+    let cache = row("cache");
+    assert!(
+        cache.contains("<tr><th>archive hits</th><td>3</td></tr>"),
+        "{cache}"
+    );
+    assert!(
+        cache.contains("<tr><th>archive misses</th><td>3</td></tr>"),
+        "{cache}"
+    );
+    assert!(
+        cache.contains("<tr><th>archive hit ratio (since start)</th><td>50.0 %</td></tr>"),
+        "{cache}"
+    );
+    let jobs = row("jobs");
+    assert!(
+        jobs.contains("<tr><td>J1</td><td>3</td><td>0</td><td>3</td></tr>"),
+        "{jobs}"
+    );
+    assert!(
+        jobs.contains("<tr><td>J2</td><td>3</td><td>3</td><td>0</td></tr>"),
+        "{jobs}"
+    );
+
     // A job id that is not one is refused; an unknown job is a clear error.
     let out = curl(&[
         "-s",
@@ -727,4 +776,89 @@ async fn metrics_count_clients_sharing_one_fetch() {
         5.0 * big.size as f64
     );
     assert_eq!(value(&m, "moonbit_registry_evictions_total", &[]), 0.0);
+}
+
+/// A strict check of the status page's HTML: a doctype, then elements that all
+/// close in order (void elements excepted), attributes quoted.
+fn check_html(html: &str) -> Result<(), String> {
+    const VOID: &[&str] = &["meta", "br", "hr", "img", "link", "input"];
+    let rest = html
+        .strip_prefix("<!DOCTYPE html>")
+        .ok_or("no <!DOCTYPE html> first")?;
+    let mut open: Vec<String> = Vec::new();
+    let mut at = rest;
+    while let Some(lt) = at.find('<') {
+        let gt = at[lt..].find('>').ok_or("a tag that never ends")? + lt;
+        let tag = &at[lt + 1..gt];
+        if let Some(name) = tag.strip_prefix('/') {
+            match open.pop() {
+                Some(top) if top == name => {}
+                top => return Err(format!("</{name}> closes {top:?}")),
+            }
+        } else {
+            let name = tag.split_whitespace().next().ok_or("an empty tag")?;
+            if !name.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(format!("bad tag <{tag}>"));
+            }
+            let attrs = &tag[name.len()..];
+            if attrs.matches('"').count() % 2 != 0 || (attrs.contains('=') && !attrs.contains('"'))
+            {
+                return Err(format!("unquoted attribute in <{tag}>"));
+            }
+            if !VOID.contains(&name) {
+                open.push(name.to_string());
+            }
+        }
+        at = &at[gt + 1..];
+    }
+    if open.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("never closed: {open:?}"))
+    }
+}
+
+/// The status page in a real browser: headless Chromium takes a screenshot (kept
+/// in the temp dir for a look) that must be a non-trivial PNG. Skipped, saying
+/// so, when Chromium is not installed (`apt-get install chromium`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_renders_in_headless_chromium() {
+    let found = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {b}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(browser) = found else {
+        eprintln!("SKIPPED status_page_renders_in_headless_chromium: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let (s, _) =
+        crate::upstream::scenario::setup_with(|r| r.publish("alice/core", "0.1.0", &[])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("status.png");
+    let out = crate::upstream::scenario::run(
+        std::process::Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--window-size=1024,768",
+            ])
+            .arg(format!("--screenshot={}", shot.display()))
+            .arg(format!("{}/-/", s.gateway.url())),
+    );
+    ok(&out, "chromium --screenshot");
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 4096,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!(
+        "status page screenshot: {}",
+        dir.keep().join("status.png").display()
+    );
 }
