@@ -261,7 +261,7 @@ impl Doors {
             method,
             target,
             host,
-            source: (!proxied).then(|| self.source_name(0)),
+            source: (!proxied).then_some(0),
             started,
         };
         Ok(access::track(self.recorders(), access, resp))
@@ -292,7 +292,7 @@ impl Doors {
             method,
             target,
             host: Some(host),
-            source: Some(self.source_name(source)),
+            source: Some(source),
             started,
         };
         Ok(access::track(self.recorders(), access, resp))
@@ -303,14 +303,6 @@ impl Doors {
             metrics: &self.app.metrics,
             jobs: &self.app.jobs,
         }
-    }
-
-    /// The configured name of the source at `position`.
-    fn source_name(&self, position: usize) -> String {
-        self.app
-            .sources
-            .get(position)
-            .map_or_else(|| "-".to_string(), |s| s.name.clone())
     }
 }
 

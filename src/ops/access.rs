@@ -27,8 +27,9 @@ pub struct Access {
     pub target: String,
     /// The host an intercepted or proxied request named.
     pub host: Option<String>,
-    /// The configured source the door hands the request to.
-    pub source: Option<String>,
+    /// The position (in the config) of the source the door hands the request to;
+    /// its name is looked up only when the event is written.
+    pub source: Option<usize>,
     pub started: Instant,
 }
 
@@ -130,7 +131,7 @@ impl Record {
             bytes = self.bytes,
             complete = self.complete,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            source = a.source.as_deref().unwrap_or("-"),
+            source = a.source.map_or("-", |i| self.metrics.source_name(i)),
             job = self.job.as_ref().map(|(job, _)| job.as_str()),
             "request"
         );

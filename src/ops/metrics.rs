@@ -254,6 +254,8 @@ pub struct Metrics {
     upstream: Vec<SourceOutcomes>,
     store: StoreCounters,
     started: std::time::Instant,
+    /// The sources' names, in config order (for the access log).
+    source_names: Vec<String>,
 }
 
 impl Metrics {
@@ -397,6 +399,7 @@ impl Metrics {
         );
 
         Metrics {
+            source_names: sources.iter().map(|s| s.to_string()).collect(),
             started: std::time::Instant::now(),
             store,
             registry,
@@ -444,6 +447,11 @@ impl Metrics {
         let hits = self.requests[archive + CacheResult::Hit as usize].get();
         let misses = self.requests[archive + CacheResult::Miss as usize].get();
         (requests, hits, misses)
+    }
+
+    /// The name of the source at `position`, or `-`.
+    pub fn source_name(&self, position: usize) -> &str {
+        self.source_names.get(position).map_or("-", String::as_str)
     }
 
     /// Seconds since the metrics (and so the gateway) started.
