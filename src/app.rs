@@ -21,6 +21,8 @@ use crate::hosted::Hosted;
 use crate::index::mirror::MirrorSettings;
 use crate::index::{Expectation, Index};
 use crate::mutable_cache::MutableCache;
+use crate::ops::jobs::Jobs;
+use crate::ops::metrics::Metrics;
 use crate::store::{Object, Store};
 use crate::symbols::MergedSymbols;
 use crate::upstream::Upstream;
@@ -63,6 +65,10 @@ pub struct Services {
     /// Bearer token `POST /-/publish` requires (`publish.token_env`); without one
     /// the endpoint is off.
     pub publish_token: Option<String>,
+    /// Prometheus metrics (`GET /-/metrics`), recorded by the doors and breakers.
+    pub metrics: Arc<Metrics>,
+    /// Per-CI-job counters (`GET /-/jobs/<id>`), bounded by `jobs.max`.
+    pub jobs: Arc<Jobs>,
     /// A command's spool files and git CA bundle; removed when it ends.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -111,7 +117,8 @@ impl Services {
         // Where this process keeps what it writes for itself.
         let own_dir = scratch.as_ref().map_or(data_dir.as_path(), |s| s.path());
 
-        let breakers = Arc::new(Breakers::new(&sources, &config.breaker));
+        let metrics = Arc::new(Metrics::new(sources.iter().map(|s| s.name.as_str())));
+        let breakers = Arc::new(Breakers::counted(&sources, &config.breaker, Some(&metrics)));
         let mut upstream = Upstream::new(config.upstream_ca.as_deref(), config.timeouts.clone())?
             .with_health(breakers.clone());
         if mode == Mode::Offline {
@@ -128,6 +135,9 @@ impl Services {
                 Store::open(data_dir, &config.storage, upstream.clone())?
             }
         };
+
+        let mut store = store;
+        store.count_into(metrics.store_counters());
 
         let ca_bundle = match &config.upstream_ca {
             Some(ca) => {
@@ -172,6 +182,8 @@ impl Services {
             prefetch: config.prefetch && mode == Mode::Serve,
             admin_token,
             publish_token,
+            metrics,
+            jobs: Arc::new(Jobs::new(config.jobs.max)),
             config: config.clone(),
             mode,
             sources,

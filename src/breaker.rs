@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{BreakerSettings, Credential, Source};
+use crate::ops::metrics::{Metrics, SourceOutcomes};
 
 /// Every source's breaker, and which URLs belong to which source.
 #[derive(Debug, Default)]
@@ -35,6 +36,8 @@ pub struct Breaker {
     state: Mutex<State>,
     /// What the gateway's own requests to this source carry (`auth` of its table).
     credential: Option<Credential>,
+    /// `upstream_requests_total` of this source.
+    outcomes: SourceOutcomes,
 }
 
 #[derive(Debug)]
@@ -85,6 +88,15 @@ pub struct Ticket {
 
 impl Breakers {
     pub fn new(sources: &[Source], settings: &BreakerSettings) -> Breakers {
+        Breakers::counted(sources, settings, None)
+    }
+
+    /// Like [`Breakers::new`], counting every judged exchange in `metrics`.
+    pub fn counted(
+        sources: &[Source],
+        settings: &BreakerSettings,
+        metrics: Option<&Metrics>,
+    ) -> Breakers {
         let mut breakers = Vec::new();
         let mut prefixes = Vec::new();
         for (i, s) in sources.iter().enumerate() {
@@ -101,6 +113,7 @@ impl Breakers {
                     auth_error: None,
                 }),
                 credential: s.credential.clone(),
+                outcomes: metrics.and_then(|m| m.upstream(i)).unwrap_or_default(),
             }));
             for url in [&s.registry, &s.index, &s.archive, &s.symbols] {
                 prefixes.push((url.as_str().trim_end_matches('/').to_string(), i));
@@ -366,6 +379,7 @@ impl Breaker {
     }
 
     fn success(&self, probe: bool) {
+        self.outcomes.ok.inc();
         let mut state = self.lock();
         state.failures = 0;
         state.slow = false;
@@ -380,6 +394,7 @@ impl Breaker {
     }
 
     fn failure(&self, probe: bool, error: &str) {
+        self.outcomes.error.inc();
         let mut state = self.lock();
         state.failures = state.failures.saturating_add(1);
         state.last_error = Some((SystemTime::now(), error.to_string()));

@@ -59,6 +59,43 @@ pub struct Config {
     pub breaker: BreakerSettings,
     /// Never contact an upstream: index from the mirror, archives from the store.
     pub offline: bool,
+    /// `[log]`, for the log writer ([`crate::ops::log`]).
+    pub log: LogSettings,
+    /// `[jobs]`, for the per-CI-job counters ([`crate::ops::jobs`]).
+    pub jobs: JobsSettings,
+}
+
+/// `[jobs]`: per-CI-job counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSettings {
+    /// Jobs remembered at once; the least recently seen are forgotten first.
+    pub max: u64,
+}
+
+impl Default for JobsSettings {
+    fn default() -> Self {
+        JobsSettings { max: 1000 }
+    }
+}
+
+/// `[log]`: how the gateway writes its log (to stderr).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `"text"` (default) or `"json"` (one object per line); `serve --log-format`.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
 }
 
 /// `[server]`, for the doors: what one client connection may cost.
@@ -347,6 +384,8 @@ impl Default for Config {
             mutable: MutableCacheSettings::default(),
             breaker: BreakerSettings::default(),
             offline: false,
+            log: LogSettings::default(),
+            jobs: JobsSettings::default(),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod hosted;
 pub mod index;
 pub mod intercept;
 pub mod mutable_cache;
+pub mod ops;
 pub mod passthrough;
 pub mod progress;
 pub mod publish;

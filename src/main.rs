@@ -3,19 +3,19 @@
 //! `publish` adds a module version to a local source (each command's logic lives
 //! in its own module).
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use moonbit_registry::app::{Mode, Services};
 use moonbit_registry::ca_bundle::write_ca_bundle;
-use moonbit_registry::config::{Config, Overrides};
+use moonbit_registry::config::{Config, LogFormat, Overrides};
 use moonbit_registry::index::selection::{Pattern, Selection};
 use moonbit_registry::intercept::load_ca;
-use tracing_subscriber::EnvFilter;
+use moonbit_registry::ops::jobs::JobId;
 
 /// A caching gateway for the MoonBit package registry (mooncakes.io).
 #[derive(Parser)]
@@ -76,6 +76,27 @@ enum Command {
         /// credentials if set) instead of the proxy variables
         #[arg(long)]
         registry: bool,
+        /// CI job id the exports carry (registry path `/job/ID/`, proxy user name)
+        /// [default: from GITHUB_RUN_ID+GITHUB_JOB, CI_JOB_ID or BUILDKITE_JOB_ID]
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print what the running gateway did for one CI job (GET /-/jobs/ID).
+    Report {
+        /// The job [default: MOONBIT_CI_JOB, set by `env`, or the CI variables]
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// Address the gateway listens on [default: 127.0.0.1:8080; env MOONBIT_REGISTRY_LISTEN]
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Print the gateway's JSON as it is
+        #[arg(long, conflicts_with = "markdown")]
+        json: bool,
+        /// Print a Markdown table (for $GITHUB_STEP_SUMMARY)
+        #[arg(long)]
+        markdown: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -216,6 +237,9 @@ enum CacheAction {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Log lines as `text` or `json` (one object per line) [default: log.format, text]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     /// Address to listen on [default: 127.0.0.1:8080; env MOONBIT_REGISTRY_LISTEN]
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -240,20 +264,12 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    // Log lines are written by a background thread: a request never waits on stderr
-    // (but lines are not dropped when it falls behind).
-    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("moonbit_registry=info")),
-        )
-        .with_writer(log_writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    // `serve` reads its log format from its config, so it starts the log itself.
+    let _log_guard = match &cli.command {
+        Command::Serve(_) => None,
+        _ => Some(moonbit_registry::ops::log::init(LogFormat::Text)),
+    };
     let result = match cli.command {
         Command::PackObjectsCache { dir, command } => {
             return moonbit_registry::index::pack_cache::run(&dir, &command)
@@ -274,8 +290,16 @@ fn main() -> ExitCode {
             proxy,
             listen,
             registry,
+            job,
             common,
-        } => env(proxy, listen, registry, common).map(|()| true),
+        } => env(proxy, listen, registry, job, common).map(|()| true),
+        Command::Report {
+            job,
+            listen,
+            json,
+            markdown,
+            common,
+        } => report(job, listen, json, markdown, common).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -298,7 +322,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         offline: args.offline.then_some(true),
         transparent_listen: args.transparent_listen,
     };
-    let config = Config::load(args.config.as_deref(), overrides)?;
+    let mut config = Config::load(args.config.as_deref(), overrides)?;
+    if let Some(format) = args.log_format {
+        config.log.format = format;
+    }
+    let _log_guard = moonbit_registry::ops::log::init(config.log.format);
     let mode = if config.offline {
         Mode::Offline
     } else {
@@ -418,13 +446,19 @@ fn ca(pem: bool, common: Common) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn env(
-    proxy: Option<String>,
-    listen: Option<SocketAddr>,
-    registry: bool,
-    common: Common,
-) -> anyhow::Result<()> {
-    let mut config = common.load()?;
+/// The job id of the CI job this runs in, from the variables CI systems set.
+fn ci_job() -> Option<String> {
+    let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    match (var("GITHUB_RUN_ID"), var("GITHUB_JOB")) {
+        (Some(run), Some(job)) => return Some(format!("{run}-{job}")),
+        (Some(run), None) => return Some(run),
+        _ => {}
+    }
+    var("CI_JOB_ID").or_else(|| var("BUILDKITE_JOB_ID"))
+}
+
+/// The address clients on this machine reach the gateway at.
+fn local_addr(config: &mut Config, listen: Option<SocketAddr>) -> SocketAddr {
     if let Some(listen) = listen {
         config.listen = listen;
     }
@@ -433,15 +467,51 @@ fn env(
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
+    addr
+}
+
+fn env(
+    proxy: Option<String>,
+    listen: Option<SocketAddr>,
+    registry: bool,
+    job: Option<String>,
+    common: Common,
+) -> anyhow::Result<()> {
+    let mut config = common.load()?;
+    let addr = local_addr(&mut config, listen);
+    let job = match job.or_else(ci_job) {
+        Some(raw) => Some(
+            JobId::parse(&raw)
+                .map_err(|e| anyhow::anyhow!("--job: {e}"))?
+                .as_str()
+                .to_string(),
+        ),
+        None => None,
+    };
+    if let Some(job) = &job {
+        // `report` finds the job here. Not a MOONBIT_REGISTRY_* name: those are
+        // configuration keys, and an unknown one stops every command.
+        println!("export MOONBIT_CI_JOB={}", shell_quote(job));
+    }
     if registry {
-        let url = with_credentials(config.server.auth.as_deref(), addr);
+        let mut url = with_credentials(config.server.auth.as_deref(), addr);
+        if let Some(job) = &job {
+            url = format!("{url}/job/{job}");
+        }
         println!("export MOONCAKES_REGISTRY={}", shell_quote(&url));
         return Ok(());
     }
     let ca = load_ca(&config, &config.sources()?, true)?;
     let bundle = config.data_dir.join("ca").join("bundle.pem");
     write_ca_bundle(&ca.files.cert, &bundle)?;
-    let proxy = proxy.unwrap_or_else(|| with_credentials(config.proxy.auth.as_deref(), addr));
+    let proxy = proxy.unwrap_or_else(|| match (&config.proxy.auth, &job) {
+        // The proxy user name carries the job when the gateway wants no credentials.
+        (None, Some(job)) => format!("http://{job}@{addr}"),
+        (auth, _) => with_credentials(auth.as_deref(), addr),
+    });
+    if config.proxy.auth.is_some() && job.is_some() {
+        eprintln!("moonbit-registry env: proxy.auth is set, so the proxy URL cannot carry the job; use --registry for a per-job report");
+    }
     let bundle = bundle.display().to_string();
     // moon and curl read the upper-case proxy variables, git the lower-case ones.
     for (name, value) in [
@@ -453,6 +523,98 @@ fn env(
         ("GIT_SSL_CAINFO", &bundle),
     ] {
         println!("export {name}={}", shell_quote(value));
+    }
+    Ok(())
+}
+
+/// `report`: ask the running gateway for a job's counters and print them.
+fn report(
+    job: Option<String>,
+    listen: Option<SocketAddr>,
+    json: bool,
+    markdown: bool,
+    common: Common,
+) -> anyhow::Result<()> {
+    let mut config = common.load()?;
+    let addr = local_addr(&mut config, listen);
+    let raw = job
+        .or_else(|| std::env::var("MOONBIT_CI_JOB").ok())
+        .or_else(ci_job)
+        .context(
+            "no job: give --job ID (or run in CI, or after `eval \"$(moonbit-registry env)\"`)",
+        )?;
+    let job = JobId::parse(&raw).map_err(|e| anyhow::anyhow!("--job: {e}"))?;
+    let token = match &config.admin.token_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .with_context(|| format!("admin.token_env names `{var}`, which is not set"))?,
+        ),
+        None => None,
+    };
+    let url = format!("http://{addr}/-/jobs/{}", job.as_str());
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (status, body) = runtime.block_on(async {
+        let upstream = moonbit_registry::upstream::Upstream::new(None, config.timeouts.clone())?;
+        let mut req = http::Request::get(&url);
+        if let Some(token) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(moonbit_registry::body::empty())?;
+        let resp = upstream
+            .send(req)
+            .await
+            .with_context(|| format!("could not ask the gateway at {addr}"))?;
+        let status = resp.status();
+        let body = moonbit_registry::upstream::collect_limited(
+            resp.into_body(),
+            64 * 1024,
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+        anyhow::Ok((status, body))
+    })?;
+    let text = String::from_utf8_lossy(&body);
+    if !status.is_success() {
+        anyhow::bail!("{url}: {status}: {}", text.trim());
+    }
+    if json {
+        println!("{}", text.trim());
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&text).context("the gateway's report is not JSON")?;
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let upstream_bytes = ByteSize(n("bytes_from_upstream"))
+        .display()
+        .iec()
+        .to_string();
+    let served = ByteSize(n("bytes_served")).display().iec().to_string();
+    let wait = v["upstream_wait_seconds"].as_f64().unwrap_or(0.0);
+    if markdown {
+        println!("### moonbit-registry: job `{}`\n", job.as_str());
+        println!("| | |\n| --- | --- |");
+        println!("| archives | {} |", n("archives"));
+        println!("| archives from cache | {} |", n("archives_from_cache"));
+        println!("| modules fetched cold | {} |", n("modules_fetched_cold"));
+        println!(
+            "| requests | {} ({} hits, {} misses, {} errors) |",
+            n("requests"),
+            n("hits"),
+            n("misses"),
+            n("errors")
+        );
+        println!("| from the upstream | {upstream_bytes} |");
+        println!("| served | {served} |");
+        println!("| waiting on the upstream | {wait:.1} s |");
+    } else {
+        println!(
+            "this job: {} archives, {} from cache, {upstream_bytes} from the upstream, {} cold; {} requests, {served} served, {wait:.1} s waiting on the upstream, {} errors",
+            n("archives"),
+            n("archives_from_cache"),
+            n("modules_fetched_cold"),
+            n("requests"),
+            n("errors"),
+        );
     }
     Ok(())
 }

@@ -17,6 +17,9 @@ use crate::client::{bearer_matches, Client};
 use crate::config::{join, Source};
 use crate::index::mirror::Freshness;
 use crate::index::{Expectation, Offline};
+use crate::ops::jobs::JobId;
+use crate::ops::metrics::{RouteName, Scraped};
+use crate::ops::status::{render, JobStatus, SourceStatus, Status};
 use crate::passthrough;
 use crate::store::{Object, Trust};
 
@@ -34,6 +37,12 @@ pub enum Route {
     Health,
     /// `POST /-/index/refresh`: refresh every index mirror now.
     IndexRefresh,
+    /// `GET /-/metrics`: Prometheus metrics (admin).
+    Metrics,
+    /// `GET /-/jobs/<id>`: one CI job's counters as JSON (admin).
+    JobReport(String),
+    /// `GET /-/` or `/-/status`: the HTML status page (admin).
+    Status,
     /// `POST /-/publish[?source=NAME]`: publish the zip in the body to a local source.
     Publish { source: Option<String> },
     /// `GET|HEAD /user/<enc>.zip`: an immutable archive, cached.
@@ -80,6 +89,15 @@ pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) ->
     }
     if path == "/-/index/refresh" && *method == Method::POST {
         return Route::IndexRefresh;
+    }
+    if path == "/-/metrics" && read {
+        return Route::Metrics;
+    }
+    if (path == "/-/" || path == "/-/status") && read {
+        return Route::Status;
+    }
+    if let Some(id) = path.strip_prefix("/-/jobs/").filter(|_| read) {
+        return Route::JobReport(id.to_string());
     }
     if path == "/-/publish" && *method == Method::POST {
         let source = query.and_then(|q| {
@@ -150,15 +168,68 @@ pub async fn route(
     client: Option<Client>,
 ) -> Response<GatewayBody> {
     let target = path_and_query(&req);
-    let (at, target) = match pinned(&target) {
-        Ok(view) => view,
-        Err(reason) => return body::text(StatusCode::BAD_REQUEST, reason),
+    // `/job/<id>/` and `/at/<time>/` prefixes, in either order: data on the request.
+    let prefixes = job_prefix(&target).and_then(|(job, rest)| {
+        let (at, rest) = pinned(rest)?;
+        match job {
+            Some(job) => Ok((Some(job), at, rest)),
+            None => job_prefix(rest).map(|(job, rest)| (job, at, rest)),
+        }
+    });
+    let (job, at, target) = match prefixes {
+        Ok(found) => found,
+        Err(reason) => {
+            let mut resp = body::text(StatusCode::BAD_REQUEST, reason);
+            resp.extensions_mut().insert(RouteName::Refused);
+            return resp;
+        }
     };
+    // A job named by the door (the proxy user name) when the path names none.
+    let job = job.or_else(|| req.extensions().get::<JobId>().cloned());
     let credentials = req.headers().contains_key(header::AUTHORIZATION)
         || req.headers().contains_key(header::COOKIE);
     let route = classify(req.method(), target, credentials);
+    let name = route.name();
     let view = View { at, target };
-    dispatch(app, route, req, door.source(), client, view).await
+    let mut resp = dispatch(app, route, req, door.source(), client, view).await;
+    // For the access log, metrics and job counters, counted by the doors when the
+    // response ends.
+    resp.extensions_mut().insert(name);
+    if let Some(job) = job {
+        resp.extensions_mut().insert(job);
+    }
+    resp
+}
+
+/// Split `/job/<id>/rest` into the job and `/rest`; other targets are returned whole.
+fn job_prefix(target: &str) -> Result<(Option<JobId>, &str), String> {
+    let Some(rest) = target.trim_start_matches('/').strip_prefix("job/") else {
+        return Ok((None, target));
+    };
+    let (raw, rest) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    JobId::parse(raw)
+        .map(|job| (Some(job), rest))
+        .map_err(|e| format!("`/job/<id>/`: {e}"))
+}
+
+impl Route {
+    /// The route's label in metrics and the access log.
+    pub fn name(&self) -> RouteName {
+        match self {
+            Route::Health
+            | Route::IndexRefresh
+            | Route::Metrics
+            | Route::JobReport(_)
+            | Route::Status
+            | Route::Publish { .. } => RouteName::Admin,
+            Route::Archive(_) => RouteName::Archive,
+            Route::Asset(_) => RouteName::Asset,
+            Route::Index(_) => RouteName::Index,
+            Route::Symbols => RouteName::Symbols,
+            Route::Pass => RouteName::Passthrough,
+            Route::Refuse(..) => RouteName::Refused,
+        }
+    }
 }
 
 /// What a request sees of the registry: as it is now, or (`/at/<time>/...`, for
@@ -200,6 +271,18 @@ async fn dispatch(
         Route::IndexRefresh => match admin_refusal(app, &req, client) {
             Some(refusal) => refusal,
             None => refresh_asked(app).await,
+        },
+        Route::Metrics => match admin_refusal(app, &req, client) {
+            Some(refusal) => refusal,
+            None => metrics(app),
+        },
+        Route::Status => match admin_refusal(app, &req, client) {
+            Some(refusal) => refusal,
+            None => status_page(app),
+        },
+        Route::JobReport(id) => match admin_refusal(app, &req, client) {
+            Some(refusal) => refusal,
+            None => job_report(app, &id),
         },
         Route::Publish { source } => crate::publish::handle(app, req, source.as_deref()).await,
         Route::Archive(key) => {
@@ -333,6 +416,110 @@ async fn refresh_asked(app: &Services) -> Response<GatewayBody> {
             )
         }
         Err(Offline) => body::offline(),
+    }
+}
+
+/// `GET /-/metrics`: the Prometheus exposition (OpenMetrics text), with the
+/// gauges read from the services now.
+fn metrics(app: &Services) -> Response<GatewayBody> {
+    let scraped = Scraped {
+        flights_in_progress: i64::try_from(app.store.in_flight()).unwrap_or(i64::MAX),
+        memory_bytes: i64::try_from(app.store.memory_bytes()).unwrap_or(i64::MAX),
+        sources: app
+            .sources
+            .iter()
+            .map(|s| {
+                let age = app
+                    .index
+                    .mirrors()
+                    .iter()
+                    .find(|m| m.source == s.name)
+                    .and_then(|m| m.age())
+                    .map(|a| a.as_secs());
+                (!app.breakers.is_down(&s.name), age)
+            })
+            .collect(),
+    };
+    let mut resp = Response::new(body::full(app.metrics.encode(scraped)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    resp
+}
+
+/// Jobs listed on the status page, at most.
+const STATUS_JOBS: usize = 20;
+
+/// `GET /-/`: the status page, from the same state `/-/health` and `/-/metrics` read.
+fn status_page(app: &Services) -> Response<GatewayBody> {
+    let (requests, archive_hits, archive_misses) = app.metrics.totals();
+    let mirrors = app.index.mirrors();
+    let health = app.breakers.report();
+    let sources = app
+        .sources
+        .iter()
+        .zip(health)
+        .map(|(s, h)| {
+            let mirror = mirrors.iter().find(|m| m.source == s.name);
+            SourceStatus {
+                name: s.name.clone(),
+                registry: s.registry.as_str().to_string(),
+                up: !app.breakers.is_down(&s.name),
+                last_error: h["last_error"].as_str().map(str::to_string),
+                index_commit: mirror.and_then(|m| m.snapshot().commit.clone()),
+                index_age_seconds: mirror.and_then(|m| m.age()).map(|a| a.as_secs()),
+            }
+        })
+        .collect();
+    let status = Status {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: app.metrics.uptime_seconds(),
+        sources,
+        memory_bytes: app.store.memory_bytes(),
+        memory_budget: app.config.storage.memory.as_u64(),
+        disk_bound: app.config.storage.max_size.map(|b| b.as_u64()),
+        requests,
+        archive_hits,
+        archive_misses,
+        flights: app.store.in_flight(),
+        jobs: app
+            .jobs
+            .some(STATUS_JOBS)
+            .into_iter()
+            .map(|(id, archives, from_cache, cold)| JobStatus {
+                id,
+                archives,
+                from_cache,
+                cold,
+            })
+            .collect(),
+    };
+    let mut resp = Response::new(body::full(render(&status)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
+}
+
+/// `GET /-/jobs/<id>`: the job's counters, or 404 if it was never seen (or forgotten).
+fn job_report(app: &Services, id: &str) -> Response<GatewayBody> {
+    let job = match JobId::parse(id) {
+        Ok(job) => job,
+        Err(reason) => return body::text(StatusCode::BAD_REQUEST, reason),
+    };
+    match app.jobs.get(&job) {
+        Some(counters) => body::json(StatusCode::OK, &counters.to_json(job.as_str())),
+        None => body::text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no request of job `{}` seen (or forgotten: jobs.max)",
+                job.as_str()
+            ),
+        ),
     }
 }
 

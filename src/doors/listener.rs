@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use super::send_timeout::SendTimeout;
 use super::{transparent, with_causes, Doors};
 use crate::app::Services;
+use crate::ops::metrics::DoorName;
 
 /// How long shutdown waits for open transfers.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,7 +89,9 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
                 };
                 let conn = doors.http.serve_connection_with_upgrades(io, service).into_owned();
                 let conn = graceful.watch(conn);
+                let open = doors.app.metrics.connection(DoorName::Main);
                 tokio::spawn(async move {
+                    let _open = open;
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %with_causes(&*e), "connection ended with an error");
                     }

@@ -28,6 +28,8 @@ use crate::app::Services;
 use crate::body::{self, GatewayBody};
 use crate::client::{basic_matches, Client};
 use crate::intercept::{load_ca, Interceptor};
+use crate::ops::access::{self, Access};
+use crate::ops::metrics::TunnelDecision;
 use crate::router::{self, Door};
 use tunnel::TunnelPolicy;
 
@@ -131,6 +133,21 @@ impl Doors {
         port: u16,
         carrying: Carrying,
     ) -> Result<TcpStream, TunnelRefused> {
+        let result = self.try_open_tunnel(host, port, carrying).await;
+        self.app.metrics.tunnel(match &result {
+            Ok(_) => TunnelDecision::Allowed,
+            Err(TunnelRefused::Forbidden(_)) => TunnelDecision::Forbidden,
+            Err(TunnelRefused::Unreachable(_)) => TunnelDecision::Unreachable,
+        });
+        result
+    }
+
+    async fn try_open_tunnel(
+        &self,
+        host: &str,
+        port: u16,
+        carrying: Carrying,
+    ) -> Result<TcpStream, TunnelRefused> {
         let addrs = self
             .tunnel
             .admit(host, port)
@@ -226,6 +243,8 @@ impl Doors {
     ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
         let started = Instant::now();
         let (method, target) = (req.method().clone(), req.uri().to_string());
+        let proxied = req.method() == Method::CONNECT || req.uri().authority().is_some();
+        let host = proxied.then(|| req.uri().host().unwrap_or("-").to_string());
         let resp = if req.method() == Method::CONNECT {
             proxy::connect(self.clone(), req, peer, permit).await
         } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
@@ -237,8 +256,15 @@ impl Doors {
                 Err(refusal) => refusal,
             }
         };
-        log_request(&method, &target, None, &resp, started);
-        Ok(resp)
+        let access = Access {
+            door: if proxied { "proxy" } else { "endpoint" },
+            method,
+            target,
+            host,
+            source: (!proxied).then_some(0),
+            started,
+        };
+        Ok(access::track(self.recorders(), access, resp))
     }
 
     /// A request decrypted from an intercepted TLS connection for `source`.
@@ -261,8 +287,22 @@ impl Doors {
             .unwrap_or("-")
             .to_string();
         let resp = self.route(req, Door::Intercepted { source }, peer).await;
-        log_request(&method, &target, Some(&host), &resp, started);
-        Ok(resp)
+        let access = Access {
+            door: "intercepted",
+            method,
+            target,
+            host: Some(host),
+            source: Some(source),
+            started,
+        };
+        Ok(access::track(self.recorders(), access, resp))
+    }
+
+    fn recorders(&self) -> access::Recorders<'_> {
+        access::Recorders {
+            metrics: &self.app.metrics,
+            jobs: &self.app.jobs,
+        }
     }
 }
 
@@ -293,21 +333,4 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
-}
-
-/// One line per request, written off the request path (the log writer is
-/// non-blocking).
-fn log_request(
-    method: &Method,
-    target: &str,
-    host: Option<&str>,
-    resp: &Response<GatewayBody>,
-    started: Instant,
-) {
-    tracing::info!(
-        %method, %target, host = host.unwrap_or("-"), status = resp.status().as_u16(),
-        cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
 }

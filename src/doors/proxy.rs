@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use super::{tls, tunnel, with_causes, Carrying, Doors, TunnelRefused};
 use crate::body::{self, GatewayBody};
 use crate::client::basic_matches;
+use crate::ops::jobs::JobId;
 use crate::passthrough;
 use crate::router::Door;
 
@@ -36,6 +37,31 @@ fn refuse_unauthorized(doors: &Doors, req: &Request<Incoming>) -> Option<Respons
         HeaderValue::from_static("Basic realm=\"moonbit-registry\""),
     );
     Some(resp)
+}
+
+/// The CI job a proxy client names as its user (`HTTPS_PROXY=http://<job>@gw`),
+/// when the gateway asks for no proxy credentials; an invalid name is ignored.
+fn proxy_user_job(req: &Request<Incoming>) -> Option<JobId> {
+    use base64::Engine;
+    let value = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let b64 = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let user_pass = String::from_utf8(decoded).ok()?;
+    let user = user_pass
+        .split_once(':')
+        .map_or(user_pass.as_str(), |(u, _)| u);
+    let user = percent_encoding::percent_decode_str(user)
+        .decode_utf8()
+        .ok()?;
+    JobId::parse(&user).ok()
 }
 
 /// The `host:port` of a `CONNECT` target (RFC 9110 §9.3.6 authority-form), strictly:
@@ -84,13 +110,18 @@ pub async fn connect(
         Err(reason) => return body::text(StatusCode::BAD_REQUEST, reason),
     };
     let intercepted = port == HTTPS_PORT && doors.intercepted_source(&host).is_some();
+    let job = if doors.proxy_auth.is_none() {
+        proxy_user_job(&req)
+    } else {
+        None
+    };
     let upgrade = hyper::upgrade::on(&mut req);
     if intercepted {
         tokio::spawn(async move {
             let _permit = permit;
             match upgrade.await {
                 Ok(upgraded) => {
-                    tls::terminate(doors, TokioIo::new(upgraded), Some(host), peer).await
+                    tls::terminate(doors, TokioIo::new(upgraded), Some(host), peer, job).await
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }

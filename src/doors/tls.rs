@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::{with_causes, Doors};
+use crate::ops::jobs::JobId;
 
 /// Bound on the TLS handshake with the client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -19,8 +20,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Accept TLS on `io` for an intercepted host and serve it. `expected` is the host
 /// the client asked for (the CONNECT target); a ClientHello naming another host is
 /// only accepted if that host is intercepted too.
-pub async fn terminate<IO>(doors: Arc<Doors>, io: IO, expected: Option<String>, peer: SocketAddr)
-where
+/// `job` is the CI job the proxy client named, carried by every request inside.
+pub async fn terminate<IO>(
+    doors: Arc<Doors>,
+    io: IO,
+    expected: Option<String>,
+    peer: SocketAddr,
+    job: Option<JobId>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(interceptor) = doors.interceptor.clone() else {
@@ -61,7 +68,12 @@ where
     };
     tracing::debug!(%host, "intercepted TLS connection");
     let http = doors.http.clone();
-    let service = service_fn(move |req| doors.clone().intercepted(req, source, peer));
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if let Some(job) = &job {
+            req.extensions_mut().insert(job.clone());
+        }
+        doors.clone().intercepted(req, source, peer)
+    });
     if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!(%host, error = %with_causes(&*e), "intercepted connection ended with an error");
     }

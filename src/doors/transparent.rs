@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use super::send_timeout::SendTimeout;
 use super::{sni, tls, tunnel, Carrying, Doors, TunnelRefused};
+use crate::ops::metrics::DoorName;
 
 /// How long a redirected client may take to send its TLS ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,7 +32,9 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
             }
         };
         let doors = doors.clone();
+        let open = doors.app.metrics.connection(DoorName::Transparent);
         tokio::spawn(async move {
+            let _open = open;
             let name = match sni::peek_server_name(&stream, HELLO_TIMEOUT).await {
                 Ok(Some(name)) => name.to_ascii_lowercase(),
                 Ok(None) => {
@@ -42,7 +45,7 @@ pub async fn accept(listener: TcpListener, doors: Arc<Doors>) {
             let _permit = permit;
             let stream = SendTimeout::new(stream, doors.send_timeout);
             if doors.intercepted_source(&name).is_some() {
-                return tls::terminate(doors, stream, Some(name), peer).await;
+                return tls::terminate(doors, stream, Some(name), peer, None).await;
             }
             match doors.open_tunnel(&name, 443, Carrying::Transparent).await {
                 Ok(server) => tunnel::splice(stream, server, &format!("{name}:443")).await,

@@ -205,6 +205,9 @@ impl Store {
                     collect(&dir, max, &|sha| in_use.contains(sha))
                 })
                 .await;
+                if let Ok(r) = &report {
+                    store.counters.evictions.inc_by(r.evicted.len() as u64);
+                }
                 match report {
                     Ok(r) if !r.evicted.is_empty() || r.skipped_in_use > 0 => tracing::info!(
                         before = r.before,

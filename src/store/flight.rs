@@ -152,6 +152,7 @@ impl Flights {
         let flight = flight_key(object);
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rx) = live.get(&flight) {
+            store.counters.flight_waiters.inc();
             return Flight { rx: rx.clone() };
         }
         let (tx, rx) = watch::channel(FlightState::Connecting);

@@ -37,6 +37,11 @@ impl Memory {
         size <= self.item_max
     }
 
+    /// Bytes held now (by the weigher: keys, digests and bodies).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
     pub async fn get(&self, key: &str) -> Option<Hot> {
         self.cache.get(key).await
     }

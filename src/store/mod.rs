@@ -22,6 +22,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::body::{self, GatewayBody};
 use crate::config::StoreSettings;
+use crate::ops::metrics::{StoreCounters, Tier};
 use crate::upstream::Upstream;
 use disk::{Disk, Entry};
 use flight::{Answer, Flight, Flights, Outcome};
@@ -68,6 +69,8 @@ pub struct Store {
     prefetch_pending: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Digests being streamed from disk; eviction leaves them alone.
     in_use: usage::InUse,
+    /// `flight_waiters_total` and `evictions_total`.
+    pub(crate) counters: StoreCounters,
 }
 
 impl Store {
@@ -121,11 +124,22 @@ impl Store {
             prefetch_pending: Default::default(),
             limits,
             in_use: usage::InUse::default(),
+            counters: StoreCounters::default(),
         })
     }
 
     pub fn disk(&self) -> &Disk {
         &self.disk
+    }
+
+    /// Bytes the memory tier holds.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.weighted_size()
+    }
+
+    /// Count flight joins and evictions in these (registered) counters.
+    pub fn count_into(&mut self, counters: StoreCounters) {
+        self.counters = counters;
     }
 
     pub fn in_flight(&self) -> usize {
@@ -210,13 +224,10 @@ impl Store {
             } else {
                 body::full(hot.bytes)
             };
-            return Some(object_response(
-                object,
-                Some(len),
-                Some(&hot.sha256),
-                "hit",
-                body,
-            ));
+            let mut resp = object_response(object, Some(len), Some(&hot.sha256), "hit", body);
+            // For `served_bytes_total{tier="memory"}`: other hits are the disk's.
+            resp.extensions_mut().insert(Tier::Memory);
+            return Some(resp);
         }
         self.serve_stored(object, head).await
     }

@@ -17,7 +17,8 @@
 //!   pinned views), [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
 //!   [`store_admin`] (`cache gc`, `cache verify`, the size bound),
 //!   [`private_sources`] (several sources: credentials, merged `symbols.zip`),
-//!   [`publish`] (local sources: `publish`, `POST /-/publish`),
+//!   [`publish`] (local sources: `publish`, `POST /-/publish`), [`ops`] (metrics,
+//!   access log, per-job reports),
 //!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
 //! - [`upstream_selftest`] tests of the harness itself, without the gateway.
 //!
@@ -31,6 +32,7 @@ mod hostile_git;
 mod index_mirror;
 mod mutable_cache_and_breaker;
 mod offline_bundle;
+mod ops;
 mod private_sources;
 mod proxy_intercept;
 mod publish;
