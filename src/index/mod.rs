@@ -518,6 +518,11 @@ impl Index {
             .collect()
     }
 
+    /// Git processes serving clients' clones and fetches right now.
+    pub fn git_slots_in_use(&self) -> usize {
+        self.backend.slots.in_use()
+    }
+
     /// Successful refreshes so far, over all mirrors: a bad upstream copy is only
     /// remembered until the next one.
     pub fn refreshes(&self) -> u64 {

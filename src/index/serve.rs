@@ -140,6 +140,11 @@ impl Slots {
         }
     }
 
+    /// Git processes serving clients right now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.all.available_permits()
+    }
+
     /// Client addresses with requests holding or awaiting a slot.
     #[cfg(test)]
     fn clients(&self) -> usize {

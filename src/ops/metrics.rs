@@ -234,6 +234,7 @@ pub struct StoreCounters {
 pub struct Scraped {
     pub flights_in_progress: i64,
     pub memory_bytes: i64,
+    pub git_slots_in_use: i64,
     /// Per source, in config order: up (not marked down), index mirror age.
     pub sources: Vec<(bool, Option<u64>)>,
 }
@@ -248,6 +249,7 @@ pub struct Metrics {
     served: [Counter; 3],
     connections: [Gauge; 2],
     flights: Gauge,
+    git_slots: Gauge,
     memory_bytes: Gauge,
     source_up: Vec<Gauge>,
     index_age: Vec<Gauge>,
@@ -333,6 +335,12 @@ impl Metrics {
             "Upstream archive fetches in progress (one per key, however many clients wait)",
             flights.clone(),
         );
+        let git_slots = Gauge::default();
+        registry.register(
+            "git_slots_in_use",
+            "Git processes serving clients' index clones and fetches (of 32)",
+            git_slots.clone(),
+        );
         let store_family = Family::<TierOnly, Gauge>::default();
         registry.register(
             "store_bytes",
@@ -409,6 +417,7 @@ impl Metrics {
             served,
             connections,
             flights,
+            git_slots,
             memory_bytes,
             source_up,
             index_age,
@@ -472,6 +481,7 @@ impl Metrics {
     /// The text exposition, after setting the gauges that are read at scrape time.
     pub fn encode(&self, scraped: Scraped) -> String {
         self.flights.set(scraped.flights_in_progress);
+        self.git_slots.set(scraped.git_slots_in_use);
         self.memory_bytes.set(scraped.memory_bytes);
         for (i, (up, age)) in scraped.sources.into_iter().enumerate() {
             if let Some(g) = self.source_up.get(i) {

@@ -259,6 +259,8 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
         1.0
     );
     assert_eq!(value(&m, "moonbit_registry_flights_in_progress", &[]), 0.0);
+    // Every clone has ended: no git process serves a client now.
+    assert_eq!(value(&m, "moonbit_registry_git_slots_in_use", &[]), 0.0);
     assert!(value(&m, "moonbit_registry_connections", &[("door", "main")]) >= 1.0);
 
     // 1,000 different archives, none of them published: not one new series.
