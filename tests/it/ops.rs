@@ -168,6 +168,22 @@ fn archives(m: &BTreeMap<Series, f64>, cache: &str) -> f64 {
     )
 }
 
+/// A gateway without prefetch (every archive it fetches is one moon asked for) in
+/// front of a known closure: `alice/app` -> `bob/lex/runtime` -> `alice/core`.
+async fn closure_registry() -> (
+    crate::upstream::scenario::Setup,
+    Vec<crate::upstream::Published>,
+) {
+    setup_configured("prefetch = false\n", |r| {
+        vec![
+            r.publish("alice/core", "0.1.0", &[]),
+            r.publish("bob/lex/runtime", "0.2.0", &[("alice/core", "0.1.0")]),
+            r.publish("alice/app", "1.0.0", &[("bob/lex/runtime", "0.2.0")]),
+        ]
+    })
+    .await
+}
+
 /// A known closure (app -> lex/runtime -> core) through `moon update` + `moon add`:
 /// the first run misses every archive once, a second (fresh `MOON_HOME`) hits all
 /// three; the exposition parses strictly, and 1,000 requests for different
@@ -178,15 +194,7 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
         eprintln!("SKIPPED metrics_count_a_moon_closure_exactly_and_stay_bounded: set MOON_BIN to the moon client");
         return;
     };
-    // Without prefetch, every archive the gateway fetches is one moon asked for.
-    let (s, closure) = setup_configured("prefetch = false\n", |r| {
-        vec![
-            r.publish("alice/core", "0.1.0", &[]),
-            r.publish("bob/lex/runtime", "0.2.0", &[("alice/core", "0.1.0")]),
-            r.publish("alice/app", "1.0.0", &[("bob/lex/runtime", "0.2.0")]),
-        ]
-    })
-    .await;
+    let (s, closure) = closure_registry().await;
     let gw = s.gateway.url();
     let before = scrape(&s.gateway);
     assert_eq!(archives(&before, "miss") + archives(&before, "hit"), 0.0);
@@ -487,14 +495,7 @@ async fn per_job_report_counts_a_moon_closure() {
         eprintln!("SKIPPED per_job_report_counts_a_moon_closure: set MOON_BIN to the moon client");
         return;
     };
-    let (s, closure) = setup_configured("prefetch = false\n", |r| {
-        vec![
-            r.publish("alice/core", "0.1.0", &[]),
-            r.publish("bob/lex/runtime", "0.2.0", &[("alice/core", "0.1.0")]),
-            r.publish("alice/app", "1.0.0", &[("bob/lex/runtime", "0.2.0")]),
-        ]
-    })
-    .await;
+    let (s, closure) = closure_registry().await;
     let closure_bytes: u64 = closure.iter().map(|p| p.size).sum();
     let work = tempfile::tempdir().unwrap();
     for (job, cold) in [("J1", 3), ("J2", 0)] {
