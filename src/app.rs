@@ -205,15 +205,19 @@ impl Services {
         if self.mode == Mode::Serve {
             self.probe_sources_that_are_down();
         }
-        match self.config.storage.max_size {
+        let bound = match self.config.storage.max_size {
             // Offline, nothing evicted could be fetched again.
             Some(_) if self.mode == Mode::Offline => {
-                tracing::warn!("storage.max_size is not enforced while offline")
+                tracing::warn!("storage.max_size is not enforced while offline");
+                None
             }
-            Some(max) => self
-                .store
-                .keep_within(max.as_u64(), self.config.storage.gc_interval),
-            None => {}
+            max => max.map(|m| m.as_u64()),
+        };
+        // Without a bound a served store is still measured, for
+        // `store_bytes{tier="disk"}`.
+        if bound.is_some() || self.mode != Mode::Command {
+            self.store
+                .keep_within(bound, self.config.storage.gc_interval);
         }
     }
 

@@ -425,6 +425,7 @@ fn metrics(app: &Services) -> Response<GatewayBody> {
     let scraped = Scraped {
         flights_in_progress: i64::try_from(app.store.in_flight()).unwrap_or(i64::MAX),
         memory_bytes: i64::try_from(app.store.memory_bytes()).unwrap_or(i64::MAX),
+        disk_bytes: i64::try_from(app.store.disk_bytes()).unwrap_or(i64::MAX),
         git_slots_in_use: i64::try_from(app.index.git_slots_in_use()).unwrap_or(i64::MAX),
         sources: app
             .sources

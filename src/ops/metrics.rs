@@ -234,6 +234,8 @@ pub struct StoreCounters {
 pub struct Scraped {
     pub flights_in_progress: i64,
     pub memory_bytes: i64,
+    /// At the store's last size check.
+    pub disk_bytes: i64,
     pub git_slots_in_use: i64,
     /// Per source, in config order: up (not marked down), index mirror age.
     pub sources: Vec<(bool, Option<u64>)>,
@@ -251,6 +253,7 @@ pub struct Metrics {
     flights: Gauge,
     git_slots: Gauge,
     memory_bytes: Gauge,
+    disk_bytes: Gauge,
     source_up: Vec<Gauge>,
     index_age: Vec<Gauge>,
     upstream: Vec<SourceOutcomes>,
@@ -350,6 +353,7 @@ impl Metrics {
         let memory_bytes = store_family.get_or_create_owned(&TierOnly {
             tier: Word("memory"),
         });
+        let disk_bytes = store_family.get_or_create_owned(&TierOnly { tier: Word("disk") });
 
         let up_family = Family::<SourceOnly, Gauge>::default();
         registry.register(
@@ -418,6 +422,7 @@ impl Metrics {
             connections,
             flights,
             git_slots,
+            disk_bytes,
             memory_bytes,
             source_up,
             index_age,
@@ -482,6 +487,7 @@ impl Metrics {
     pub fn encode(&self, scraped: Scraped) -> String {
         self.flights.set(scraped.flights_in_progress);
         self.git_slots.set(scraped.git_slots_in_use);
+        self.disk_bytes.set(scraped.disk_bytes);
         self.memory_bytes.set(scraped.memory_bytes);
         for (i, (up, age)) in scraped.sources.into_iter().enumerate() {
             if let Some(g) = self.source_up.get(i) {

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -187,9 +188,21 @@ impl StoredEntry {
     }
 }
 
+/// Bytes of distinct content in the store, and of temp files being written.
+pub fn measure(store_dir: &Path) -> u64 {
+    let (_, _, writing) = sweep_tmp(store_dir, Duration::MAX);
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    for entry in list(store_dir) {
+        let size = sizes.entry(entry.sha256).or_default();
+        *size = (*size).max(entry.size);
+    }
+    sizes.values().sum::<u64>() + writing
+}
+
 impl Store {
-    /// Keep the disk tier within `max` bytes from now on: a check every `every`.
-    pub fn keep_within(self: &Arc<Self>, max: u64, every: Duration) {
+    /// Keep the disk tier within `max` bytes from now on (`None`: only measure it,
+    /// for `store_bytes{tier="disk"}`): a check every `every`.
+    pub fn keep_within(self: &Arc<Self>, max: Option<u64>, every: Duration) {
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -200,11 +213,20 @@ impl Store {
                     return;
                 };
                 let dir: PathBuf = store.disk.dir().to_path_buf();
+                let Some(max) = max else {
+                    if let Ok(bytes) = tokio::task::spawn_blocking(move || measure(&dir)).await {
+                        store.disk_bytes.store(bytes, Ordering::Relaxed);
+                    }
+                    continue;
+                };
                 let in_use = store.in_use.clone();
                 let report = tokio::task::spawn_blocking(move || {
                     collect(&dir, max, &|sha| in_use.contains(sha))
                 })
                 .await;
+                if let Ok(r) = &report {
+                    store.disk_bytes.store(r.after, Ordering::Relaxed);
+                }
                 if let Ok(r) = &report {
                     store.counters.evictions.inc_by(r.evicted.len() as u64);
                 }

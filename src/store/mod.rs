@@ -71,6 +71,8 @@ pub struct Store {
     in_use: usage::InUse,
     /// `flight_waiters_total` and `evictions_total`.
     pub(crate) counters: StoreCounters,
+    /// Bytes of distinct content on disk at the last size check (see `eviction`).
+    pub(crate) disk_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -125,6 +127,7 @@ impl Store {
             limits,
             in_use: usage::InUse::default(),
             counters: StoreCounters::default(),
+            disk_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -133,6 +136,11 @@ impl Store {
     }
 
     /// Bytes the memory tier holds.
+    /// Bytes on disk at the last size check (every `storage.gc_interval`).
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory.weighted_size()
     }

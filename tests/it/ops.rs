@@ -174,13 +174,17 @@ async fn closure_registry() -> (
     crate::upstream::scenario::Setup,
     Vec<crate::upstream::Published>,
 ) {
-    setup_configured("prefetch = false\n", |r| {
-        vec![
-            r.publish("alice/core", "0.1.0", &[]),
-            r.publish("bob/lex/runtime", "0.2.0", &[("alice/core", "0.1.0")]),
-            r.publish("alice/app", "1.0.0", &[("bob/lex/runtime", "0.2.0")]),
-        ]
-    })
+    // The store measured often, for `store_bytes{tier="disk"}`.
+    setup_configured(
+        "prefetch = false\n[storage]\ngc_interval = \"100ms\"\n",
+        |r| {
+            vec![
+                r.publish("alice/core", "0.1.0", &[]),
+                r.publish("bob/lex/runtime", "0.2.0", &[("alice/core", "0.1.0")]),
+                r.publish("alice/app", "1.0.0", &[("bob/lex/runtime", "0.2.0")]),
+            ]
+        },
+    )
     .await
 }
 
@@ -269,6 +273,14 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
     assert_eq!(value(&m, "moonbit_registry_flights_in_progress", &[]), 0.0);
     // Every clone has ended: no git process serves a client now.
     assert_eq!(value(&m, "moonbit_registry_git_slots_in_use", &[]), 0.0);
+    // The disk tier holds the closure (measured every 100 ms here).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let m = scrape(&s.gateway);
+    let closure_bytes: u64 = closure.iter().map(|p| p.size).sum();
+    assert_eq!(
+        value(&m, "moonbit_registry_store_bytes", &[("tier", "disk")]),
+        closure_bytes as f64
+    );
     assert!(value(&m, "moonbit_registry_connections", &[("door", "main")]) >= 1.0);
 
     // 1,000 different archives, none of them published: not one new series.
