@@ -172,6 +172,15 @@ impl Breakers {
     }
 
     /// May a request to `url` go out now? URLs of no known source always may.
+    /// An archive or asset body of `bytes` fetched from `url`'s source in `seconds`
+    /// (`upstream_bytes_total`, `upstream_fetch_seconds`).
+    pub fn record_transfer(&self, url: &str, bytes: u64, seconds: f64) {
+        if let Some(b) = self.for_url(url) {
+            b.outcomes.bytes.inc_by(bytes);
+            b.outcomes.fetch_seconds.observe(seconds);
+        }
+    }
+
     pub fn admit_url(&self, url: &str) -> Result<Ticket, Refusal> {
         admit(self.for_url(url))
     }

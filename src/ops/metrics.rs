@@ -212,11 +212,30 @@ struct DoorOnly {
     door: Word,
 }
 
-/// Counters of one source's upstream exchanges, as its circuit breaker judged them.
-#[derive(Debug, Clone, Default)]
+/// Counters of one source's upstream exchanges, as its circuit breaker judged them,
+/// and of the archive and asset bodies fetched from it.
+#[derive(Debug, Clone)]
 pub struct SourceOutcomes {
     pub ok: Counter,
     pub error: Counter,
+    pub bytes: Counter,
+    pub fetch_seconds: Histogram,
+}
+
+impl Default for SourceOutcomes {
+    fn default() -> Self {
+        SourceOutcomes {
+            ok: Counter::default(),
+            error: Counter::default(),
+            bytes: Counter::default(),
+            fetch_seconds: fetch_histogram(),
+        }
+    }
+}
+
+/// Buckets for a whole archive fetch: 1 ms to about a minute.
+fn fetch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 /// The store's own counters (a store built for a one-shot command keeps its
@@ -373,6 +392,20 @@ impl Metrics {
             "Upstream exchanges (archives, symbols, index fetches, probes), by source and outcome (error: transport error, timeout or 5xx)",
             outcome_family.clone(),
         );
+        let bytes_family = Family::<SourceOnly, Counter>::default();
+        registry.register(
+            "upstream_bytes",
+            "Archive and asset bytes received from the source",
+            bytes_family.clone(),
+        );
+        let fetch_family = Family::<SourceOnly, Histogram>::new_with_constructor(
+            fetch_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_fetch_seconds",
+            "Time to fetch an archive or asset from the source, from the request to its last byte",
+            fetch_family.clone(),
+        );
         let label = |s: &str| SourceOnly {
             source: s.to_string(),
         };
@@ -394,6 +427,8 @@ impl Metrics {
                 SourceOutcomes {
                     ok: outcome_family.get_or_create_owned(&outcome("ok")),
                     error: outcome_family.get_or_create_owned(&outcome("error")),
+                    bytes: bytes_family.get_or_create_owned(&label(s)),
+                    fetch_seconds: fetch_family.get_or_create_owned(&label(s)),
                 }
             })
             .collect();

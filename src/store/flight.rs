@@ -233,8 +233,15 @@ async fn run(
     object: &Object,
     tx: &watch::Sender<FlightState>,
 ) -> Result<FlightState, Outcome> {
+    let started = Instant::now();
     let answer = head(store, object).await?;
+    let url = answer.url.clone();
     let spooled = spool(store, object, answer, tx).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    store
+        .upstream
+        .health()
+        .record_transfer(&url, spooled.len, seconds);
     verify(store, object, &spooled)?;
     commit(store, object, &spooled).await;
     Ok(FlightState::Complete {
@@ -245,6 +252,8 @@ async fn run(
 
 /// The upstream's 200 answer, its body still to come.
 struct Head {
+    /// The URL that answered.
+    url: String,
     body: Incoming,
     len: Option<u64>,
     /// Whether the body's end can be told from a cut (see [`body_is_delimited`]).
@@ -254,7 +263,7 @@ struct Head {
 /// Send the request and check the answer: anything but 200 is handed on as
 /// refused, a body announced larger than `archive_max` is refused unread.
 async fn head(store: &Store, object: &Object) -> Result<Head, Outcome> {
-    let resp = first_answer(store, object).await?;
+    let (resp, url) = first_answer(store, object).await?;
     let status = resp.status();
     if status != StatusCode::OK {
         let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
@@ -274,6 +283,7 @@ async fn head(store: &Store, object: &Object) -> Result<Head, Outcome> {
         )));
     }
     Ok(Head {
+        url,
         delimited: body_is_delimited(&resp),
         body: resp.into_body(),
         len,
@@ -281,7 +291,10 @@ async fn head(store: &Store, object: &Object) -> Result<Head, Outcome> {
 }
 
 /// Ask each source in order; a 404 or an unreachable source moves on to the next.
-async fn first_answer(store: &Store, object: &Object) -> Result<http::Response<Incoming>, Outcome> {
+async fn first_answer(
+    store: &Store,
+    object: &Object,
+) -> Result<(http::Response<Incoming>, String), Outcome> {
     let mut last = None;
     for (i, url) in object.urls.iter().enumerate() {
         let more = i + 1 < object.urls.len();
@@ -289,7 +302,7 @@ async fn first_answer(store: &Store, object: &Object) -> Result<http::Response<I
             Ok(resp) if resp.status() == StatusCode::NOT_FOUND && more => {
                 tracing::debug!(%url, "not found here; trying the next source");
             }
-            Ok(resp) => return Ok(resp),
+            Ok(resp) => return Ok((resp, url.clone())),
             Err(e) => {
                 tracing::warn!(%url, error = %e, "source unreachable");
                 last = Some(e.to_string());
@@ -326,6 +339,7 @@ async fn spool(
         mut body,
         len,
         delimited,
+        ..
     } = head;
     let idle = store.upstream.timeouts().idle_read;
     let limit = len.unwrap_or(store.limits.archive_max);

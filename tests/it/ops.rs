@@ -233,6 +233,19 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
             ) >= 3.0,
             "upstream exchanges counted"
         );
+        // Exactly the closure's archives came from the source, once each, timed.
+        let closure_bytes: u64 = closure.iter().map(|p| p.size).sum();
+        let source = [("source", "default")];
+        assert_eq!(
+            value(&m, "moonbit_registry_upstream_bytes_total", &source),
+            closure_bytes as f64,
+            "{round}: upstream bytes"
+        );
+        assert_eq!(
+            value(&m, "moonbit_registry_upstream_fetch_seconds_count", &source),
+            3.0,
+            "{round}: upstream fetches"
+        );
         // The index was served: moon update cloned it from the mirror.
         assert!(
             value(
