@@ -587,7 +587,7 @@ fn recipe(parts: &[Part]) -> String {
 }
 
 /// Directory name of the merged repository under the index root.
-pub const REPO: &str = "merged.git";
+const REPO: &str = "merged.git";
 /// Directory of the pinned views under the index root.
 const PINS: &str = "pins";
 
