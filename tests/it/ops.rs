@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::upstream::scenario::{curl, moon, moon_bin, moon_project, ok, setup_configured};
+use crate::upstream::scenario::{curl, moon_bin, moon_update_and_add, ok, setup_configured};
 use crate::upstream::Gateway;
 
 /// One sample: metric name and its labels, sorted.
@@ -204,15 +204,7 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
     assert_eq!(archives(&before, "miss") + archives(&before, "hit"), 0.0);
     let work = tempfile::tempdir().unwrap();
     for round in ["cold", "warm"] {
-        let home = work.path().join(format!("home-{round}"));
-        let cwd = work.path().join(format!("work-{round}"));
-        std::fs::create_dir_all(&cwd).unwrap();
-        ok(&moon(&bin, &home, &cwd, &gw, &["update"]), "moon update");
-        let proj = moon_project(&bin, &home, &cwd, &gw);
-        ok(
-            &moon(&bin, &home, &proj, &gw, &["add", "alice/app"]),
-            "moon add",
-        );
+        moon_update_and_add(&bin, &work.path().join(round), &gw, "alice/app");
         let m = scrape(&s.gateway);
         let (hits, misses) = if round == "cold" {
             (0.0, 3.0)
@@ -449,14 +441,7 @@ async fn json_log_has_one_access_event_per_request() {
     // metrics count the same way (the scrape itself is the one request more).
     if let Some(bin) = moon_bin() {
         let work = tempfile::tempdir().unwrap();
-        let (home, cwd) = (work.path().join("home"), work.path().join("work"));
-        std::fs::create_dir_all(&cwd).unwrap();
-        ok(&moon(&bin, &home, &cwd, &gw, &["update"]), "moon update");
-        let proj = moon_project(&bin, &home, &cwd, &gw);
-        ok(
-            &moon(&bin, &home, &proj, &gw, &["add", "alice/core"]),
-            "moon add",
-        );
+        moon_update_and_add(&bin, work.path(), &gw, "alice/core");
         let m = scrape(&s.gateway);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let log = json_log(&s.gateway);
@@ -535,18 +520,7 @@ async fn per_job_report_counts_a_moon_closure() {
         assert_eq!(registry, format!("{}/job/{job}", s.gateway.url()));
         assert!(exports.contains(&format!("export MOONBIT_CI_JOB='{job}'")));
 
-        let home = work.path().join(format!("home-{job}"));
-        let cwd = work.path().join(format!("work-{job}"));
-        std::fs::create_dir_all(&cwd).unwrap();
-        ok(
-            &moon(&bin, &home, &cwd, &registry, &["update"]),
-            "moon update",
-        );
-        let proj = moon_project(&bin, &home, &cwd, &registry);
-        ok(
-            &moon(&bin, &home, &proj, &registry, &["add", "alice/app"]),
-            "moon add",
-        );
+        let proj = moon_update_and_add(&bin, &work.path().join(job), &registry, "alice/app");
         for dir in ["alice/app", "bob/lex+runtime", "alice/core"] {
             let installed = proj.join(".mooncakes").join(dir).join("moon.mod.json");
             assert!(installed.is_file(), "{job}: {dir} not installed");
