@@ -171,9 +171,13 @@ impl Breakers {
         self.breakers.iter().find(|b| b.source == source)
     }
 
-    /// May a request to `url` go out now? URLs of no known source always may.
-    /// An archive or asset body of `bytes` fetched from `url`'s source in `seconds`
-    /// (`upstream_bytes_total`, `upstream_fetch_seconds`).
+    /// Whether `url` belongs to a configured source.
+    pub fn knows_url(&self, url: &str) -> bool {
+        self.for_url(url).is_some()
+    }
+
+    /// A body of `bytes` fetched from `url`'s source in `seconds`, from the
+    /// request to its last byte (`upstream_bytes_total`, `upstream_fetch_seconds`).
     pub fn record_transfer(&self, url: &str, bytes: u64, seconds: f64) {
         if let Some(b) = self.for_url(url) {
             b.outcomes.bytes.inc_by(bytes);
@@ -181,6 +185,7 @@ impl Breakers {
         }
     }
 
+    /// May a request to `url` go out now? URLs of no known source always may.
     pub fn admit_url(&self, url: &str) -> Result<Ticket, Refusal> {
         admit(self.for_url(url))
     }

@@ -506,7 +506,9 @@ fn env(
     write_ca_bundle(&ca.files.cert, &bundle)?;
     let proxy = proxy.unwrap_or_else(|| match (&config.proxy.auth, &job) {
         // The proxy user name carries the job when the gateway wants no credentials.
-        (None, Some(job)) => format!("http://{job}@{addr}"),
+        // The empty password matters: given a user name alone, git asks for one
+        // (and fails without a terminal).
+        (None, Some(job)) => format!("http://{job}:@{addr}"),
         (auth, _) => with_credentials(auth.as_deref(), addr),
     });
     if config.proxy.auth.is_some() && job.is_some() {

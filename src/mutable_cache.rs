@@ -515,6 +515,7 @@ impl MutableCache {
         // The cache's own request: never a client's credentials or cookies.
         req.headers_mut().remove(header::AUTHORIZATION);
         req.headers_mut().remove(header::COOKIE);
+        let started = std::time::Instant::now();
         let mut resp = match self.upstream.send_guarded(req).await {
             Ok(resp) => resp,
             Err(e) => return Outcome::Failed(e.to_string()),
@@ -586,7 +587,7 @@ impl MutableCache {
                 .insert("x-cache", HeaderValue::from_static("miss"));
             return Outcome::Passed(Response::from_parts(
                 parts,
-                self.upstream.idle_bounded(incoming),
+                self.upstream.idle_bounded_metered(url, started, incoming),
             ));
         }
         let headers = storable_headers(resp.headers());
@@ -595,6 +596,9 @@ impl MutableCache {
             Ok(stored) => stored,
             Err(e) => return Outcome::Failed(e),
         };
+        self.upstream
+            .health()
+            .record_transfer(url, size, started.elapsed().as_secs_f64());
         let rec = Record {
             url: url.to_string(),
             headers,

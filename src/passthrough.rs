@@ -59,6 +59,7 @@ pub async fn forward(
             )
         }
     };
+    let started = std::time::Instant::now();
     match upstream.send(out).await {
         Ok(resp) => {
             let (mut parts, incoming) = resp.into_parts();
@@ -66,7 +67,10 @@ pub async fn forward(
             parts
                 .headers
                 .insert("x-cache", HeaderValue::from_static("bypass"));
-            Response::from_parts(parts, upstream.idle_bounded(incoming))
+            Response::from_parts(
+                parts,
+                upstream.idle_bounded_metered(target, started, incoming),
+            )
         }
         Err(UpstreamError::Offline { .. }) => body::offline(),
         Err(e) => {

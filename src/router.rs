@@ -189,6 +189,9 @@ pub async fn route(
     let credentials = req.headers().contains_key(header::AUTHORIZATION)
         || req.headers().contains_key(header::COOKIE);
     let route = classify(req.method(), target, credentials);
+    if let Route::Archive(key) = &route {
+        app.metrics.recent().module_asked(&key.user, &key.module);
+    }
     let name = route.name();
     let view = View { at, target };
     let mut resp = dispatch(app, route, req, door.source(), client, view).await;
@@ -454,6 +457,8 @@ fn metrics(app: &Services) -> Response<GatewayBody> {
 
 /// Jobs listed on the status page, at most.
 const STATUS_JOBS: usize = 20;
+/// Modules the status page lists.
+const STATUS_MODULES: usize = 10;
 
 /// `GET /-/`: the status page, from the same state `/-/health` and `/-/metrics` read.
 fn status_page(app: &Services) -> Response<GatewayBody> {
@@ -486,6 +491,9 @@ fn status_page(app: &Services) -> Response<GatewayBody> {
         requests,
         archive_hits,
         archive_misses,
+        last_hour: app.metrics.recent().last_hour(),
+        top_modules: app.metrics.recent().top_modules(STATUS_MODULES),
+        disk_bytes: app.store.disk_bytes(),
         flights: app.store.in_flight(),
         jobs: app
             .jobs

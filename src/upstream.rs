@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -234,6 +234,92 @@ impl Upstream {
             Err(_) => Err(format!("upstream sent nothing for {idle:?}").into()),
         });
         StreamBody::new(frames).boxed_unsync()
+    }
+
+    /// [`Upstream::idle_bounded`], with the body's bytes and the time since
+    /// `started` counted for `url`'s source (`upstream_bytes_total`,
+    /// `upstream_fetch_seconds`) once it ends, fails or is dropped: what passes
+    /// through uncached still came from that source. A URL of no source is only bounded.
+    pub fn idle_bounded_metered(&self, url: &str, started: Instant, body: Incoming) -> GatewayBody {
+        let inner = self.idle_bounded(body);
+        if !self.health.knows_url(url) {
+            return inner;
+        }
+        Metered {
+            inner,
+            tally: Some(Tally {
+                health: self.health.clone(),
+                url: url.to_string(),
+                started,
+                bytes: 0,
+            }),
+        }
+        .boxed_unsync()
+    }
+}
+
+/// A passed-through upstream body being counted.
+struct Metered {
+    inner: GatewayBody,
+    tally: Option<Tally>,
+}
+
+struct Tally {
+    health: Arc<Breakers>,
+    url: String,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Tally {
+    fn record(self) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.health.record_transfer(&self.url, self.bytes, seconds);
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(tally), Some(data)) = (this.tally.as_mut(), frame.data_ref()) {
+                    tally.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(_) => {
+                if let Some(tally) = this.tally.take() {
+                    tally.record();
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // A client that left early still had these bytes fetched for it.
+        if let Some(tally) = self.tally.take() {
+            tally.record();
+        }
     }
 }
 

@@ -39,7 +39,7 @@ fn refuse_unauthorized(doors: &Doors, req: &Request<Incoming>) -> Option<Respons
     Some(resp)
 }
 
-/// The CI job a proxy client names as its user (`HTTPS_PROXY=http://<job>@gw`),
+/// The CI job a proxy client names as its user (`HTTPS_PROXY=http://<job>:@gw`),
 /// when the gateway asks for no proxy credentials; an invalid name is ignored.
 fn proxy_user_job(req: &Request<Incoming>) -> Option<JobId> {
     use base64::Engine;

@@ -278,6 +278,8 @@ pub struct Metrics {
     upstream: Vec<SourceOutcomes>,
     store: StoreCounters,
     started: std::time::Instant,
+    /// The last hour and the most asked-for modules, for the status page.
+    recent: super::recent::Recent,
     /// The sources' names, in config order (for the access log).
     source_names: Vec<String>,
 }
@@ -448,6 +450,7 @@ impl Metrics {
         Metrics {
             source_names: sources.iter().map(|s| s.to_string()).collect(),
             started: std::time::Instant::now(),
+            recent: super::recent::Recent::default(),
             store,
             registry,
             requests,
@@ -470,6 +473,12 @@ impl Metrics {
         let (r, c) = (route as usize, cache as usize);
         self.requests[r * CacheResult::ALL.len() + c].inc();
         self.durations[r].observe(seconds);
+        self.recent.request(route, cache);
+    }
+
+    /// The last hour's counts and the most asked-for modules.
+    pub fn recent(&self) -> &super::recent::Recent {
+        &self.recent
     }
 
     /// Body bytes one response sent, from `tier`.

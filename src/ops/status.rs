@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use super::recent::LastHour;
+
 /// One source's line on the page.
 pub struct SourceStatus {
     pub name: String,
@@ -32,6 +34,11 @@ pub struct Status {
     pub requests: u64,
     pub archive_hits: u64,
     pub archive_misses: u64,
+    pub last_hour: LastHour,
+    /// The most asked-for modules (`user/module`) and their archive requests.
+    pub top_modules: Vec<(String, u64)>,
+    /// Distinct content on disk at the store's last size check.
+    pub disk_bytes: u64,
     pub flights: usize,
     pub jobs: Vec<JobStatus>,
 }
@@ -56,15 +63,19 @@ fn bytes(n: u64) -> String {
     bytesize::ByteSize(n).display().iec().to_string()
 }
 
+/// `hits` of `hits + misses` as a percentage, `-` when there were none.
+fn ratio(hits: u64, misses: u64) -> String {
+    match hits + misses {
+        0 => "-".to_string(),
+        all => format!("{:.1} %", 100.0 * hits as f64 / all as f64),
+    }
+}
+
 /// The page.
 pub fn render(s: &Status) -> String {
     let mut h = String::with_capacity(8 * 1024);
-    let archives = s.archive_hits + s.archive_misses;
-    let ratio = if archives == 0 {
-        "-".to_string()
-    } else {
-        format!("{:.1} %", 100.0 * s.archive_hits as f64 / archives as f64)
-    };
+    let hour = &s.last_hour;
+    let hour_rate = hour.requests as f64 / hour.covered.as_secs_f64().max(1.0);
     let rate = s.requests as f64 / s.uptime_seconds.max(1) as f64;
     // Writing to a String cannot fail.
     let _ = write!(
@@ -99,23 +110,42 @@ th {{ background: #f3f3f3; }}\n.up {{ color: #176f2c; font-weight: bold; }}\n\
     }
     h.push_str("</table>\n<h2>Cache</h2>\n<table id=\"cache\">\n");
     let rows = [
-        ("requests", s.requests.to_string()),
+        ("requests (last hour)", hour.requests.to_string()),
+        ("requests per second (last hour)", format!("{hour_rate:.2}")),
+        (
+            "archive hit ratio (last hour)",
+            ratio(hour.archive_hits, hour.archive_misses),
+        ),
+        ("archive hits (last hour)", hour.archive_hits.to_string()),
+        (
+            "archive misses (last hour)",
+            hour.archive_misses.to_string(),
+        ),
+        ("requests (since start)", s.requests.to_string()),
         ("requests per second (since start)", format!("{rate:.2}")),
-        ("archive hits", s.archive_hits.to_string()),
-        ("archive misses", s.archive_misses.to_string()),
-        ("archive hit ratio (since start)", ratio),
+        (
+            "archive hit ratio (since start)",
+            ratio(s.archive_hits, s.archive_misses),
+        ),
         ("fetches in progress", s.flights.to_string()),
         (
             "memory tier",
             format!("{} of {}", bytes(s.memory_bytes), bytes(s.memory_budget)),
         ),
         (
-            "disk tier bound",
-            s.disk_bound.map_or("none".to_string(), bytes),
+            "disk tier",
+            match s.disk_bound {
+                Some(bound) => format!("{} of {}", bytes(s.disk_bytes), bytes(bound)),
+                None => format!("{} (no bound)", bytes(s.disk_bytes)),
+            },
         ),
     ];
     for (name, value) in rows {
         let _ = writeln!(h, "<tr><th>{name}</th><td>{}</td></tr>", esc(&value));
+    }
+    h.push_str("</table>\n<h2>Top modules</h2>\n<table id=\"modules\">\n<tr><th>module</th><th>archive requests</th></tr>\n");
+    for (module, count) in &s.top_modules {
+        let _ = writeln!(h, "<tr><td>{}</td><td>{count}</td></tr>", esc(module));
     }
     h.push_str("</table>\n<h2>Recent jobs</h2>\n<table id=\"jobs\">\n<tr><th>job</th><th>archives</th><th>from cache</th><th>cold</th></tr>\n");
     for j in &s.jobs {

@@ -31,6 +31,10 @@ pub fn list(store_dir: &Path) -> Vec<StoredEntry> {
     for meta in cacache::list_sync(store_dir) {
         let key = match meta {
             Ok(meta) => meta.key,
+            // A store nothing was written to yet has no index directory: empty, not broken.
+            Err(cacache::Error::IoError(e, _)) if e.kind() == std::io::ErrorKind::NotFound => {
+                continue
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "skipping an unreadable store index record");
                 continue;

@@ -20,6 +20,8 @@
 //!   [`publish`] (local sources: `publish`, `POST /-/publish`), [`ops`] (metrics,
 //!   access log, per-job reports),
 //!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
+//! - [`ci_snippets`] the CI files in `deploy/` run as GitHub Actions and GitLab CI
+//!   would run them, with the real `moon`.
 //! - [`upstream_selftest`] tests of the harness itself, without the gateway.
 //!
 //! Test names carry their module (`index_mirror::clones_and_pulls_are_answered_from_the_mirror`),
@@ -27,6 +29,7 @@
 
 mod upstream;
 
+mod ci_snippets;
 mod hostile;
 mod hostile_git;
 mod index_mirror;

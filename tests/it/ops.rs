@@ -203,6 +203,7 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
     let before = scrape(&s.gateway);
     assert_eq!(archives(&before, "miss") + archives(&before, "hit"), 0.0);
     let work = tempfile::tempdir().unwrap();
+    let symbols_bytes = s.registry.symbols().0.len() as u64;
     for round in ["cold", "warm"] {
         moon_update_and_add(&bin, &work.path().join(round), &gw, "alice/app");
         let m = scrape(&s.gateway);
@@ -225,8 +226,9 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
             ) >= 3.0,
             "upstream exchanges counted"
         );
-        // Exactly the closure's archives came from the source, once each, timed.
-        let closure_bytes: u64 = closure.iter().map(|p| p.size).sum();
+        // Exactly the closure's archives (and `symbols.zip`, once: later asks
+        // revalidate) came from the source, once each, timed.
+        let closure_bytes: u64 = closure.iter().map(|p| p.size).sum::<u64>() + symbols_bytes;
         let source = [("source", "default")];
         assert_eq!(
             value(&m, "moonbit_registry_upstream_bytes_total", &source),
@@ -235,7 +237,7 @@ async fn metrics_count_a_moon_closure_exactly_and_stay_bounded() {
         );
         assert_eq!(
             value(&m, "moonbit_registry_upstream_fetch_seconds_count", &source),
-            3.0,
+            4.0,
             "{round}: upstream fetches"
         );
         // The index was served: moon update cloned it from the mirror.
@@ -627,18 +629,27 @@ async fn per_job_report_counts_a_moon_closure() {
         "{sources}"
     );
     let cache = row("cache");
-    assert!(
-        cache.contains("<tr><th>archive hits</th><td>3</td></tr>"),
-        "{cache}"
+    for line in [
+        "<tr><th>archive hits (last hour)</th><td>3</td></tr>",
+        "<tr><th>archive misses (last hour)</th><td>3</td></tr>",
+        "<tr><th>archive hit ratio (last hour)</th><td>50.0 %</td></tr>",
+        "<tr><th>archive hit ratio (since start)</th><td>50.0 %</td></tr>",
+    ] {
+        assert!(cache.contains(line), "{line} in {cache}");
+    }
+    // Each of the closure's three modules was asked for once per job.
+    let modules = row("modules");
+    assert_eq!(
+        modules.matches("<tr><td>").count(),
+        3,
+        "three modules in {modules}"
     );
-    assert!(
-        cache.contains("<tr><th>archive misses</th><td>3</td></tr>"),
-        "{cache}"
+    assert_eq!(
+        modules.matches("</td><td>2</td></tr>").count(),
+        3,
+        "{modules}"
     );
-    assert!(
-        cache.contains("<tr><th>archive hit ratio (since start)</th><td>50.0 %</td></tr>"),
-        "{cache}"
-    );
+    assert!(modules.contains("<tr><td>alice/app</td>"), "{modules}");
     let jobs = row("jobs");
     assert!(
         jobs.contains("<tr><td>J1</td><td>3</td><td>0</td><td>3</td></tr>"),
@@ -702,7 +713,7 @@ async fn per_job_report_through_the_proxy() {
             .unwrap_or_else(|| panic!("no {name} in {exports}"))
     };
     let proxy = get("HTTPS_PROXY");
-    assert_eq!(proxy, format!("http://P1@{}", s.gateway.addr));
+    assert_eq!(proxy, format!("http://P1:@{}", s.gateway.addr));
     let bundle = get("SSL_CERT_FILE");
     let url = format!("https://download.mooncakes.io/user/{}.zip", json.segment);
     for _ in 0..2 {

@@ -299,7 +299,7 @@ fn work_dir() -> TempDir {
 }
 
 /// A port that was free a moment ago (the OS picks it; small race accepted).
-fn free_local_addr() -> SocketAddr {
+pub fn free_local_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .expect("bind 127.0.0.1:0 to find a free port");
     listener.local_addr().expect("local address")
