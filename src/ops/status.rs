@@ -75,7 +75,8 @@ fn ratio(hits: u64, misses: u64) -> String {
 pub fn render(s: &Status) -> String {
     let mut h = String::with_capacity(8 * 1024);
     let hour = &s.last_hour;
-    let hour_rate = hour.requests as f64 / hour.covered.as_secs_f64().max(1.0);
+    // Whole seconds, like the rate since start, so the two agree on a young gateway.
+    let hour_rate = hour.requests as f64 / hour.covered.as_secs().max(1) as f64;
     let rate = s.requests as f64 / s.uptime_seconds.max(1) as f64;
     // Writing to a String cannot fail.
     let _ = write!(
@@ -133,7 +134,7 @@ th {{ background: #f3f3f3; }}\n.up {{ color: #176f2c; font-weight: bold; }}\n\
             format!("{} of {}", bytes(s.memory_bytes), bytes(s.memory_budget)),
         ),
         (
-            "disk tier",
+            "disk tier (at the last size check)",
             match s.disk_bound {
                 Some(bound) => format!("{} of {}", bytes(s.disk_bytes), bytes(bound)),
                 None => format!("{} (no bound)", bytes(s.disk_bytes)),
