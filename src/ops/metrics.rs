@@ -473,7 +473,11 @@ impl Metrics {
         let (r, c) = (route as usize, cache as usize);
         self.requests[r * CacheResult::ALL.len() + c].inc();
         self.durations[r].observe(seconds);
-        self.recent.request(route, cache);
+        self.recent.request(match (route, cache) {
+            (RouteName::Archive, CacheResult::Hit) => super::recent::Ended::ArchiveHit,
+            (RouteName::Archive, CacheResult::Miss) => super::recent::Ended::ArchiveMiss,
+            _ => super::recent::Ended::Other,
+        });
     }
 
     /// The last hour's counts and the most asked-for modules.

@@ -9,7 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::metrics::{CacheResult, RouteName};
+/// What one ended request adds to the hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    ArchiveHit,
+    ArchiveMiss,
+    /// Any other request (archives neither hit nor missed included).
+    Other,
+}
 
 const MINUTES: usize = 60;
 /// Modules counted at once; a module outside them replaces the least counted.
@@ -59,11 +66,11 @@ impl Recent {
     }
 
     /// A request that ended.
-    pub fn request(&self, route: RouteName, cache: CacheResult) {
-        self.request_in(self.minute_now(), route, cache);
+    pub fn request(&self, ended: Ended) {
+        self.request_in(self.minute_now(), ended);
     }
 
-    fn request_in(&self, now: u64, route: RouteName, cache: CacheResult) {
+    fn request_in(&self, now: u64, ended: Ended) {
         let bucket = &self.minutes[(now % MINUTES as u64) as usize];
         let stamp = bucket.stamp.load(Ordering::Acquire);
         // The first request of a new minute clears the bucket it reuses. A count
@@ -79,13 +86,11 @@ impl Recent {
             bucket.archive_misses.store(0, Ordering::Relaxed);
         }
         bucket.requests.fetch_add(1, Ordering::Relaxed);
-        if route == RouteName::Archive {
-            match cache {
-                CacheResult::Hit => bucket.archive_hits.fetch_add(1, Ordering::Relaxed),
-                CacheResult::Miss => bucket.archive_misses.fetch_add(1, Ordering::Relaxed),
-                _ => 0,
-            };
-        }
+        match ended {
+            Ended::ArchiveHit => bucket.archive_hits.fetch_add(1, Ordering::Relaxed),
+            Ended::ArchiveMiss => bucket.archive_misses.fetch_add(1, Ordering::Relaxed),
+            Ended::Other => 0,
+        };
     }
 
     /// An archive of `user/module` was asked for.
@@ -183,11 +188,11 @@ mod tests {
     #[test]
     fn counts_the_hour_by_route_and_result() {
         let r = Recent::default();
-        r.request(RouteName::Archive, CacheResult::Hit);
-        r.request(RouteName::Archive, CacheResult::Hit);
-        r.request(RouteName::Archive, CacheResult::Miss);
-        r.request(RouteName::Index, CacheResult::Mirror);
-        r.request(RouteName::Asset, CacheResult::Hit);
+        r.request(Ended::ArchiveHit);
+        r.request(Ended::ArchiveHit);
+        r.request(Ended::ArchiveMiss);
+        r.request(Ended::Other);
+        r.request(Ended::Other);
         let h = r.last_hour();
         assert_eq!(
             (h.requests, h.archive_hits, h.archive_misses),
@@ -200,12 +205,12 @@ mod tests {
     fn old_minutes_fall_out_of_the_hour() {
         let r = Recent::default();
         let up = Duration::from_secs(90 * 60);
-        r.request_in(0, RouteName::Archive, CacheResult::Hit);
-        r.request_in(30, RouteName::Archive, CacheResult::Hit);
+        r.request_in(0, Ended::ArchiveHit);
+        r.request_in(30, Ended::ArchiveHit);
         assert_eq!(r.hour_until(59, up).requests, 2);
         // Minute 0 is out of the hour ending in minute 60; its bucket is reused.
         assert_eq!(r.hour_until(60, up).requests, 1);
-        r.request_in(60, RouteName::Archive, CacheResult::Miss);
+        r.request_in(60, Ended::ArchiveMiss);
         let h = r.hour_until(60, up);
         assert_eq!((h.requests, h.archive_hits, h.archive_misses), (2, 1, 1));
         assert_eq!(h.covered, Duration::from_secs(3600));
