@@ -335,8 +335,16 @@ async fn moon_adds_a_closure_through_one_replica_after_a_warm_through_the_other_
     };
     // `warm` beside replica a, on its data dir: the one job that fills the cluster.
     let config = c.config.to_str().expect("UTF-8 path");
+    let project = tempfile::tempdir().expect("project dir");
+    let from = project.path().join("moon.mod.json");
+    std::fs::write(
+        &from,
+        r#"{"name":"tester/proj","version":"0.1.0","deps":{"alice/app":"1.0.0"}}"#,
+    )
+    .expect("write moon.mod.json");
+    let from = from.to_str().expect("UTF-8 path");
     let warm = admin::command(
-        &["warm", "--config", config, "alice/app"],
+        &["warm", "--config", config, "--from", from],
         Some(&c.a.data_dir),
         Some(&c.upstream),
     )
