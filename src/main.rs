@@ -437,7 +437,10 @@ fn cache(args: CacheArgs) -> anyhow::Result<bool> {
     };
     Ok(match args.action {
         CacheAction::List { json, shared: true } => {
-            runtime.block_on(moonbit_registry::cache_admin::list_shared(&*shared()?, json))?;
+            runtime.block_on(moonbit_registry::cache_admin::list_shared(
+                &*shared()?,
+                json,
+            ))?;
             true
         }
         CacheAction::List { json, .. } => {

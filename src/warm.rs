@@ -237,7 +237,10 @@ pub async fn run(
     // The cluster's tier is filled before the command ends (see `Store::share_stored`).
     if let Some(shared) = app.store.shared() {
         let uploads = app.store.finish_uploads().await;
-        println!("warm: shared tier {} checked ({uploads} uploads)", shared.url());
+        println!(
+            "warm: shared tier {} checked ({uploads} uploads)",
+            shared.url()
+        );
     }
     summary.print("warm", started.elapsed());
     Ok(summary.failed.is_empty())

@@ -36,8 +36,8 @@ use tokio::sync::watch;
 
 use super::memory::Hot;
 use super::quarantine::Mismatch;
-use super::{Object, Store, Trust};
 use super::shared::{Before, Copy, Lease};
+use super::{Object, Store, Trust};
 use crate::body::{self, BoxError, GatewayBody};
 use crate::upstream::{body_is_delimited, collect_limited, content_length};
 
@@ -297,7 +297,10 @@ async fn from_shared(
     let (Some(shared), Trust::Checksum { expected, .. }) = (&store.shared, &object.trust) else {
         return Err(None);
     };
-    let copy = match shared.before_upstream(expected, store.limits.archive_max).await {
+    let copy = match shared
+        .before_upstream(expected, store.limits.archive_max)
+        .await
+    {
         Before::Found(copy) => copy,
         Before::Fetch(lease) => return Err(lease),
     };

