@@ -1062,6 +1062,26 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_tier_is_off_unless_configured_and_its_bounds_default_short() {
+        let config: Config = Figment::new().merge(Toml::string("")).extract().unwrap();
+        assert!(config.storage.shared.is_none());
+        let toml = "[storage.shared]\nurl = \"s3://bucket/prefix\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\nwait = \"5s\"\n";
+        let config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
+        let shared = config.storage.shared.unwrap();
+        assert_eq!(shared.url, "s3://bucket/prefix");
+        assert!(shared.allow_http);
+        assert_eq!(shared.wait, Duration::from_secs(5));
+        assert_eq!(shared.first_byte_timeout, Duration::from_secs(2));
+        assert_eq!(shared.region, "us-east-1");
+        // No key the section does not know, e.g. a secret pasted in by mistake.
+        let toml = "[storage.shared]\nurl = \"s3://b/p\"\nsecret_access_key = \"x\"\n";
+        assert!(Figment::new()
+            .merge(Toml::string(toml))
+            .extract::<Config>()
+            .is_err());
+    }
+
+    #[test]
     fn each_owner_reads_its_own_section() {
         let toml = "[breaker]\nfailures = 2\n[mutable]\nmutable_max = \"1 KiB\"\nrevalidate_timeout = \"500ms\"\n[storage]\nnot_found_ttl = \"5s\"\n";
         let mut config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
