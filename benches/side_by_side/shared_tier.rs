@@ -82,7 +82,7 @@ pub async fn run(b: &mut Bench) {
                 (ms_s.push(ms), up_s.push(requests));
                 // A fresh replica on the same bucket: shared-tier hits, then disk hits.
                 // No memory tier, so the second GET is a disk hit, not a memory hit.
-                let no_memory = format!("{toml}[storage]\nmemory = \"0 B\"\n");
+                let no_memory = format!("{toml}[storage]\nmemory = \"0 B\"\nmemory_item_max = \"0 B\"\n");
                 let fresh = instances::start_with_env(&b.upstream, &no_memory, &env).await;
                 for p in archives {
                     let url = format!("{}{}", fresh.url(), p.url_path());
