@@ -22,7 +22,8 @@ const SIZE: usize = 256 * 1024;
 
 pub async fn run(b: &mut Bench) {
     let Some(store) = Seaweed::start("bench shared") else {
-        b.notes.push("shared: skipped, `weed` (SeaweedFS) is not installed".into());
+        b.notes
+            .push("shared: skipped, `weed` (SeaweedFS) is not installed".into());
         return;
     };
     // Each round and mode fills its own closure, so every fill is cold.
@@ -53,9 +54,10 @@ pub async fn run(b: &mut Bench) {
                 ),
                 _ => instances::BASE_CONFIG.to_string(),
             };
-            let replicas: Vec<Instance> =
-                join_all((0..REPLICAS).map(|_| instances::start_with_env(&b.upstream, &toml, &env)))
-                    .await;
+            let replicas: Vec<Instance> = join_all(
+                (0..REPLICAS).map(|_| instances::start_with_env(&b.upstream, &toml, &env)),
+            )
+            .await;
             let archives = &closure[mode];
             let before: usize = archives
                 .iter()
@@ -82,7 +84,8 @@ pub async fn run(b: &mut Bench) {
                 (ms_s.push(ms), up_s.push(requests));
                 // A fresh replica on the same bucket: shared-tier hits, then disk hits.
                 // No memory tier, so the second GET is a disk hit, not a memory hit.
-                let no_memory = format!("{toml}[storage]\nmemory = \"0 B\"\nmemory_item_max = \"0 B\"\n");
+                let no_memory =
+                    format!("{toml}[storage]\nmemory = \"0 B\"\nmemory_item_max = \"0 B\"\n");
                 let fresh = instances::start_with_env(&b.upstream, &no_memory, &env).await;
                 for p in archives {
                     let url = format!("{}{}", fresh.url(), p.url_path());

@@ -31,13 +31,24 @@ async fn cluster<T>(
     extra_toml: &str,
     publish: impl FnOnce(&Registry) -> T,
 ) -> Option<(Cluster, T)> {
+    cluster_with(test, "", extra_toml, publish).await
+}
+
+/// [`cluster`] with `shared_toml` added to the `[storage.shared]` table.
+async fn cluster_with<T>(
+    test: &str,
+    shared_toml: &str,
+    extra_toml: &str,
+    publish: impl FnOnce(&Registry) -> T,
+) -> Option<(Cluster, T)> {
     let store = Seaweed::start(test)?;
     let registry = Arc::new(Registry::new());
     let published = publish(&registry);
     let upstream = Upstream::start(registry.clone()).await;
     let config_dir = tempfile::tempdir().expect("temp dir for the config");
     let config = config_dir.path().join("moonbit-registry.toml");
-    std::fs::write(&config, format!("{extra_toml}\n{}", store.toml(PREFIX))).expect("write config");
+    let toml = format!("{}{shared_toml}\n{extra_toml}", store.toml(PREFIX));
+    std::fs::write(&config, toml).expect("write config");
     let args = ["--config", config.to_str().expect("UTF-8 path")];
     let env = Seaweed::env();
     let a = Gateway::start_with_env(&upstream.url(), &upstream.ca_pem, &args, &env).await;
@@ -261,6 +272,43 @@ async fn with_the_store_down_replicas_serve_what_they_hold_and_fetch_the_rest_wi
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn a_store_that_stops_answering_costs_at_most_its_short_timeout_then_nothing() {
+    let test = "a_store_that_stops_answering_costs_at_most_its_short_timeout_then_nothing";
+    let Some((c, ps)) = cluster_with(test, "first_byte_timeout = \"1s\"\n", "", |r| {
+        (0..6)
+            .map(|i| r.publish(&format!("alice/m{i}"), "1.0.0", &[]))
+            .collect::<Vec<_>>()
+    })
+    .await
+    else {
+        return;
+    };
+    c.store.freeze();
+    let mut took = Vec::new();
+    for p in &ps {
+        let started = Instant::now();
+        let (done, status, sha, head) = get(&c.a, p);
+        assert!(
+            done && status == "200" && sha == p.checksum,
+            "{status} {head}\n{}",
+            c.a.log()
+        );
+        took.push(started.elapsed());
+    }
+    // Each of the first few waits for the 1 s timeout at most; once the breaker
+    // has the store down ([breaker] failures = 3), nothing waits on it at all.
+    assert!(
+        took.iter().all(|t| *t < Duration::from_millis(2500)),
+        "{took:?}"
+    );
+    assert!(
+        took[4..].iter().all(|t| *t < Duration::from_millis(500)),
+        "{took:?}"
+    );
+    assert_eq!(health(&c.a)["shared"]["state"], "down");
 }
 
 #[tokio::test]

@@ -175,6 +175,18 @@ impl Seaweed {
             .collect()
     }
 
+    /// Freeze the store (SIGSTOP): it still accepts connections (the kernel does)
+    /// but answers nothing, as an overloaded or wedged store looks.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            let out = Command::new("kill")
+                .args(["-STOP", &child.id().to_string()])
+                .output()
+                .expect("run kill -STOP");
+            assert!(out.status.success(), "kill -STOP failed: {out:?}");
+        }
+    }
+
     /// Kill the store (SIGKILL), as a crashed or unreachable store looks.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
