@@ -81,7 +81,8 @@ pub async fn run(b: &mut Bench) {
                 .sum();
             let requests = (after - before) as f64;
             if mode == 0 {
-                (ms_s.push(ms), up_s.push(requests));
+                ms_s.push(ms);
+                up_s.push(requests);
                 // A fresh replica on the same bucket: shared-tier hits, then disk hits.
                 // No memory tier, so the second GET is a disk hit, not a memory hit.
                 let no_memory =
@@ -101,7 +102,8 @@ pub async fn run(b: &mut Bench) {
                     "the fresh replica went to the upstream:\n{log}"
                 );
             } else {
-                (ms_n.push(ms), up_n.push(requests));
+                ms_n.push(ms);
+                up_n.push(requests);
             }
         }
     }
