@@ -452,7 +452,12 @@ impl Shared {
     ) {
         let shared = self.clone();
         self.background.spawn(async move {
-            match shared.upload(&sha256, &file, len).await {
+            let slot = shared.upload_slots.acquire().await;
+            let uploaded = match slot {
+                Ok(_slot) => shared.upload(&sha256, &file, len).await,
+                Err(_) => Err("uploads are shut down".into()),
+            };
+            match uploaded {
                 Ok(()) => tracing::info!(sha256, bytes = len, "uploaded to the shared tier"),
                 Err(error) => {
                     tracing::warn!(sha256, %error, "upload to the shared tier failed; it stays local")
@@ -474,6 +479,11 @@ impl Shared {
     ) {
         let shared = self.clone();
         self.background.spawn(async move {
+            // The slot covers the look too: an import of thousands of archives asks
+            // a few at a time.
+            let Ok(_slot) = shared.upload_slots.acquire().await else {
+                return;
+            };
             if shared.contains(&sha256).await != Some(false) {
                 return;
             }
@@ -497,11 +507,6 @@ impl Shared {
     /// Upload the file: one request when small, else parts, a few in flight, read
     /// from the file as they go, so memory stays bounded whatever the size.
     async fn upload(&self, sha256: &str, file: &std::path::Path, len: u64) -> Result<(), String> {
-        let _slot = self
-            .upload_slots
-            .acquire()
-            .await
-            .map_err(|_| "uploads are shut down".to_string())?;
         let path = self.object_path(sha256);
         let limit = self.settings.upload_timeout;
         let mut reader = tokio::fs::File::open(file)

@@ -506,3 +506,83 @@ async fn moon_adds_a_closure_through_one_replica_after_a_warm_through_the_other_
         c.b.log()
     );
 }
+
+#[tokio::test]
+async fn cache_list_and_verify_look_at_the_shared_tier_and_import_fills_it() {
+    let test = "cache_list_and_verify_look_at_the_shared_tier_and_import_fills_it";
+    let Some((c, (p, q))) = cluster(test, "", |r| {
+        (
+            r.publish("alice/p", "1.0.0", &[]),
+            r.publish("alice/q", "1.0.0", &[]),
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    let config = c.config.to_str().expect("UTF-8 path");
+    let shared_cmd = |args: &[&str], data: &std::path::Path| {
+        let mut full = args.to_vec();
+        full.extend(["--config", config]);
+        admin::command(&full, Some(data), None)
+            .envs(Seaweed::env())
+            .output()
+            .expect("run the command")
+    };
+    assert_eq!(get(&c.a, &p).2, p.checksum);
+    c.wait_uploaded(&p);
+
+    let list = shared_cmd(&["cache", "list", "--shared", "--json"], &c.a.data_dir);
+    ok(&list, "cache list --shared");
+    let rows: serde_json::Value = serde_json::from_slice(&list.stdout).expect("JSON list");
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    assert_eq!(rows[0]["sha256"], p.checksum.as_str());
+    assert_eq!(rows[0]["size"], p.size);
+
+    let clean = shared_cmd(&["cache", "verify", "--shared"], &c.a.data_dir);
+    ok(&clean, "cache verify --shared");
+    let key = Cluster::object_key(&p);
+    let (_, mut bytes) = c.store.get(&key);
+    bytes[0] ^= 0xff;
+    c.store.put(&key, &bytes);
+    let found = shared_cmd(&["cache", "verify", "--shared"], &c.a.data_dir);
+    assert_eq!(found.status.code(), Some(1), "{}", admin::stdout(&found));
+    assert!(
+        admin::stdout(&found).contains("corrupt (removed)"),
+        "{}",
+        admin::stdout(&found)
+    );
+    assert!(c.store.keys(&format!("{PREFIX}/sha256/")).is_empty());
+
+    // A bundle made without the shared tier, imported with it: the import uploads.
+    let plain = tempfile::tempdir().expect("data dir");
+    let bundle = plain.path().join("deps.tar");
+    let export = admin::run(
+        &[
+            "export",
+            "alice/q",
+            "--out",
+            bundle.to_str().expect("UTF-8 path"),
+        ],
+        Some(plain.path()),
+        Some(&c.upstream),
+    );
+    ok(&export, "export");
+    assert!(c.store.keys(&format!("{PREFIX}/sha256/")).is_empty());
+    let target = tempfile::tempdir().expect("data dir");
+    let upstream_url = c.upstream.url();
+    let args = [
+        "import",
+        bundle.to_str().expect("UTF-8 path"),
+        "--upstream",
+        &upstream_url,
+    ];
+    let import = shared_cmd(&args, target.path());
+    ok(&import, "import");
+    assert!(
+        admin::stdout(&import).contains("shared tier"),
+        "{}",
+        admin::stdout(&import)
+    );
+    c.wait_uploaded(&q);
+}
