@@ -23,6 +23,7 @@ use crate::index::{Expectation, Index};
 use crate::mutable_cache::MutableCache;
 use crate::ops::jobs::Jobs;
 use crate::ops::metrics::Metrics;
+use crate::store::shared::Shared;
 use crate::store::{Object, Store};
 use crate::symbols::MergedSymbols;
 use crate::upstream::Upstream;
@@ -138,6 +139,10 @@ impl Services {
 
         let mut store = store;
         store.count_into(metrics.store_counters());
+        // Offline means no network at all, the shared tier's included.
+        if let (Some(settings), false) = (&config.storage.shared, mode == Mode::Offline) {
+            store.share(Arc::new(Shared::open(settings, &config.breaker)?));
+        }
 
         let ca_bundle = match &config.upstream_ca {
             Some(ca) => {
@@ -204,6 +209,9 @@ impl Services {
         self.index.start().await;
         if self.mode == Mode::Serve {
             self.probe_sources_that_are_down();
+            if let Some(shared) = self.store.shared() {
+                shared.probe_in_background();
+            }
         }
         let bound = match self.config.storage.max_size {
             // Offline, nothing evicted could be fetched again.

@@ -100,21 +100,12 @@ impl Breakers {
         let mut breakers = Vec::new();
         let mut prefixes = Vec::new();
         for (i, s) in sources.iter().enumerate() {
-            breakers.push(Arc::new(Breaker {
-                source: s.name.clone(),
-                settings: settings.clone(),
-                state: Mutex::new(State {
-                    failures: 0,
-                    outage: None,
-                    since: SystemTime::now(),
-                    last_error: None,
-                    probing: false,
-                    slow: false,
-                    auth_error: None,
-                }),
-                credential: s.credential.clone(),
-                outcomes: metrics.and_then(|m| m.upstream(i)).unwrap_or_default(),
-            }));
+            breakers.push(Arc::new(Breaker::new(
+                &s.name,
+                settings,
+                s.credential.clone(),
+                metrics.and_then(|m| m.upstream(i)).unwrap_or_default(),
+            )));
             for url in [&s.registry, &s.index, &s.archive, &s.symbols] {
                 prefixes.push((url.as_str().trim_end_matches('/').to_string(), i));
             }
@@ -122,6 +113,20 @@ impl Breakers {
         // Longest prefix first: `https://h/user` must win over `https://h`.
         prefixes.sort_by_key(|(p, i)| (std::cmp::Reverse(p.len()), *i));
         Breakers { breakers, prefixes }
+    }
+
+    /// One breaker named `name` for something that is not a source (the shared
+    /// tier): no URLs, no credential, the same states, back-off and probes.
+    pub fn single(name: &str, settings: &BreakerSettings) -> Breakers {
+        Breakers {
+            breakers: vec![Arc::new(Breaker::new(
+                name,
+                settings,
+                None,
+                SourceOutcomes::default(),
+            ))],
+            prefixes: Vec::new(),
+        }
     }
 
     /// The breaker of the source `url` belongs to, if any.
@@ -344,6 +349,29 @@ fn admit(breaker: Option<&Arc<Breaker>>) -> Result<Ticket, Refusal> {
 }
 
 impl Breaker {
+    fn new(
+        name: &str,
+        settings: &BreakerSettings,
+        credential: Option<Credential>,
+        outcomes: SourceOutcomes,
+    ) -> Breaker {
+        Breaker {
+            source: name.to_string(),
+            settings: settings.clone(),
+            state: Mutex::new(State {
+                failures: 0,
+                outage: None,
+                since: SystemTime::now(),
+                last_error: None,
+                probing: false,
+                slow: false,
+                auth_error: None,
+            }),
+            credential,
+            outcomes,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -11,6 +11,7 @@ use std::io::Read;
 
 use crate::progress::Progress;
 use crate::store::eviction::{self, StoredEntry};
+use crate::store::shared::Shared;
 
 /// `archive/alice/json/0.1.0` -> (`alice/json`, `0.1.0`); other keys as they are.
 fn module_version(key: &str) -> (String, String) {
@@ -124,6 +125,81 @@ fn check(store_dir: &Path, e: &StoredEntry) -> Result<(), String> {
         .check()
         .map(|_| ())
         .map_err(|_| "bytes on disk do not match the digest".to_string())
+}
+
+/// `cache list --shared`: what the shared tier holds, by digest (the bucket knows
+/// no module names; `cache list` on a replica maps them).
+pub async fn list_shared(shared: &Shared, json: bool) -> anyhow::Result<()> {
+    let mut objects = shared.list().await?;
+    objects.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    if json {
+        let rows: Vec<serde_json::Value> = objects
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "sha256": o.sha256,
+                    "size": o.size,
+                    "last_modified": rfc3339(o.last_modified),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!("{:<64} {:>10}  last modified", "sha256", "size");
+    let mut total = 0;
+    for o in &objects {
+        println!(
+            "{:<64} {:>10}  {}",
+            o.sha256,
+            ByteSize(o.size).to_string(),
+            rfc3339(o.last_modified)
+        );
+        total += o.size;
+    }
+    println!(
+        "{} objects in {}, {}",
+        objects.len(),
+        shared.url(),
+        ByteSize(total)
+    );
+    Ok(())
+}
+
+/// `cache verify --shared`: read every object of the shared tier back and compare
+/// its digest with its name; bad ones are deleted. Returns how many were.
+pub async fn verify_shared(shared: &Shared) -> anyhow::Result<usize> {
+    let objects = shared.list().await?;
+    let progress = Progress::new("verify", objects.len() as u64);
+    let (mut bad, mut bytes) = (0usize, 0u64);
+    for (i, o) in objects.iter().enumerate() {
+        let line = match shared.check(&o.sha256).await {
+            Ok(true) => format!("ok {}", o.sha256),
+            Ok(false) => {
+                bad += 1;
+                println!("corrupt (removed): sha256 {}", o.sha256);
+                format!("failed {}", o.sha256)
+            }
+            Err(e) => {
+                bad += 1;
+                println!("unreadable: sha256 {}: {e}", o.sha256);
+                format!("failed {}", o.sha256)
+            }
+        };
+        bytes += o.size;
+        progress.bytes(bytes);
+        progress.item(i as u64 + 1, &line);
+    }
+    let elapsed = progress.finish();
+    println!(
+        "verify: {} objects in {} ({}) checked in {:.1}s, {} bad",
+        objects.len(),
+        shared.url(),
+        ByteSize(bytes),
+        elapsed.as_secs_f64(),
+        bad
+    );
+    Ok(bad)
 }
 
 /// `cache gc --max-size`.

@@ -361,6 +361,70 @@ pub struct StoreSettings {
     pub not_found_ttl: Duration,
     /// Dependencies prefetched at once.
     pub prefetch_jobs: usize,
+    /// `[storage.shared]`: a tier in an S3-compatible bucket shared by replicas;
+    /// off unless given.
+    pub shared: Option<SharedSettings>,
+}
+
+/// `[storage.shared]`, for the shared tier ([`crate::store::shared`]): where the
+/// bucket is and how long anything may wait on it. Credentials never come from
+/// here but from the standard AWS chain (`AWS_ACCESS_KEY_ID` /
+/// `AWS_SECRET_ACCESS_KEY`, web identity, instance metadata).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedSettings {
+    /// `s3://BUCKET/PREFIX` (the prefix may be empty).
+    pub url: String,
+    /// The store's endpoint for non-AWS stores (MinIO, SeaweedFS, Ceph RGW, R2).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "SharedSettings::default_region")]
+    pub region: String,
+    /// Allow a plain `http://` endpoint (a store on loopback or inside the cluster).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Longest wait for a connection to the store.
+    #[serde(default = "SharedSettings::default_short", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the store's answer to a lookup (its response head); a
+    /// slower store is skipped and counts as a failure for its breaker.
+    #[serde(default = "SharedSettings::default_short", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest pause between two chunks of a body read from the store.
+    #[serde(default = "SharedSettings::default_idle", with = "humantime_serde")]
+    pub idle_read: Duration,
+    /// Longest time for one upload request (a small object, or one part).
+    #[serde(default = "SharedSettings::default_upload", with = "humantime_serde")]
+    pub upload_timeout: Duration,
+    /// How long a replica's claim to fetch an archive from the upstream (its lease)
+    /// holds; a lease older than this is taken over (its replica died).
+    #[serde(default = "SharedSettings::default_lease", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Longest a request waits for another replica's fetch to land in the store
+    /// before fetching from the upstream itself (keep it below `moon`'s 30 s).
+    #[serde(default = "SharedSettings::default_wait", with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+impl SharedSettings {
+    fn default_region() -> String {
+        "us-east-1".into()
+    }
+    fn default_short() -> Duration {
+        Duration::from_secs(2)
+    }
+    fn default_idle() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_upload() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn default_lease() -> Duration {
+        Duration::from_secs(300)
+    }
+    fn default_wait() -> Duration {
+        Duration::from_secs(20)
+    }
 }
 
 impl Default for Config {
@@ -422,6 +486,7 @@ impl Default for StoreSettings {
             bad_archive_ttl: Duration::from_secs(300),
             not_found_ttl: Duration::from_secs(10),
             prefetch_jobs: 4,
+            shared: None,
         }
     }
 }
@@ -994,6 +1059,26 @@ mod tests {
         // Everything else keeps its default.
         assert_eq!(config.breaker.backoff, BreakerSettings::default().backoff);
         assert_eq!(config.storage.memory, StoreSettings::default().memory);
+    }
+
+    #[test]
+    fn the_shared_tier_is_off_unless_configured_and_its_bounds_default_short() {
+        let config: Config = Figment::new().merge(Toml::string("")).extract().unwrap();
+        assert!(config.storage.shared.is_none());
+        let toml = "[storage.shared]\nurl = \"s3://bucket/prefix\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\nwait = \"5s\"\n";
+        let config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
+        let shared = config.storage.shared.unwrap();
+        assert_eq!(shared.url, "s3://bucket/prefix");
+        assert!(shared.allow_http);
+        assert_eq!(shared.wait, Duration::from_secs(5));
+        assert_eq!(shared.first_byte_timeout, Duration::from_secs(2));
+        assert_eq!(shared.region, "us-east-1");
+        // No key the section does not know, e.g. a secret pasted in by mistake.
+        let toml = "[storage.shared]\nurl = \"s3://b/p\"\nsecret_access_key = \"x\"\n";
+        assert!(Figment::new()
+            .merge(Toml::string(toml))
+            .extract::<Config>()
+            .is_err());
     }
 
     #[test]

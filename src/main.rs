@@ -224,9 +224,16 @@ enum CacheAction {
     List {
         #[arg(long)]
         json: bool,
+        /// List the shared tier (`[storage.shared]`) instead of the local store
+        #[arg(long)]
+        shared: bool,
     },
     /// Re-hash every entry; corrupt ones are reported and removed (exit status 1)
-    Verify,
+    Verify {
+        /// Verify the shared tier (`[storage.shared]`) instead of the local store
+        #[arg(long)]
+        shared: bool,
+    },
     /// Evict least recently used entries until the store fits in SIZE
     Gc {
         /// e.g. "2 GiB", "500MB"
@@ -422,12 +429,28 @@ fn cache(args: CacheArgs) -> anyhow::Result<bool> {
     let _guard = runtime.enter();
     let app = Services::open(&config, Mode::Command)?;
     let store_dir = app.store.disk().dir().to_path_buf();
+    let shared = || {
+        app.store
+            .shared()
+            .cloned()
+            .context("--shared needs a shared tier: set [storage.shared] url")
+    };
     Ok(match args.action {
-        CacheAction::List { json } => {
+        CacheAction::List { json, shared: true } => {
+            runtime.block_on(moonbit_registry::cache_admin::list_shared(
+                &*shared()?,
+                json,
+            ))?;
+            true
+        }
+        CacheAction::List { json, .. } => {
             moonbit_registry::cache_admin::list(&store_dir, json);
             true
         }
-        CacheAction::Verify => moonbit_registry::cache_admin::verify(&store_dir) == 0,
+        CacheAction::Verify { shared: true } => {
+            runtime.block_on(moonbit_registry::cache_admin::verify_shared(&*shared()?))? == 0
+        }
+        CacheAction::Verify { .. } => moonbit_registry::cache_admin::verify(&store_dir) == 0,
         CacheAction::Gc { max_size } => {
             moonbit_registry::cache_admin::gc(&store_dir, max_size.as_u64());
             true

@@ -540,6 +540,7 @@ fn health(app: &Services) -> Response<GatewayBody> {
         &serde_json::json!({
             "status": "ok",
             "in_flight": app.store.in_flight(),
+            "shared": app.store.shared().map(|shared| shared.report()),
             "merged_index": app.index.merged_tip().map(|tip| serde_json::json!({
                 "commit": tip.commit,
                 "sources": tip.parts.iter().map(|(source, commit)| serde_json::json!({

@@ -234,6 +234,14 @@ pub async fn run(
     }
     let started = std::time::Instant::now();
     let summary = fetch_all(&app, &chosen, jobs, "warm").await;
+    // The cluster's tier is filled before the command ends (see `Store::share_stored`).
+    if let Some(shared) = app.store.shared() {
+        let uploads = app.store.finish_uploads().await;
+        println!(
+            "warm: shared tier {} checked ({uploads} uploads)",
+            shared.url()
+        );
+    }
     summary.print("warm", started.elapsed());
     Ok(summary.failed.is_empty())
 }

@@ -31,11 +31,16 @@ impl Instance {
 /// Start a gateway with a fresh data dir and `toml` as its config, and wait until
 /// its index mirror is in place.
 pub async fn start(upstream: &Upstream, toml: &str) -> Instance {
+    start_with_env(upstream, toml, &[]).await
+}
+
+/// [`start`] with `env` added to the gateway's environment (e.g. store credentials).
+pub async fn start_with_env(upstream: &Upstream, toml: &str, env: &[(&str, &str)]) -> Instance {
     let config = tempfile::tempdir().expect("config dir");
     let path = config.path().join("moonbit-registry.toml");
     std::fs::write(&path, toml).expect("write gateway config");
     let args = ["--config", path.to_str().expect("UTF-8 temp path")];
-    let gateway = Gateway::start(&upstream.url(), &upstream.ca_pem, &args).await;
+    let gateway = Gateway::start_with_env(&upstream.url(), &upstream.ca_pem, &args, env).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !gateway.log().contains("index mirror refreshed") {
         assert!(

@@ -5,7 +5,7 @@
 //!
 //! Environment: `BENCH_ROUNDS` (runs per measurement, default 5), `BENCH_SECONDS`
 //! (length of one wrk run, default 3), `BENCH_HUGE=0` skips the 1 GiB archive.
-//! Arguments pick scenarios: `hot cold stampede index memory moon merge` (default: all).
+//! Arguments pick scenarios: `hot cold stampede index memory moon merge shared` (default: all).
 
 mod client;
 mod cold_miss;
@@ -19,6 +19,7 @@ mod merged_index;
 mod moon_add;
 mod peers;
 mod report;
+mod shared_tier;
 mod stampede;
 
 use std::process::Output;
@@ -31,7 +32,7 @@ use fixtures::Fixtures;
 use report::Row;
 
 const SCENARIOS: &[&str] = &[
-    "hot", "cold", "stampede", "index", "memory", "moon", "merge",
+    "hot", "cold", "stampede", "index", "memory", "moon", "merge", "shared",
 ];
 
 /// What every scenario works with, and what they report.
@@ -109,6 +110,7 @@ pub async fn run() {
             "memory" => memory::run(&mut bench).await,
             "moon" => moon_add::run(&mut bench).await,
             "merge" => merged_index::run(&mut bench).await,
+            "shared" => shared_tier::run(&mut bench).await,
             _ => unreachable!("checked above"),
         }
         eprintln!(

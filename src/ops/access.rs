@@ -128,6 +128,7 @@ impl Record {
             route = self.route.as_str(),
             status = self.status.as_u16(),
             cache = self.cache.as_str(),
+            tier = self.tier.map_or("-", Tier::as_str),
             bytes = self.bytes,
             complete = self.complete,
             duration_ms = elapsed.as_secs_f64() * 1000.0,

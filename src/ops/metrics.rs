@@ -123,9 +123,21 @@ pub enum Tier {
     Disk,
     /// Streamed from an upstream now (misses, pass-through, revalidations).
     Upstream,
+    /// Streamed from the shared tier (the bucket replicas share) now.
+    Shared,
 }
 
 impl Tier {
+    /// Its label value in `served_bytes_total` and the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+            Tier::Upstream => "upstream",
+            Tier::Shared => "shared",
+        }
+    }
+
     /// The tier of a response the store did not tag, by its cache result; `None`
     /// for answers the gateway writes itself (admin, refusals, errors).
     pub fn of(cache: CacheResult) -> Option<Tier> {
@@ -267,7 +279,7 @@ pub struct Metrics {
     requests: Vec<Counter>,
     durations: Vec<Histogram>,
     tunnels: [Counter; 3],
-    served: [Counter; 3],
+    served: [Counter; 4],
     connections: [Gauge; 2],
     flights: Gauge,
     git_slots: Gauge,
@@ -326,10 +338,10 @@ impl Metrics {
         let served_family = Family::<TierOnly, Counter>::default();
         registry.register(
             "served_bytes",
-            "Response body bytes sent to clients, by where they came from (memory, disk, upstream)",
+            "Response body bytes sent to clients, by where they came from (memory, disk, upstream, shared)",
             served_family.clone(),
         );
-        let served = ["memory", "disk", "upstream"]
+        let served = ["memory", "disk", "upstream", "shared"]
             .map(|t| served_family.get_or_create_owned(&TierOnly { tier: Word(t) }));
 
         let tunnels_family = Family::<DecisionOnly, Counter>::default();

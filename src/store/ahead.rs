@@ -27,6 +27,7 @@ impl Store {
         mut progress: impl FnMut(u64),
     ) -> Ahead {
         if let Some(size) = self.stored_size(&object).await {
+            self.share_stored(&object, size);
             return Ahead::Present { size };
         }
         if let Some(path) = &object.local {
@@ -72,6 +73,20 @@ impl Store {
                 Ahead::Failed(format!("no source could be reached: {reason}"))
             }
             Outcome::Abandoned => Ahead::Failed("the fetch ended without an answer".into()),
+        }
+    }
+
+    /// Make sure the shared tier holds a stored archive too (so `warm` of what is
+    /// here already still fills the cluster's tier), in the background.
+    pub fn share_stored(&self, object: &Object, size: u64) {
+        let (Some(shared), Trust::Checksum { expected, .. }) = (&self.shared, &object.trust) else {
+            return;
+        };
+        if object.local.is_some() {
+            return;
+        }
+        if let Some(file) = super::usage::content_path(self.disk.dir(), expected) {
+            shared.ensure_in_background(expected.clone(), file, size);
         }
     }
 

@@ -10,6 +10,13 @@
 //! complete (length as announced, no reset) and verified; otherwise every reader's
 //! transfer is aborted and nothing is stored.
 //!
+//! With a shared tier ([`super::shared`]), `run` first looks there (or waits for
+//! another replica's fetch under its lease): a copy found there is the byte source
+//! instead of the upstream, through the same spool, verify and commit steps. A
+//! copy that fails them is deleted from the tier, every follower of it is aborted
+//! (it never sees a clean end) and the fetch goes on from the upstream. A body
+//! fetched from the upstream is uploaded to the tier once committed.
+//!
 //! Waiters hold a [`Flight`]: [`Flight::answer`] for a client that streams the body
 //! as it arrives, [`Flight::outcome`] for one that only waits for the end.
 
@@ -29,9 +36,10 @@ use tokio::sync::watch;
 
 use super::memory::Hot;
 use super::quarantine::Mismatch;
+use super::shared::{Before, Copy, Lease};
 use super::{Object, Store, Trust};
-use crate::body::{BoxError, GatewayBody};
-use crate::upstream::{body_is_delimited, collect_limited, content_length, next_chunk};
+use crate::body::{self, BoxError, GatewayBody};
+use crate::upstream::{body_is_delimited, collect_limited, content_length};
 
 /// Bytes a reader takes from the spool file at a time.
 const READ_CHUNK: usize = 256 * 1024;
@@ -63,12 +71,25 @@ pub enum Outcome {
     Abandoned,
 }
 
+/// Where the bytes of a fetch come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A source, now.
+    Upstream,
+    /// The shared tier (another replica fetched it from the upstream).
+    Shared,
+}
+
 /// What a client streaming a fetch gets once the upstream has answered.
 pub enum Answer {
-    /// The upstream's 200 body (`len` as announced), followed from the spool file as
-    /// the fetch fills it. It ends in an error, never cleanly, if the fetch breaks
-    /// or fails verification.
-    Body { len: Option<u64>, body: GatewayBody },
+    /// The upstream's (or the shared tier's) 200 body (`len` as announced),
+    /// followed from the spool file as the fetch fills it. It ends in an error,
+    /// never cleanly, if the fetch breaks or fails verification.
+    Body {
+        len: Option<u64>,
+        body: GatewayBody,
+        origin: Origin,
+    },
     /// The spool file could not be opened.
     Unreadable(std::io::Error),
     /// The fetch ended with no body to follow (so never [`Outcome::Fetched`]).
@@ -85,10 +106,15 @@ enum FlightState {
         spool: Arc<TempPath>,
         len: Option<u64>,
         written: u64,
+        origin: Origin,
     },
     /// Every byte arrived and passed verification; the spool file stays readable
     /// for the clients still following it.
-    Complete { spool: Arc<TempPath>, len: u64 },
+    Complete {
+        spool: Arc<TempPath>,
+        len: u64,
+        origin: Origin,
+    },
     /// The fetch ended without a body to follow.
     Ended(Outcome),
 }
@@ -102,12 +128,14 @@ impl Flight {
     /// Wait for the upstream's answer: the body, to stream as it arrives, or how
     /// the fetch ended without one.
     pub async fn answer(mut self) -> Answer {
-        let (spool, len) = loop {
+        let (spool, len, origin) = loop {
             let state = self.rx.borrow_and_update().clone();
             match state {
                 FlightState::Connecting => {}
-                FlightState::Streaming { spool, len, .. } => break (spool, len),
-                FlightState::Complete { spool, len } => break (spool, Some(len)),
+                FlightState::Streaming {
+                    spool, len, origin, ..
+                } => break (spool, len, origin),
+                FlightState::Complete { spool, len, origin } => break (spool, Some(len), origin),
                 FlightState::Ended(outcome) => return Answer::Ended(outcome),
             }
             if self.rx.changed().await.is_err() {
@@ -115,7 +143,7 @@ impl Flight {
             }
         };
         match follow(spool, self.rx).await {
-            Ok(body) => Answer::Body { len, body },
+            Ok(body) => Answer::Body { len, body, origin },
             Err(e) => Answer::Unreadable(e),
         }
     }
@@ -233,6 +261,10 @@ async fn run(
     object: &Object,
     tx: &watch::Sender<FlightState>,
 ) -> Result<FlightState, Outcome> {
+    let lease = match from_shared(store, object, tx).await {
+        Ok(complete) => return Ok(complete),
+        Err(lease) => lease,
+    };
     let started = Instant::now();
     let answer = head(store, object).await?;
     let url = answer.url.clone();
@@ -243,21 +275,93 @@ async fn run(
         .health()
         .record_transfer(&url, spooled.len, seconds);
     verify(store, object, &spooled)?;
+    if commit(store, object, &spooled).await {
+        upload(store, &spooled, lease);
+    }
+    Ok(FlightState::Complete {
+        spool: spooled.file,
+        len: spooled.len,
+        origin: Origin::Upstream,
+    })
+}
+
+/// Try the shared tier first (for an archive whose digest the index gives): its
+/// copy, spooled, verified and committed like an upstream body, or, waiting on
+/// the way for another replica's fetch under its lease. `Err` means fetch from
+/// the upstream, holding this replica's lease if it won one.
+async fn from_shared(
+    store: &Store,
+    object: &Object,
+    tx: &watch::Sender<FlightState>,
+) -> Result<FlightState, Option<Lease>> {
+    let (Some(shared), Trust::Checksum { expected, .. }) = (&store.shared, &object.trust) else {
+        return Err(None);
+    };
+    let copy = match shared
+        .before_upstream(expected, store.limits.archive_max)
+        .await
+    {
+        Before::Found(copy) => copy,
+        Before::Fetch(lease) => return Err(lease),
+    };
+    let Copy { len, body } = copy;
+    let head = Head {
+        url: shared.url().to_string(),
+        body,
+        len: Some(len),
+        delimited: true,
+        idle: shared.idle_read(),
+        origin: Origin::Shared,
+    };
+    let spooled = match spool(store, object, head, tx).await {
+        Ok(spooled) => spooled,
+        Err(outcome) => {
+            // Followers of this copy see the state move on and abort.
+            tx.send_replace(FlightState::Connecting);
+            tracing::warn!(key = %object.key, ?outcome, "reading the shared tier's copy failed; fetching from the upstream");
+            return Err(None);
+        }
+    };
+    if spooled.sha256.as_deref() != Some(expected.as_str()) {
+        tx.send_replace(FlightState::Connecting);
+        tracing::error!(
+            key = %object.key, %expected, actual = spooled.sha256.as_deref().unwrap_or(""),
+            "the shared tier's copy does not match the index checksum; not served, removed, fetching from the upstream"
+        );
+        shared.remove(expected).await;
+        return Err(None);
+    }
     commit(store, object, &spooled).await;
     Ok(FlightState::Complete {
         spool: spooled.file,
         len: spooled.len,
+        origin: Origin::Shared,
     })
 }
 
-/// The upstream's 200 answer, its body still to come.
+/// Hand a verified, committed upstream body to the shared tier, in the background,
+/// from its file in the disk tier (the spool file goes when the readers are done).
+fn upload(store: &Store, spooled: &Spooled, lease: Option<Lease>) {
+    let (Some(shared), Some(sha256)) = (&store.shared, &spooled.sha256) else {
+        return;
+    };
+    let Some(file) = super::usage::content_path(store.disk.dir(), sha256) else {
+        return;
+    };
+    shared.upload_in_background(sha256.clone(), file, spooled.len, lease);
+}
+
+/// The upstream's (or the shared tier's) 200 answer, its body still to come.
 struct Head {
     /// The URL that answered.
     url: String,
-    body: Incoming,
+    body: GatewayBody,
     len: Option<u64>,
     /// Whether the body's end can be told from a cut (see [`body_is_delimited`]).
     delimited: bool,
+    /// Longest pause between two chunks of the body.
+    idle: Duration,
+    origin: Origin,
 }
 
 /// Send the request and check the answer: anything but 200 is handed on as
@@ -285,8 +389,10 @@ async fn head(store: &Store, object: &Object) -> Result<Head, Outcome> {
     Ok(Head {
         url,
         delimited: body_is_delimited(&resp),
-        body: resp.into_body(),
+        body: body::incoming(resp.into_body()),
         len,
+        idle: store.upstream.timeouts().idle_read,
+        origin: Origin::Upstream,
     })
 }
 
@@ -339,9 +445,10 @@ async fn spool(
         mut body,
         len,
         delimited,
+        idle,
+        origin,
         ..
     } = head;
-    let idle = store.upstream.timeouts().idle_read;
     let limit = len.unwrap_or(store.limits.archive_max);
     let spool = tempfile::NamedTempFile::new_in(&store.spool_dir)
         .map_err(|e| broken(format!("cannot create spool file: {e}")))?;
@@ -361,6 +468,7 @@ async fn spool(
         spool: path.clone(),
         len,
         written: 0,
+        origin,
     });
 
     let mut written: u64 = 0;
@@ -414,8 +522,11 @@ async fn spool(
 /// end. One chunk is waited for, then whatever else has already arrived is taken,
 /// up to a batch: one spool write per batch instead of per 16 KiB frame, without
 /// ever waiting for more (the first bytes still go out at once).
-async fn next_batch(body: &mut Incoming, idle: Duration) -> Result<Option<(Bytes, bool)>, String> {
-    let Some(first) = next_chunk(body, idle).await.map_err(|e| e.to_string())? else {
+async fn next_batch(
+    body: &mut GatewayBody,
+    idle: Duration,
+) -> Result<Option<(Bytes, bool)>, String> {
+    let Some(first) = next_chunk(body, idle).await? else {
         return Ok(None);
     };
     let mut batch = BytesMut::from(&first[..]);
@@ -427,11 +538,29 @@ async fn next_batch(body: &mut Incoming, idle: Duration) -> Result<Option<(Bytes
                 }
             }
             Some(None) => return Ok(Some((batch.freeze(), true))),
-            Some(Some(Err(e))) => return Err(format!("upstream body broke off: {e}")),
+            Some(Some(Err(e))) => return Err(format!("body broke off: {e}")),
             None => break,
         }
     }
     Ok(Some((batch.freeze(), false)))
+}
+
+/// The next data chunk of `body`, waiting at most `idle` for it; trailers are skipped.
+async fn next_chunk(body: &mut GatewayBody, idle: Duration) -> Result<Option<Bytes>, String> {
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| format!("sent nothing for {idle:?}"))?;
+        match frame {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(format!("body broke off: {e}")),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
 }
 
 /// Check the body against the sha256 the index gives for it. A mismatch is logged
@@ -468,10 +597,10 @@ fn verify(store: &Store, object: &Object, spooled: &Spooled) -> Result<(), Outco
 /// Keep a verified body: the spool file goes into the disk tier under the digest
 /// [`spool`] computed (nothing is read or hashed again), a small body into the
 /// memory tier too. A store failure is only logged: the clients have their bytes,
-/// and a later request fetches again.
-async fn commit(store: &Store, object: &Object, spooled: &Spooled) {
+/// and a later request fetches again. Whether the disk tier has it now.
+async fn commit(store: &Store, object: &Object, spooled: &Spooled) -> bool {
     let Some(sha256) = &spooled.sha256 else {
-        return;
+        return false;
     };
     let committed = store
         .disk
@@ -479,7 +608,7 @@ async fn commit(store: &Store, object: &Object, spooled: &Spooled) {
         .await;
     if let Err(e) = committed {
         tracing::warn!(key = %object.key, error = %e, "store commit failed; served without caching");
-        return;
+        return false;
     }
     if let Some(bytes) = &spooled.hot {
         let hot = Hot {
@@ -488,15 +617,28 @@ async fn commit(store: &Store, object: &Object, spooled: &Spooled) {
         };
         store.memory.insert(object.key.clone(), hot).await;
     }
+    true
 }
 
 /// Say how the fetch ended in the log, and remember an upstream 404.
 fn report(store: &Store, object: &Object, end: &FlightState, started: Instant) {
     match end {
-        FlightState::Complete { len, .. } => tracing::info!(
+        FlightState::Complete {
+            len,
+            origin: Origin::Upstream,
+            ..
+        } => tracing::info!(
             key = %object.key, bytes = len, ms = started.elapsed().as_millis() as u64,
             stored = object.trust != Trust::Unverified,
             "fetched from upstream"
+        ),
+        FlightState::Complete {
+            len,
+            origin: Origin::Shared,
+            ..
+        } => tracing::info!(
+            key = %object.key, bytes = len, ms = started.elapsed().as_millis() as u64,
+            "fetched from the shared tier"
         ),
         FlightState::Ended(Outcome::Broken(reason)) => tracing::warn!(
             key = %object.key, %reason, "upstream transfer failed; nothing stored"
@@ -527,7 +669,7 @@ async fn follow(
 ) -> std::io::Result<GatewayBody> {
     let file = tokio::fs::File::open(&*spool).await?;
     let reader = Follower {
-        _spool: spool,
+        spool,
         file,
         pos: 0,
         rx,
@@ -545,7 +687,7 @@ async fn follow(
 
 struct Follower {
     /// Keeps the spool file alive while this reader needs it.
-    _spool: Arc<TempPath>,
+    spool: Arc<TempPath>,
     file: tokio::fs::File,
     pos: u64,
     rx: watch::Receiver<FlightState>,
@@ -555,6 +697,16 @@ impl Follower {
     async fn next(&mut self) -> Result<Option<Bytes>, BoxError> {
         loop {
             let (available, done) = match &*self.rx.borrow_and_update() {
+                // The fetch moved to another byte source (a shared copy that failed):
+                // what this reader sent so far may be wrong, so it never ends cleanly.
+                FlightState::Streaming { spool, .. } | FlightState::Complete { spool, .. }
+                    if !Arc::ptr_eq(spool, &self.spool) =>
+                {
+                    return Err("the shared tier's copy failed; transfer aborted".into())
+                }
+                FlightState::Connecting => {
+                    return Err("the shared tier's copy failed; transfer aborted".into())
+                }
                 // The last byte waits for the verdict: a body that fails verification
                 // must end in an abort, never in a clean, complete-looking transfer.
                 FlightState::Streaming { written, len, .. } if Some(*written) == *len => {

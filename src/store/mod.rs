@@ -1,7 +1,9 @@
 //! The cache of immutable objects (archives, wasm assets): memory tier, then disk
-//! tier, then one shared upstream fetch per key, or, for an archive of a source
-//! the gateway hosts, its file ([`local`]). Every answer says where it came from
-//! in `x-cache` (`hit` from the store or a hosted file, `miss` fetched now).
+//! tier, then (for an archive) the tier replicas share in a bucket ([`shared`]),
+//! then one shared upstream fetch per key, or, for an archive of a source the
+//! gateway hosts, its file ([`local`]). Every answer says where it came from in
+//! `x-cache` (`hit` from the store, the shared tier or a hosted file, `miss`
+//! fetched now).
 
 pub mod ahead;
 pub mod disk;
@@ -12,6 +14,7 @@ pub mod memory;
 pub mod not_found;
 pub mod object;
 pub mod quarantine;
+pub mod shared;
 pub mod usage;
 
 use std::path::{Path, PathBuf};
@@ -25,11 +28,12 @@ use crate::config::StoreSettings;
 use crate::ops::metrics::{StoreCounters, Tier};
 use crate::upstream::Upstream;
 use disk::{Disk, Entry};
-use flight::{Answer, Flight, Flights, Outcome};
+use flight::{Answer, Flight, Flights, Origin, Outcome};
 use memory::{Hot, Memory};
 use not_found::NotFound;
 pub use object::{Object, Trust};
 use quarantine::{Mismatch, Quarantine};
+use shared::Shared;
 
 /// Store key of the `symbols.zip` kept for offline use (by `export` and `import`).
 pub const SYMBOLS_KEY: &str = "symbols/symbols.zip";
@@ -73,6 +77,8 @@ pub struct Store {
     pub(crate) counters: StoreCounters,
     /// Bytes of distinct content on disk at the last size check (see `eviction`).
     pub(crate) disk_bytes: std::sync::atomic::AtomicU64,
+    /// The tier replicas share, if `[storage.shared]` configures one.
+    shared: Option<Arc<Shared>>,
 }
 
 impl Store {
@@ -128,6 +134,7 @@ impl Store {
             in_use: usage::InUse::default(),
             counters: StoreCounters::default(),
             disk_bytes: std::sync::atomic::AtomicU64::new(0),
+            shared: None,
         })
     }
 
@@ -143,6 +150,25 @@ impl Store {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory.weighted_size()
+    }
+
+    /// Read from and fill `shared` between the disk tier and the upstream.
+    pub fn share(&mut self, shared: Arc<Shared>) {
+        self.shared = Some(shared);
+    }
+
+    /// The shared tier, if there is one.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    /// Wait for the shared tier's background uploads (a command does before it
+    /// exits); how many there were.
+    pub async fn finish_uploads(&self) -> usize {
+        match &self.shared {
+            Some(shared) => shared.finish_background().await,
+            None => 0,
+        }
     }
 
     /// Count flight joins and evictions in these (registered) counters.
@@ -359,7 +385,22 @@ impl Store {
     /// Answer a client from a fetch: the body as it arrives, or what ended the fetch.
     async fn serve_flight(&self, object: &Object, flight: Flight) -> Response<GatewayBody> {
         let outcome = match flight.answer().await {
-            Answer::Body { len, body } => return object_response(object, len, None, "miss", body),
+            Answer::Body {
+                len,
+                body,
+                origin: Origin::Upstream,
+            } => return object_response(object, len, None, "miss", body),
+            // Another replica fetched it: a hit for the cluster, counted as the
+            // shared tier's bytes.
+            Answer::Body {
+                len,
+                body,
+                origin: Origin::Shared,
+            } => {
+                let mut resp = object_response(object, len, None, "hit", body);
+                resp.extensions_mut().insert(Tier::Shared);
+                return resp;
+            }
             Answer::Unreadable(e) => {
                 return body::text(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -17,7 +17,8 @@
 //!   pinned views), [`offline_bundle`] (`warm`, `export` / `import`, `serve --offline`),
 //!   [`store_admin`] (`cache gc`, `cache verify`, the size bound),
 //!   [`private_sources`] (several sources: credentials, merged `symbols.zip`),
-//!   [`publish`] (local sources: `publish`, `POST /-/publish`), [`ops`] (metrics,
+//!   [`publish`] (local sources: `publish`, `POST /-/publish`), [`shared_tier`]
+//!   (replicas sharing an S3 bucket, against SeaweedFS), [`ops`] (metrics,
 //!   access log, per-job reports),
 //!   [`hostile_git`] and [`hostile`] (hostile clients and hanging upstreams).
 //! - [`ci_snippets`] the CI files in `deploy/` run as GitHub Actions and GitLab CI
@@ -40,6 +41,7 @@ mod private_sources;
 mod proxy_intercept;
 mod publish;
 mod registry_endpoint;
+mod shared_tier;
 mod sources;
 mod store_admin;
 mod upstream_selftest;

@@ -11,6 +11,7 @@ pub mod clients;
 pub mod gateway;
 pub mod registry;
 pub mod scenario;
+pub mod seaweed;
 pub mod server;
 mod tls;
 
