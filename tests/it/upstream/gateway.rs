@@ -348,6 +348,7 @@ fn free_local_addr() -> SocketAddr {
 pub async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut head = Vec::new();
