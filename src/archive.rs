@@ -41,17 +41,15 @@ impl ArchiveKey {
         let raw = raw.strip_suffix(".zip").ok_or(PathError::Shape)?;
         // Percent-decoding only: in a path `+` is a literal plus (semver build metadata).
         let decoded = decode(raw)?;
-        let parts: Vec<&str> = decoded.split('/').collect();
-        if parts.len() < 3 {
-            return Err(PathError::Shape);
-        }
-        let version = parts[parts.len() - 1];
+        // user / module (which may hold `/`) / version: at least three segments.
+        let (rest, version) = decoded.rsplit_once('/').ok_or(PathError::Shape)?;
+        let (user, module) = rest.split_once('/').ok_or(PathError::Shape)?;
         if !is_semver_text(version) {
             return Err(PathError::Version(version.to_string()));
         }
         Ok(ArchiveKey {
-            user: parts[0].to_string(),
-            module: parts[1..parts.len() - 1].join("/"),
+            user: user.to_string(),
+            module: module.to_string(),
             version: version.to_string(),
         })
     }

@@ -217,7 +217,9 @@ pub struct IndexSettings {
     /// `moon update` asks for both, one after the other.
     #[serde(with = "humantime_serde")]
     pub refresh_wait: Duration,
-    /// Keep the packs computed for clients, so identical clones share one computation.
+    /// Keep the packs computed for clients, so identical clones share one computation,
+    /// and git's answers to clients (in memory, per state of the refs), so a clone of
+    /// a tip already cloned runs no git at all.
     pub pack_cache: bool,
     /// Longest pause between two chunks of a client's index request body (a
     /// `git-upload-pack` POST); a stalled body gets a 408 and its connection closed.

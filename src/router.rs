@@ -62,11 +62,17 @@ pub enum Route {
 
 /// Classify a request. `path_and_query` is the raw (still percent-encoded) target.
 pub fn classify(method: &Method, path_and_query: &str, has_credentials: bool) -> Route {
-    // `MOONCAKES_REGISTRY=http://gw/` makes moon ask for `//git/index/...`.
-    let target = format!("/{}", path_and_query.trim_start_matches('/'));
+    // `MOONCAKES_REGISTRY=http://gw/` makes moon ask for `//git/index/...`; a
+    // target with one leading slash (every other one) is used as it is.
+    let trimmed = path_and_query.trim_start_matches('/');
+    let target: std::borrow::Cow<'_, str> = if path_and_query.len() == trimmed.len() + 1 {
+        path_and_query.into()
+    } else {
+        format!("/{trimmed}").into()
+    };
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
-        None => (target.as_str(), None),
+        None => (target.as_ref(), None),
     };
     let read = matches!(*method, Method::GET | Method::HEAD);
     if let Some(rest) = path.strip_prefix("/git/index/") {
@@ -167,9 +173,12 @@ pub async fn route(
     door: Door,
     client: Option<Client>,
 ) -> Response<GatewayBody> {
-    let target = path_and_query(&req);
+    // The target borrowed from a copy of the URI (shared bytes, nothing copied),
+    // since the request itself moves on to the handler.
+    let uri = req.uri().clone();
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
     // `/job/<id>/` and `/at/<time>/` prefixes, in either order: data on the request.
-    let prefixes = job_prefix(&target).and_then(|(job, rest)| {
+    let prefixes = job_prefix(target).and_then(|(job, rest)| {
         let (at, rest) = pinned(rest)?;
         match job {
             Some(job) => Ok((Some(job), at, rest)),
@@ -194,7 +203,13 @@ pub async fn route(
     }
     let name = route.name();
     let view = View { at, target };
-    let mut resp = dispatch(app, route, req, door.source(), client, view).await;
+    let head = req.method() == Method::HEAD;
+    let mut resp = match memory_hit(app, &route, head).await {
+        Some(hit) => hit,
+        // Boxed: hyper keeps each connection's request future allocated for the
+        // connection's life, so what only other requests need is not part of it.
+        None => Box::pin(dispatch(app, route, req, door.source(), client, view)).await,
+    };
     // For the access log, metrics and job counters, counted by the doors when the
     // response ends.
     resp.extensions_mut().insert(name);
@@ -202,6 +217,20 @@ pub async fn route(
         resp.extensions_mut().insert(job);
     }
     resp
+}
+
+/// The hot path: an archive the memory tier holds, that the index vouches for
+/// (its sha256), with nothing remembered against it. No object, no URLs, no
+/// refresh: one index read and one memory-tier lookup. `None` for anything else.
+async fn memory_hit(app: &Services, route: &Route, head: bool) -> Option<Response<GatewayBody>> {
+    let Route::Archive(key) = route else {
+        return None;
+    };
+    app.store
+        .memory_hit(&key.store_key(), head, |sha256| {
+            app.index.vouches(key, sha256)
+        })
+        .await
 }
 
 /// Split `/job/<id>/rest` into the job and `/rest`; other targets are returned whole.
@@ -289,10 +318,11 @@ async fn dispatch(
         },
         Route::Publish { source } => crate::publish::handle(app, req, source.as_deref()).await,
         Route::Archive(key) => {
+            let store_key = key.store_key();
             // Before the index is asked (which may refresh it): a recent 404 answers.
             if let Some(resp) = app
                 .store
-                .remembered_not_found(&key.store_key(), app.index.lists(&key))
+                .remembered_not_found(&store_key, app.index.lists(&key))
             {
                 return resp;
             }
@@ -609,15 +639,6 @@ fn prefetch_closure(app: &Services, key: &ArchiveKey) {
         let store = app.store.clone();
         tokio::spawn(async move { store.prefetch(object).await });
     }
-}
-
-/// The request target as the client sent it (still percent-encoded).
-pub fn path_and_query<B>(req: &Request<B>) -> String {
-    req.uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string()
 }
 
 #[cfg(test)]

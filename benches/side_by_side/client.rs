@@ -72,6 +72,8 @@ impl IdleConnection {
     /// Connect, GET `path` once, read the whole answer, keep the socket.
     pub async fn open(addr: SocketAddr, path: &str) -> std::io::Result<IdleConnection> {
         let stream = TcpStream::connect(addr).await?;
+        // As every other client and server here: no Nagle delay on small writes.
+        stream.set_nodelay(true)?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: bench\r\n\r\n");
         let mut conn = IdleConnection { stream, request };
         conn.request_once().await?;

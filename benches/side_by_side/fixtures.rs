@@ -99,7 +99,8 @@ pub fn publish(registry: &Registry, runs: usize, huge: bool) -> Fixtures {
     }
 }
 
-/// `bench/app` -> 4 modules -> 2 leaves each: 12 transitive dependencies.
+/// `bench/app` -> 4 modules -> 2 leaves each: 12 transitive dependencies (and one
+/// leaf has a later version that none of them requires).
 fn module_tree(registry: &Registry) -> (Published, usize) {
     let mut mids = Vec::new();
     for m in 0..4 {
@@ -114,6 +115,9 @@ fn module_tree(registry: &Registry) -> (Published, usize) {
         registry.publish(&name, "0.2.0", &deps);
         mids.push(name);
     }
+    // A newer version nothing requires: moon's minimal version selection never asks
+    // for it, so neither may the gateway's prefetch.
+    registry.publish("bench/leaf0x0", "0.1.1", &[]);
     let deps: Vec<(&str, &str)> = mids.iter().map(|m| (m.as_str(), "0.2.0")).collect();
     (registry.publish("bench/app", "1.0.0", &deps), 12)
 }

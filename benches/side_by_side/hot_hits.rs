@@ -1,6 +1,7 @@
 //! Scenario 1 (and issue 3): hot archive hits under 64 concurrent connections, the
 //! gateway (memory tier) against nginx serving the same files statically and nginx
-//! `proxy_cache` in front of the same upstream, warm.
+//! `proxy_cache` in front of the same upstream, warm (and, with `BENCH_BASELINE_BIN`,
+//! another build of the gateway).
 
 use crate::side_by_side::peers::{Nginx, Role};
 use crate::side_by_side::report::{Better, Row};
@@ -20,11 +21,20 @@ pub async fn run(b: &mut Bench) {
         upstream: b.upstream.addr,
         ca_pem: &b.upstream.ca_pem,
     });
-    let servers = [
+    let baseline = match instances::baseline() {
+        Some(bin) => {
+            Some(instances::start_build(&b.upstream, instances::BASE_CONFIG, Some(&bin), &[]).await)
+        }
+        None => None,
+    };
+    let mut servers = vec![
         ("gateway", gw.url(), "hit"),
         ("nginx static", statics.url(), "static"),
         ("nginx proxy_cache", proxy.url(), "hit"),
     ];
+    if let Some(before) = &baseline {
+        servers.push(("gateway before (BENCH_BASELINE_BIN)", before.url(), "hit"));
+    }
     for (label, archive) in &b.fixtures.hot.clone() {
         let path = archive.url_path();
         // Warm every server, then check each answers from its cache with the right bytes.
@@ -60,7 +70,7 @@ pub async fn run(b: &mut Bench) {
             }
         }
         let scenario = format!("hot hit {label}, {CONNECTIONS} conns");
-        for (peer, name) in [(1, servers[1].0), (2, servers[2].0)] {
+        for (peer, name) in servers.iter().enumerate().skip(1).map(|(i, s)| (i, s.0)) {
             let metrics: [(&str, &'static str, Better, Metric); 3] = [
                 ("req/s", "req/s", Better::Higher, |l| l.requests_per_sec),
                 ("p50 latency", "ms", Better::Lower, |l| l.p50_ms),

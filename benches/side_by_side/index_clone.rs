@@ -23,8 +23,11 @@ pub async fn run(b: &mut Bench) {
     std::fs::create_dir_all(&home).expect("git home");
     let expected = b.fixtures.index_files;
     let mut n = 0;
-    let mut clones = |url: &str, count: usize| -> f64 {
+    // Each run's wall time, and the CPU the serving gateway (with its git
+    // children) spent per clone; the direct upstream is this process, not measured.
+    let mut clones = |url: &str, pid: Option<u32>, count: usize| -> (f64, f64) {
         n += 1;
+        let cpu_before = pid.map_or(0.0, instances::cpu_ms);
         let dirs: Vec<_> = (0..count)
             .map(|i| work.path().join(format!("run{n}-{i}")))
             .collect();
@@ -42,6 +45,7 @@ pub async fn run(b: &mut Bench) {
             );
         }
         let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let cpu = pid.map_or(0.0, |p| (instances::cpu_ms(p) - cpu_before) / count as f64);
         for dir in &dirs {
             let files = count_index_files(&dir.join("user"));
             assert!(
@@ -50,19 +54,29 @@ pub async fn run(b: &mut Bench) {
             );
             std::fs::remove_dir_all(dir).expect("remove clone");
         }
-        ms
+        (ms, cpu)
     };
+    let (gw_pid, plain_pid) = (Some(gw.pid()), Some(plain.pid()));
     for count in [1, 16] {
         let (mut g, mut d, mut u) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut g_cpu, mut u_cpu) = (Vec::new(), Vec::new());
         for round in 0..b.rounds {
-            if round % 2 == 0 {
-                g.push(clones(&through, count));
-                d.push(clones(&direct, count));
-                u.push(clones(&uncached, count));
-            } else {
-                u.push(clones(&uncached, count));
-                d.push(clones(&direct, count));
-                g.push(clones(&through, count));
+            // Alternate the order, so no side always runs first.
+            let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+            for side in order {
+                match side {
+                    0 => {
+                        let (ms, cpu) = clones(&through, gw_pid, count);
+                        g.push(ms);
+                        g_cpu.push(cpu);
+                    }
+                    1 => d.push(clones(&direct, None, count).0),
+                    _ => {
+                        let (ms, cpu) = clones(&uncached, plain_pid, count);
+                        u.push(ms);
+                        u_cpu.push(cpu);
+                    }
+                }
             }
         }
         b.rows.push(Row {
@@ -85,6 +99,15 @@ pub async fn run(b: &mut Bench) {
             better: Better::Lower,
             gateway: g,
             peer: u,
+            peer_name: "same gateway, pack_cache = false".into(),
+        });
+        b.rows.push(Row {
+            scenario: "index clone --depth 1, server CPU per clone (gateway + git)".into(),
+            metric: format!("{count} concurrent"),
+            unit: "ms",
+            better: Better::Lower,
+            gateway: g_cpu,
+            peer: u_cpu,
             peer_name: "same gateway, pack_cache = false".into(),
         });
     }

@@ -72,6 +72,36 @@ pub async fn run(b: &mut Bench) {
     let nginx = Nginx::start(Role::Static { root: root.path() });
     let (n_rest, n_idle, n_alive) = idle(&nginx.pids(), nginx.addr, &path).await;
     drop(nginx);
+    if let Some(bin) = instances::baseline() {
+        let before =
+            instances::start_build(&b.upstream, instances::BASE_CONFIG, Some(&bin), &[]).await;
+        let out = b.curl(&["-f", "-o", "/dev/null", &format!("{}{path}", before.url())]);
+        assert!(out.status.success(), "priming the baseline gateway failed");
+        let (rest, with_idle, alive) = idle(&[before.pid()], before.gateway.addr, &path).await;
+        drop(before);
+        b.rows.push(Row {
+            scenario: format!("{IDLE_CONNECTIONS} idle keep-alive connections, RSS growth"),
+            metric: "per connection".into(),
+            unit: "KiB",
+            better: Better::Lower,
+            gateway: vec![(g_idle - g_rest) * 1024.0 / IDLE_CONNECTIONS as f64],
+            peer: vec![(with_idle - rest) * 1024.0 / IDLE_CONNECTIONS as f64],
+            peer_name: "gateway before (BENCH_BASELINE_BIN)".into(),
+        });
+        b.notes.push(format!(
+            "{IDLE_CONNECTIONS} idle connections, gateway before: {rest:.1} -> {with_idle:.1} MiB, \
+             {alive} still answering"
+        ));
+    }
+    b.rows.push(Row {
+        scenario: format!("{IDLE_CONNECTIONS} idle keep-alive connections, RSS growth"),
+        metric: "per connection".into(),
+        unit: "KiB",
+        better: Better::Lower,
+        gateway: vec![(g_idle - g_rest) * 1024.0 / IDLE_CONNECTIONS as f64],
+        peer: vec![(n_idle - n_rest) * 1024.0 / IDLE_CONNECTIONS as f64],
+        peer_name: "nginx static (master+workers)".into(),
+    });
     b.rows.push(Row {
         scenario: format!("{IDLE_CONNECTIONS} idle keep-alive connections"),
         metric: "RSS".into(),

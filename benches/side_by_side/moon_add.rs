@@ -1,80 +1,253 @@
-//! Issue 4's prefetch measurement: a cold `moon add` (the real client, fresh
-//! MOON_HOME, fresh gateway data dir every run) of a module with 12 transitive
-//! dependencies, through an upstream that adds 50 ms to every response, with the
-//! gateway's dependency prefetch on (the default) against `prefetch = false`.
+//! Cold `moon add` (the real client, fresh MOON_HOME, fresh gateway data dir every
+//! run) of a module with a dozen transitive dependencies, through an upstream that
+//! adds a delay to every response:
+//! - issue 4: the gateway's dependency prefetch on (the default) against
+//!   `prefetch = false`, in time and in upstream archive requests (prefetch follows
+//!   moon's minimal version selection, so it must fetch exactly what moon asks for);
+//! - issue 16: a cold CI job, `moonbit-registry warm --from moon.mod.json` and then
+//!   `moon add` through the gateway, against `moon add` straight from the upstream.
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::side_by_side::report::{Better, Row};
 use crate::side_by_side::{instances, Bench};
 use crate::upstream::scenario::{moon, moon_bin, ok};
-use crate::upstream::Fault;
+use crate::upstream::{admin, Fault};
 
 const UPSTREAM_DELAY: Duration = Duration::from_millis(50);
+/// The cold CI job's upstream: 100 ms more per response, like a distant registry.
+const JOB_DELAY: Duration = Duration::from_millis(100);
 
 pub async fn run(b: &mut Bench) {
     let Some(bin) = moon_bin() else {
-        let msg = "SKIPPED moon add scenario: set MOON_BIN to the moon client".to_string();
+        let msg = "SKIPPED moon add scenarios: set MOON_BIN to the moon client".to_string();
         eprintln!("{msg}");
         b.notes.push(msg);
         return;
     };
+    prefetch(b, &bin).await;
+    cold_job(b, &bin).await;
+}
+
+async fn prefetch(b: &mut Bench, bin: &Path) {
     let (mut on, mut off) = (Vec::new(), Vec::new());
+    let (mut gets_on, mut gets_off) = (Vec::new(), Vec::new());
     for round in 0..b.rounds {
         for k in 0..2 {
             let prefetch = (k + round) % 2 == 0;
-            let ms = cold_add(b, &bin, prefetch, round).await;
+            let (ms, gets) = cold_add(b, bin, prefetch, round).await;
             if prefetch {
                 on.push(ms);
+                gets_on.push(gets as f64);
             } else {
                 off.push(ms);
+                gets_off.push(gets as f64);
             }
         }
     }
+    let scenario = format!(
+        "cold moon add, {} transitive deps, upstream +50 ms/response",
+        b.fixtures.app_deps
+    );
+    let peer_name = "same gateway, prefetch = false".to_string();
     b.rows.push(Row {
-        scenario: format!(
-            "cold moon add, {} transitive deps, upstream +50 ms/response",
-            b.fixtures.app_deps
-        ),
+        scenario: scenario.clone(),
         metric: "moon add".into(),
         unit: "ms",
         better: Better::Lower,
         gateway: on,
         peer: off,
-        peer_name: "same gateway, prefetch = false".into(),
+        peer_name: peer_name.clone(),
+    });
+    b.rows.push(Row {
+        scenario,
+        metric: "upstream archive requests".into(),
+        unit: "count",
+        better: Better::Lower,
+        gateway: gets_on,
+        peer: gets_off,
+        peer_name,
     });
 }
 
-async fn cold_add(b: &Bench, bin: &Path, prefetch: bool, round: usize) -> f64 {
+/// One cold `moon add` through a fresh gateway: (milliseconds, archive requests
+/// the upstream saw until the gateway's background fetches had settled).
+async fn cold_add(b: &Bench, bin: &Path, prefetch: bool, round: usize) -> (f64, usize) {
     // A top-level key: it must come before the `[index]` table.
     let config = format!("prefetch = {prefetch}\n{}", instances::BASE_CONFIG);
     let gw = instances::start(&b.upstream, &config).await;
     let work = tempfile::tempdir().expect("moon work dir");
     let home = work.path().join("moon-home");
-    let cwd = work.path().join("work");
-    std::fs::create_dir_all(&cwd).expect("moon cwd");
-    let url = gw.url();
-    ok(
-        &moon(
-            bin,
-            &home,
-            &cwd,
-            &url,
-            &["new", "proj", "--user", "bencher"],
-        ),
-        "moon new",
-    );
-    let proj = cwd.join("proj");
+    let proj = new_project(bin, &home, work.path(), &gw.url());
+    let before = archive_gets(b);
     b.upstream.set_fault(Fault::DelayEach(UPSTREAM_DELAY));
     let started = Instant::now();
-    let out = moon(bin, &home, &proj, &url, &["add", &b.fixtures.app.name]);
+    let out = moon(bin, &home, &proj, &gw.url(), &["add", &b.fixtures.app.name]);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    b.upstream.set_fault(Fault::None);
     ok(
         &out,
         &format!("moon add (round {round}, prefetch {prefetch})"),
     );
+    // Prefetches still running would be counted late: let them finish.
+    tokio::time::sleep(UPSTREAM_DELAY * 4).await;
+    b.upstream.set_fault(Fault::None);
+    assert_unpacked(b, &proj);
+    (ms, archive_gets(b) - before)
+}
+
+/// The cold CI job of issue 16, against the same `moon add` made straight to the
+/// upstream (over TLS), interleaved.
+async fn cold_job(b: &mut Bench, bin: &Path) {
+    let (mut job, mut direct, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..b.rounds {
+        for k in 0..2 {
+            if (k + round) % 2 == 0 {
+                let (warm_ms, add_ms) = warm_then_add(b, bin).await;
+                warm.push(warm_ms);
+                job.push(warm_ms + add_ms);
+            } else {
+                direct.push(direct_add(b, bin));
+            }
+        }
+    }
+    b.rows.push(Row {
+        scenario: format!(
+            "cold CI job, {} transitive deps, upstream +100 ms/response",
+            b.fixtures.app_deps
+        ),
+        metric: "warm --from moon.mod.json + moon add".into(),
+        unit: "ms",
+        better: Better::Lower,
+        gateway: job,
+        peer: direct,
+        peer_name: "moon add straight from the upstream (TLS)".into(),
+    });
+    b.notes.push(format!(
+        "cold CI job: warm --from moon.mod.json took {:.0} ms (median) of the job",
+        median(&mut warm)
+    ));
+}
+
+/// A fresh gateway; `warm --from moon.mod.json` on its data dir, then `moon add`
+/// through it: (warm ms, moon add ms).
+async fn warm_then_add(b: &Bench, bin: &Path) -> (f64, f64) {
+    let gw = instances::start(&b.upstream, instances::BASE_CONFIG).await;
+    let work = tempfile::tempdir().expect("moon work dir");
+    let home = work.path().join("moon-home");
+    let proj = new_project(bin, &home, work.path(), &gw.url());
+    let manifest = work.path().join("moon.mod.json");
+    let (_, version) = b
+        .fixtures
+        .app
+        .key
+        .rsplit_once('/')
+        .expect("user/module/version");
+    std::fs::write(
+        &manifest,
+        format!(
+            "{{\"name\":\"bencher/proj\",\"version\":\"0.1.0\",\"deps\":{{\"{}\":\"{version}\"}}}}",
+            b.fixtures.app.name
+        ),
+    )
+    .expect("write moon.mod.json");
+    b.upstream.set_fault(Fault::DelayEach(JOB_DELAY));
+    let started = Instant::now();
+    let warmed = admin::run(
+        &[
+            "warm",
+            "--from",
+            manifest.to_str().expect("UTF-8 temp path"),
+        ],
+        Some(&gw.gateway.data_dir),
+        Some(&b.upstream),
+    );
+    let warm_ms = started.elapsed().as_secs_f64() * 1000.0;
+    ok(&warmed, "moonbit-registry warm --from moon.mod.json");
+    let started = Instant::now();
+    let out = moon(bin, &home, &proj, &gw.url(), &["add", &b.fixtures.app.name]);
+    let add_ms = started.elapsed().as_secs_f64() * 1000.0;
+    b.upstream.set_fault(Fault::None);
+    ok(&out, "moon add after warm");
+    assert_unpacked(b, &proj);
+    (warm_ms, add_ms)
+}
+
+/// `moon add` with `MOONCAKES_REGISTRY` the upstream itself, trusting its CA.
+fn direct_add(b: &Bench, bin: &Path) -> f64 {
+    let work = tempfile::tempdir().expect("moon work dir");
+    let home = work.path().join("moon-home");
+    let url = b.upstream.url();
+    let proj = new_project(bin, &home, work.path(), &url);
+    b.upstream.set_fault(Fault::DelayEach(JOB_DELAY));
+    let started = Instant::now();
+    let out = trusting(
+        Command::new(bin).args(["add", &b.fixtures.app.name]),
+        b,
+        &home,
+        &proj,
+        &url,
+    )
+    .output()
+    .expect("run moon");
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    b.upstream.set_fault(Fault::None);
+    ok(&out, "moon add straight from the upstream");
+    assert_unpacked(b, &proj);
+    ms
+}
+
+/// moon's environment as `scenario::moon` sets it, plus trust of the test CA.
+fn trusting<'a>(
+    cmd: &'a mut Command,
+    b: &Bench,
+    home: &Path,
+    cwd: &Path,
+    registry: &str,
+) -> &'a mut Command {
+    for var in [
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "SSL_CERT_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(cwd)
+        .env("MOON_HOME", home)
+        .env("MOONCAKES_REGISTRY", registry)
+        .env("SSL_CERT_FILE", &b.upstream.ca_pem)
+        .env("GIT_SSL_CAINFO", &b.upstream.ca_pem)
+        .env("RUST_BACKTRACE", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "init.defaultBranch")
+        .env("GIT_CONFIG_VALUE_0", "main")
+}
+
+/// `moon new proj` in `dir/work` (no registry traffic); the project's directory.
+fn new_project(bin: &Path, home: &Path, dir: &Path, registry: &str) -> std::path::PathBuf {
+    let cwd = dir.join("work");
+    std::fs::create_dir_all(&cwd).expect("moon cwd");
+    ok(
+        &moon(
+            bin,
+            home,
+            &cwd,
+            registry,
+            &["new", "proj", "--user", "bencher"],
+        ),
+        "moon new",
+    );
+    cwd.join("proj")
+}
+
+fn assert_unpacked(b: &Bench, proj: &Path) {
     let fetched = std::fs::read_dir(proj.join(".mooncakes/bench"))
         .map(|d| d.count())
         .unwrap_or(0);
@@ -83,5 +256,13 @@ async fn cold_add(b: &Bench, bin: &Path, prefetch: bool, round: usize) -> f64 {
         b.fixtures.app_deps + 1,
         "moon add did not unpack every module"
     );
-    ms
+}
+
+fn archive_gets(b: &Bench) -> usize {
+    b.upstream.count("GET", "/user/")
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }

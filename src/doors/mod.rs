@@ -242,14 +242,17 @@ impl Doors {
         permit: Arc<OwnedSemaphorePermit>,
     ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
         let started = Instant::now();
-        let (method, target) = (req.method().clone(), req.uri().to_string());
+        let (method, target) = (req.method().clone(), req.uri().clone());
         let proxied = req.method() == Method::CONNECT || req.uri().authority().is_some();
         let host = proxied.then(|| req.uri().host().unwrap_or("-").to_string());
+        // Proxy traffic boxed: the future of this function lives as long as its
+        // connection (hyper keeps it allocated), so it holds only what every
+        // registry request needs.
         let resp = if req.method() == Method::CONNECT {
-            proxy::connect(self.clone(), req, peer, permit).await
+            Box::pin(proxy::connect(self.clone(), req, peer, permit)).await
         } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
             // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
-            proxy::absolute(&self, req, peer).await
+            Box::pin(proxy::absolute(&self, req, peer)).await
         } else {
             match self.endpoint_credentials(req) {
                 Ok(req) => self.route(req, Door::Endpoint, peer).await,
@@ -275,7 +278,7 @@ impl Doors {
         peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
         let started = Instant::now();
-        let (method, target) = (req.method().clone(), req.uri().to_string());
+        let (method, target) = (req.method().clone(), req.uri().clone());
         let host = req
             .uri()
             .host()

@@ -16,6 +16,7 @@
 //! `publish` writes and which is never fetched (offline included, it re-reads its
 //! tip on every advertisement).
 
+pub mod answers;
 pub mod checksums;
 pub mod merge;
 pub mod mirror;
@@ -148,6 +149,7 @@ impl Index {
             backend: serve::Backend {
                 slots: serve::Slots::new(GIT_SLOTS, limits.slots_per_client, serve::SLOT_WAIT),
                 limits,
+                answers: settings.pack_cache.then(answers::Answers::default),
                 pack_cache,
             },
             offline: false,
@@ -465,6 +467,20 @@ impl Index {
     /// Whether some source's index lists `key` now (no refresh).
     pub fn lists(&self, key: &ArchiveKey) -> bool {
         self.lookup(key).is_some()
+    }
+
+    /// Whether the index that provides `key` lists it with this sha256 now (no
+    /// refresh): what a stored copy needs to answer for it. Reads one snapshot and
+    /// copies nothing, for the hot path.
+    pub fn vouches(&self, key: &ArchiveKey, sha256: &str) -> bool {
+        let name = key.name();
+        self.provider(&name).is_some_and(|source| {
+            self.mirrors[source]
+                .snapshot()
+                .checksums
+                .get(&name, &key.version)
+                .is_some_and(|release| release.checksum == sha256)
+        })
     }
 
     fn lookup(&self, key: &ArchiveKey) -> Option<Expectation> {

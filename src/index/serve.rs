@@ -31,6 +31,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::ChildStdout;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::answers::{Answers, Recording};
 use super::pack_cache;
 use crate::body::{self, BoxError, GatewayBody};
 use crate::client::Client;
@@ -182,6 +183,8 @@ pub struct Backend {
     pub slots: Slots,
     pub limits: Limits,
     pub pack_cache: Option<pack_cache::Hook>,
+    /// git's answers kept per state of the refs (with `pack_cache`).
+    pub answers: Option<Answers>,
 }
 
 /// Serve `rest` (`info/refs?...` or `git-upload-pack`) from the bare repo `repo`
@@ -197,6 +200,7 @@ pub async fn upload_pack(
         slots,
         limits,
         pack_cache,
+        answers,
     } = backend;
     let pack_cache = pack_cache.as_ref();
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -217,6 +221,20 @@ pub async fn upload_pack(
         Ok(bytes) => bytes,
         Err(refused) => return refused,
     };
+    // The same question about the same refs: git's answer, replayed (no git slot).
+    let question = match answers {
+        Some(_) => {
+            Answers::question(repo, &parts.method, rest, &parts.headers, &request_body).await
+        }
+        None => None,
+    };
+    if let (Some(answers), Some(question)) = (answers, &question) {
+        if let Some(mut resp) = answers.replay(question) {
+            resp.headers_mut()
+                .insert("x-cache", HeaderValue::from_static("mirror"));
+            return resp;
+        }
+    }
     let git_slot = match slots.for_git().await {
         Ok(slot) => slot,
         Err(refused) => return refused,
@@ -283,7 +301,16 @@ pub async fn upload_pack(
             )
         }
     };
-    let output = CgiOutput { stdout, process };
+    // Recorded as it streams, kept once git has ended well.
+    let recording = answers
+        .clone()
+        .zip(question)
+        .map(|(answers, q)| (answers, Recording::new(q, head.0, head.1.clone())));
+    let output = CgiOutput {
+        stdout,
+        process,
+        recording,
+    };
     let body = stream::unfold(Some(output), |state| async move {
         let mut out = state?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -291,13 +318,23 @@ pub async fn upload_pack(
             // A pack cut short, or a failure git reported after its head, must not
             // look complete to the client: the error aborts the transfer.
             Ok(0) => match out.process.finish().await {
-                Ok(()) => None,
+                Ok(()) => {
+                    if let Some((answers, recording)) = out.recording {
+                        recording.finish(&answers).await;
+                    }
+                    None
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "git failed after its response head; the transfer is aborted");
                     Some((Err(Box::new(e) as BoxError), None))
                 }
             },
-            Ok(_) => Some((Ok(Frame::data(buf.freeze())), Some(out))),
+            Ok(_) => {
+                if let Some((_, recording)) = &mut out.recording {
+                    recording.add(&buf);
+                }
+                Some((Ok(Frame::data(buf.freeze())), Some(out)))
+            }
             Err(e) => Some((Err(Box::new(e) as BoxError), None)),
         }
     });
@@ -376,6 +413,8 @@ async fn read_body(
 struct CgiOutput {
     stdout: BufReader<ChildStdout>,
     process: git::Process,
+    /// The answer so far, to keep if git ends well.
+    recording: Option<(Answers, Recording)>,
 }
 
 async fn read_cgi_head(

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::{Method, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
@@ -24,7 +24,8 @@ pub struct Access {
     /// `endpoint`, `proxy` or `intercepted`.
     pub door: &'static str,
     pub method: Method,
-    pub target: String,
+    /// The request target as sent (its bytes are shared with the request's).
+    pub target: Uri,
     /// The host an intercepted or proxied request named.
     pub host: Option<String>,
     /// The position (in the config) of the source the door hands the request to;

@@ -611,10 +611,7 @@ async fn commit(store: &Store, object: &Object, spooled: &Spooled) -> bool {
         return false;
     }
     if let Some(bytes) = &spooled.hot {
-        let hot = Hot {
-            bytes: bytes.clone(),
-            sha256: sha256.clone(),
-        };
+        let hot = Hot::new(bytes.clone(), sha256.clone(), object.content_type);
         store.memory.insert(object.key.clone(), hot).await;
     }
     true

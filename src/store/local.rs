@@ -73,10 +73,7 @@ pub(super) async fn respond(
     if store.memory.fits(size) {
         return match read_small(file, size).await {
             Ok((bytes, sha256)) if sha256 == *expected => {
-                let hot = Hot {
-                    bytes: bytes.clone(),
-                    sha256,
-                };
+                let hot = Hot::new(bytes.clone(), sha256, object.content_type);
                 store.memory.insert(object.key.clone(), hot).await;
                 object_response(object, Some(size), Some(expected), "hit", body::full(bytes))
             }

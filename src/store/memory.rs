@@ -1,19 +1,74 @@
 //! The memory tier: a moka cache of small, hot objects, weighted by their size in
-//! bytes so the configured budget is a real bound.
+//! bytes so the configured budget is a real bound. Each entry is shared (`Arc`):
+//! a hit clones a pointer, and answers with the body as shared `Bytes` and the
+//! response head prepared when the entry was made, so a hot hit formats nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
 use moka::future::Cache;
 
 /// What the memory tier keeps for one object.
-#[derive(Clone)]
 pub struct Hot {
     pub bytes: Bytes,
     pub sha256: String,
+    /// The head every answer from this entry carries: content type, length, ETag
+    /// and `x-cache: hit`, built once.
+    head: HeaderMap,
+    /// When the content file's last use was last recorded (seconds on [`clock`]),
+    /// so a hit checks one atomic instead of a table of paths.
+    touched: AtomicU64,
+}
+
+impl Hot {
+    pub fn new(bytes: Bytes, sha256: String, content_type: &'static str) -> Hot {
+        let mut head = HeaderMap::with_capacity(4);
+        head.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        head.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{sha256}\"")) {
+            head.insert(header::ETAG, etag);
+        }
+        head.insert("x-cache", HeaderValue::from_static("hit"));
+        Hot {
+            bytes,
+            sha256,
+            head,
+            touched: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The prepared response head (a copy: header values are shared, not re-encoded).
+    pub fn head(&self) -> HeaderMap {
+        self.head.clone()
+    }
+
+    /// Whether this hit should record the content's last use on disk: at most once
+    /// every `every` per entry (the first hit always does).
+    pub fn due_for_touch(&self, every: Duration) -> bool {
+        let now = clock();
+        let last = self.touched.load(Ordering::Relaxed);
+        if last != u64::MAX && now.saturating_sub(last) < every.as_secs() {
+            return false;
+        }
+        // One of the hits racing here records it.
+        self.touched
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+/// Seconds since the first call in this process: a cheap, monotonic clock.
+fn clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
 }
 
 #[derive(Clone)]
 pub struct Memory {
-    cache: Cache<String, Hot>,
+    cache: Cache<String, Arc<Hot>>,
     item_max: u64,
 }
 
@@ -21,7 +76,7 @@ impl Memory {
     pub fn new(budget: u64, item_max: u64) -> Memory {
         let cache = Cache::builder()
             .max_capacity(budget)
-            .weigher(|key: &String, hot: &Hot| {
+            .weigher(|key: &String, hot: &Arc<Hot>| {
                 let weight = key.len() + hot.sha256.len() + hot.bytes.len();
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
@@ -42,13 +97,43 @@ impl Memory {
         self.cache.weighted_size()
     }
 
-    pub async fn get(&self, key: &str) -> Option<Hot> {
+    pub async fn get(&self, key: &str) -> Option<Arc<Hot>> {
         self.cache.get(key).await
     }
 
     pub async fn insert(&self, key: String, hot: Hot) {
         if self.fits(hot.bytes.len() as u64) {
-            self.cache.insert(key, hot).await;
+            self.cache.insert(key, Arc::new(hot)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prepared_head_is_the_object_response_head() {
+        let hot = Hot::new(
+            Bytes::from_static(b"zip"),
+            "ab".repeat(32),
+            "application/zip",
+        );
+        let head = hot.head();
+        assert_eq!(head[header::CONTENT_TYPE], "application/zip");
+        assert_eq!(head[header::CONTENT_LENGTH], "3");
+        assert_eq!(
+            head[header::ETAG],
+            format!("\"{}\"", "ab".repeat(32)).as_str()
+        );
+        assert_eq!(head["x-cache"], "hit");
+    }
+
+    #[test]
+    fn a_hit_records_its_use_once_per_period() {
+        let hot = Hot::new(Bytes::new(), String::new(), "application/zip");
+        assert!(hot.due_for_touch(Duration::from_secs(60)));
+        assert!(!hot.due_for_touch(Duration::from_secs(60)));
+        assert!(hot.due_for_touch(Duration::ZERO));
     }
 }

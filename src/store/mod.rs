@@ -251,19 +251,46 @@ impl Store {
             .await
             .filter(|h| object.accepts(&h.sha256))
         {
-            let len = hot.bytes.len() as u64;
-            usage::touch(self.disk.dir(), &hot.sha256);
-            let body = if head {
-                body::empty()
-            } else {
-                body::full(hot.bytes)
-            };
-            let mut resp = object_response(object, Some(len), Some(&hot.sha256), "hit", body);
-            // For `served_bytes_total{tier="memory"}`: other hits are the disk's.
-            resp.extensions_mut().insert(Tier::Memory);
-            return Some(resp);
+            return Some(self.answer_hot(&hot, head));
         }
         self.serve_stored(object, head).await
+    }
+
+    /// The hot path: answer `key` from the memory tier if it holds a copy that
+    /// `vouched` accepts (the index's checksum), and nothing is remembered against
+    /// the key (a recent upstream 404, a bad upstream copy), which the full path in
+    /// [`Store::respond`] weighs instead. `None` sends the request down that path.
+    pub async fn memory_hit(
+        &self,
+        key: &str,
+        head: bool,
+        vouched: impl FnOnce(&str) -> bool,
+    ) -> Option<Response<GatewayBody>> {
+        if self.not_found.holds(key) || self.quarantine.holds(key) {
+            return None;
+        }
+        let hot = self.memory.get(key).await?;
+        if !vouched(&hot.sha256) {
+            return None;
+        }
+        Some(self.answer_hot(&hot, head))
+    }
+
+    /// A memory-tier entry as a response: its prepared head, its shared bytes.
+    fn answer_hot(&self, hot: &Hot, head: bool) -> Response<GatewayBody> {
+        if hot.due_for_touch(usage::TOUCH_EVERY) {
+            usage::touch_now(self.disk.dir(), &hot.sha256);
+        }
+        let body = if head {
+            body::empty()
+        } else {
+            body::full(hot.bytes.clone())
+        };
+        let mut resp = Response::new(body);
+        *resp.headers_mut() = hot.head();
+        // For `served_bytes_total{tier="memory"}`: other hits are the disk's.
+        resp.extensions_mut().insert(Tier::Memory);
+        resp
     }
 
     /// Fetch `object` into the store in the background unless it is there already;
@@ -329,10 +356,7 @@ impl Store {
         let body = if self.memory.fits(entry.size) {
             match self.disk.read(&entry).await {
                 Ok(bytes) => {
-                    let hot = Hot {
-                        bytes: bytes.clone(),
-                        sha256: sha.clone(),
-                    };
+                    let hot = Hot::new(bytes.clone(), sha.clone(), object.content_type);
                     self.memory.insert(object.key.clone(), hot).await;
                     body::full(bytes)
                 }

@@ -51,6 +51,13 @@ impl NotFound {
         );
     }
 
+    /// Whether anything, current or not, is kept about `key`: cheap when nothing
+    /// is kept at all, which is what every hot hit asks.
+    pub fn holds(&self, key: &str) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        !entries.is_empty() && entries.contains_key(key)
+    }
+
     /// Whether a 404 for `key` is still current, given whether the index lists it now.
     pub fn remembered(&self, key: &str, listed_now: bool) -> bool {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());

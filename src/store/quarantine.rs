@@ -49,6 +49,13 @@ impl Quarantine {
         );
     }
 
+    /// Whether anything, current or not, is kept about `key`: cheap when nothing
+    /// is kept at all, which is what every hot hit asks.
+    pub fn holds(&self, key: &str) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        !entries.is_empty() && entries.contains_key(key)
+    }
+
     /// How long ago the still-current verdict on `key` was reached, if there is one.
     pub fn age(&self, key: &str, refreshes: u64) -> Option<Duration> {
         self.current(key, refreshes, |entry| entry.at.elapsed())

@@ -27,7 +27,7 @@ pub fn content_path(store_dir: &Path, sha256: &str) -> Option<PathBuf> {
 
 /// A content file's last use is recorded at most this often: eviction needs
 /// minutes of precision, and a hot hit must not cost a file-system call each time.
-const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+pub const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Mark the content `sha256` as used now (off the async threads; best effort).
 pub fn touch(store_dir: &Path, sha256: &str) {
@@ -46,6 +46,18 @@ pub fn touch(store_dir: &Path, sha256: &str) {
         return;
     }
     recent.insert(path.clone(), ());
+    record_use(path);
+}
+
+/// Mark the content `sha256` as used now, unthrottled: for callers that already
+/// record uses at most every [`TOUCH_EVERY`] (memory-tier entries do, per entry).
+pub fn touch_now(store_dir: &Path, sha256: &str) {
+    if let Some(path) = content_path(store_dir, sha256) {
+        record_use(path);
+    }
+}
+
+fn record_use(path: PathBuf) {
     tokio::task::spawn_blocking(move || {
         // Read-only open: setting times needs ownership, not write permission.
         let result = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));

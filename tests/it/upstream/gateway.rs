@@ -71,6 +71,8 @@ pub struct Gateway {
     env: Vec<(String, String)>,
     /// Set once a panic message already carries the log.
     log_shown: bool,
+    /// The binary run: the one under test, or another build to compare with.
+    bin: PathBuf,
     /// Holds the log and `$HOME`.
     work: TempDir,
 }
@@ -101,6 +103,30 @@ impl Gateway {
             _owner: Some(Arc::new(owner)),
         };
         Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, env).await
+    }
+
+    /// Like [`Gateway::start`], running the binary `bin` (another build of the
+    /// gateway, e.g. the one before a change, for a benchmark to compare with).
+    #[allow(dead_code)] // the benchmark's; no test runs another build
+    pub async fn start_binary(
+        bin: &Path,
+        upstream_url: &str,
+        ca_pem: &Path,
+        extra_args: &[&str],
+    ) -> Gateway {
+        let owner = tempfile::Builder::new()
+            .prefix("test-gateway-data-")
+            .tempdir()
+            .expect("create temp data dir for the gateway");
+        let data_dir = DataDir {
+            path: owner.path().to_path_buf(),
+            _owner: Some(Arc::new(owner)),
+        };
+        let mut gateway =
+            Gateway::unstarted(work_dir(), data_dir, upstream_url, ca_pem, extra_args, &[]);
+        gateway.bin = bin.to_path_buf();
+        gateway.spawn_and_wait().await;
+        gateway
     }
 
     /// Like [`Gateway::start`] but with an existing data dir (for restart
@@ -149,7 +175,20 @@ impl Gateway {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
-        let mut gateway = Gateway {
+        let mut gateway = Gateway::unstarted(work, data_dir, upstream_url, ca_pem, extra_args, env);
+        gateway.spawn_and_wait().await;
+        gateway
+    }
+
+    fn unstarted(
+        work: TempDir,
+        data_dir: DataDir,
+        upstream_url: &str,
+        ca_pem: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        Gateway {
             addr: free_local_addr(),
             data_dir,
             log_path: work.path().join("gateway.log"),
@@ -162,10 +201,9 @@ impl Gateway {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log_shown: false,
+            bin: PathBuf::from(GATEWAY_BIN),
             work,
-        };
-        gateway.spawn_and_wait().await;
-        gateway
+        }
     }
 
     /// `http://127.0.0.1:PORT` (no trailing slash).
@@ -203,7 +241,7 @@ impl Gateway {
         let home = self.work.path().join("home");
         std::fs::create_dir_all(&home).expect("create gateway home");
 
-        let mut cmd = Command::new(GATEWAY_BIN);
+        let mut cmd = Command::new(&self.bin);
         without_proxies(&mut cmd);
         // Settings from the developer's environment must not reach the binary.
         for (key, _) in std::env::vars_os() {
@@ -237,7 +275,7 @@ impl Gateway {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start gateway {GATEWAY_BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start gateway {}: {e}", self.bin.display()));
         self.child = Some(child);
         self.wait_healthy().await;
     }
@@ -310,6 +348,7 @@ pub fn free_local_addr() -> SocketAddr {
 pub async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut head = Vec::new();
