@@ -51,8 +51,8 @@ const READ_CHUNK: usize = 1 << 20;
 /// A lease body is a few dozen bytes; anything larger is not ours.
 const LEASE_MAX: usize = 4096;
 /// First and longest pause between two looks for another replica's upload.
-const POLL_MIN: Duration = Duration::from_millis(100);
-const POLL_MAX: Duration = Duration::from_millis(500);
+const POLL_MIN: Duration = Duration::from_millis(20);
+const POLL_MAX: Duration = Duration::from_millis(250);
 
 /// A bucket shared by the replicas of one cluster.
 pub struct Shared {
