@@ -61,10 +61,11 @@ pub async fn run(b: &mut Bench) {
                 ),
                 _ => instances::BASE_CONFIG.to_string(),
             };
-            let replicas: Vec<Instance> = join_all(
-                (0..REPLICAS).map(|_| instances::start_with_env(&b.upstream, &toml, &env)),
-            )
-            .await;
+            // One after another: gateways started at once may pick the same free port.
+            let mut replicas: Vec<Instance> = Vec::new();
+            for _ in 0..REPLICAS {
+                replicas.push(instances::start_with_env(&b.upstream, &toml, &env).await);
+            }
             b.upstream.set_fault(Fault::DelayEach(UPSTREAM_DELAY));
             let (slow_ms, _) = fill(&client, b, &replicas, &closure[mode][1]).await;
             b.upstream.set_fault(Fault::None);
