@@ -301,6 +301,10 @@ impl Shared {
     /// else claim its lease and fetch, or, if another replica holds the lease,
     /// wait for its upload (at most `wait`), then fetch anyway.
     pub async fn before_upstream(self: &Arc<Self>, sha256: &str, max: u64) -> Before {
+        // The digest comes from an index line: only a real one names an object.
+        if !is_sha256(sha256) {
+            return Before::Fetch(None);
+        }
         match self.find(sha256, max).await {
             Ok(Some(copy)) => return Before::Found(copy),
             Ok(None) => {}
@@ -667,6 +671,11 @@ impl Drop for Lease {
     }
 }
 
+/// 64 lowercase hex digits.
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The expiry a lease body names, if it is one of ours.
 fn lease_expiry(body: &[u8]) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -700,6 +709,14 @@ mod tests {
         );
         assert_eq!(lease_expiry(b"garbage"), None);
         assert_eq!(lease_expiry(br#"{"replica":"a-1"}"#), None);
+    }
+
+    #[test]
+    fn only_a_real_digest_names_an_object() {
+        assert!(is_sha256(&"ab".repeat(32)));
+        assert!(!is_sha256(&"AB".repeat(32)));
+        assert!(!is_sha256("../../etc/passwd"));
+        assert!(!is_sha256(&"a".repeat(63)));
     }
 
     #[test]
