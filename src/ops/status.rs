@@ -29,6 +29,8 @@ pub struct Status {
     pub memory_bytes: u64,
     pub memory_budget: u64,
     pub disk_bound: Option<u64>,
+    /// The shared tier in a line (its URL and state), if there is one.
+    pub shared: Option<String>,
     pub requests: u64,
     pub archive_hits: u64,
     pub archive_misses: u64,
@@ -112,6 +114,10 @@ th {{ background: #f3f3f3; }}\n.up {{ color: #176f2c; font-weight: bold; }}\n\
         (
             "disk tier bound",
             s.disk_bound.map_or("none".to_string(), bytes),
+        ),
+        (
+            "shared tier",
+            s.shared.clone().unwrap_or_else(|| "none".to_string()),
         ),
     ];
     for (name, value) in rows {

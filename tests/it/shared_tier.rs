@@ -168,6 +168,13 @@ async fn an_archive_fetched_through_one_replica_is_served_by_the_other_without_t
         c.store.keys(&format!("{PREFIX}/lease/")).is_empty(),
         "a lease was left behind"
     );
+    let page = curl(&["-s", &format!("{}/-/", c.b.url())]);
+    let page = String::from_utf8_lossy(&page.stdout);
+    let line = format!("s3://{}/{PREFIX} (up)", c.store.bucket);
+    assert!(
+        page.contains(&line),
+        "the status page does not show {line}:\n{page}"
+    );
 }
 
 #[tokio::test]
