@@ -518,6 +518,16 @@ fn status_page(app: &Services) -> Response<GatewayBody> {
         memory_bytes: app.store.memory_bytes(),
         memory_budget: app.config.storage.memory.as_u64(),
         disk_bound: app.config.storage.max_size.map(|b| b.as_u64()),
+        shared: app.store.shared().map(|shared| {
+            let report = shared.report();
+            let state = report["state"].as_str().unwrap_or("?").to_string();
+            match report["last_error"].as_str() {
+                Some(error) if state != "up" => {
+                    format!("{} ({state}; last error: {error})", shared.url())
+                }
+                _ => format!("{} ({state})", shared.url()),
+            }
+        }),
         requests,
         archive_hits,
         archive_misses,

@@ -53,6 +53,8 @@ pub async fn run(
     let primary = &app.sources[0];
     let started = std::time::Instant::now();
     let summary = warm::fetch_all(&app, &chosen, jobs, "export").await;
+    // What it fetched or found went to the shared tier too, like `warm`'s.
+    app.store.finish_uploads().await;
     summary.print("export", started.elapsed());
     if !summary.failed.is_empty() {
         eprintln!(

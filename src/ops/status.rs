@@ -31,6 +31,8 @@ pub struct Status {
     pub memory_bytes: u64,
     pub memory_budget: u64,
     pub disk_bound: Option<u64>,
+    /// The shared tier in a line (its URL and state), if there is one.
+    pub shared: Option<String>,
     pub requests: u64,
     pub archive_hits: u64,
     pub archive_misses: u64,
@@ -139,6 +141,10 @@ th {{ background: #f3f3f3; }}\n.up {{ color: #176f2c; font-weight: bold; }}\n\
                 Some(bound) => format!("{} of {}", bytes(s.disk_bytes), bytes(bound)),
                 None => format!("{} (no bound)", bytes(s.disk_bytes)),
             },
+        ),
+        (
+            "shared tier",
+            s.shared.clone().unwrap_or_else(|| "none".to_string()),
         ),
     ];
     for (name, value) in rows {

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use super::memory::Hot;
 use super::quarantine::Mismatch;
-use super::shared::{Before, Copy, Lease};
+use super::shared::{Before, Lease, SharedCopy};
 use super::{Object, Store, Trust};
 use crate::body::{self, BoxError, GatewayBody};
 use crate::upstream::{body_is_delimited, collect_limited, content_length};
@@ -304,7 +304,7 @@ async fn from_shared(
         Before::Found(copy) => copy,
         Before::Fetch(lease) => return Err(lease),
     };
-    let Copy { len, body } = copy;
+    let SharedCopy { len, body } = copy;
     let head = Head {
         url: shared.url().to_string(),
         body,

@@ -51,8 +51,8 @@ const READ_CHUNK: usize = 1 << 20;
 /// A lease body is a few dozen bytes; anything larger is not ours.
 const LEASE_MAX: usize = 4096;
 /// First and longest pause between two looks for another replica's upload.
-const POLL_MIN: Duration = Duration::from_millis(100);
-const POLL_MAX: Duration = Duration::from_millis(500);
+const POLL_MIN: Duration = Duration::from_millis(20);
+const POLL_MAX: Duration = Duration::from_millis(250);
 
 /// A bucket shared by the replicas of one cluster.
 pub struct Shared {
@@ -72,7 +72,7 @@ pub struct Shared {
 
 /// A copy found in the shared tier: its size and its body, still to be read
 /// (and verified by the caller).
-pub struct Copy {
+pub struct SharedCopy {
     pub len: u64,
     pub body: GatewayBody,
 }
@@ -80,7 +80,7 @@ pub struct Copy {
 /// What to do before fetching an archive from the upstream.
 pub enum Before {
     /// The shared tier has it: read this instead.
-    Found(Copy),
+    Found(SharedCopy),
     /// Fetch it from the upstream; holding the lease if this replica won it.
     Fetch(Option<Lease>),
 }
@@ -261,13 +261,13 @@ impl Shared {
     /// The copy of `sha256` the tier holds, its body still to come (bounded by
     /// `idle_read` between chunks by the reader); `None` if it holds none, is
     /// unavailable, or holds one larger than `max` bytes.
-    pub async fn get(&self, sha256: &str, max: u64) -> Option<Copy> {
+    pub async fn get(&self, sha256: &str, max: u64) -> Option<SharedCopy> {
         self.find(sha256, max).await.ok().flatten()
     }
 
     /// [`Shared::get`], telling a miss (`Ok(None)`) from a store that could not
     /// be asked (`Err`).
-    async fn find(&self, sha256: &str, max: u64) -> Result<Option<Copy>, Failure> {
+    async fn find(&self, sha256: &str, max: u64) -> Result<Option<SharedCopy>, Failure> {
         let path = self.object_path(sha256);
         let got = match self
             .call(self.settings.first_byte_timeout, self.bucket.get(&path))
@@ -291,7 +291,7 @@ impl Shared {
             .into_stream()
             .map_ok(Frame::data)
             .map_err(|e| Box::new(e) as BoxError);
-        Ok(Some(Copy {
+        Ok(Some(SharedCopy {
             len,
             body: StreamBody::new(chunks).boxed_unsync(),
         }))
@@ -301,6 +301,10 @@ impl Shared {
     /// else claim its lease and fetch, or, if another replica holds the lease,
     /// wait for its upload (at most `wait`), then fetch anyway.
     pub async fn before_upstream(self: &Arc<Self>, sha256: &str, max: u64) -> Before {
+        // The digest comes from an index line: only a real one names an object.
+        if !is_sha256(sha256) {
+            return Before::Fetch(None);
+        }
         match self.find(sha256, max).await {
             Ok(Some(copy)) => return Before::Found(copy),
             Ok(None) => {}
@@ -312,8 +316,8 @@ impl Shared {
         }
         let deadline = tokio::time::Instant::now() + self.settings.wait;
         let mut pause = POLL_MIN;
-        // Expiry of the lease seen last, read at most once per holder.
-        let mut seen: Option<(Bytes, u64)> = None;
+        // Expiry of the lease seen last: read again only once it has passed.
+        let mut seen: Option<u64> = None;
         loop {
             match self.claim(sha256, &mut seen).await {
                 Claim::Won(lease) => {
@@ -347,7 +351,11 @@ impl Shared {
 
     /// Create the lease of `sha256` unless another replica holds a live one; a
     /// lease past its expiry (its replica died mid-fetch) is deleted and retaken.
-    async fn claim(self: &Arc<Self>, sha256: &str, seen: &mut Option<(Bytes, u64)>) -> Claim {
+    ///
+    /// Two replicas that find the same expired lease may both delete it, the second
+    /// deleting the first's new lease (S3 has no conditional delete): both then
+    /// fetch, which costs one extra upstream fetch, only after a replica died.
+    async fn claim(self: &Arc<Self>, sha256: &str, seen: &mut Option<u64>) -> Claim {
         let path = self.lease_path(sha256);
         let now = unix_secs(SystemTime::now());
         let expires = now + self.settings.lease_ttl.as_secs().max(1);
@@ -379,8 +387,8 @@ impl Shared {
                 return Claim::Unavailable;
             }
         }
-        // Held: is it alive? Read its expiry once per lease body seen.
-        if seen.as_ref().is_some_and(|(_, expiry)| *expiry > now) {
+        // Held: is it alive? Its expiry is read once, and again once it has passed.
+        if seen.is_some_and(|expiry| expiry > now) {
             return Claim::Held;
         }
         let Some(current) = self.read_lease(&path).await else {
@@ -388,7 +396,7 @@ impl Shared {
         };
         // A body that is not a lease of ours counts as expired.
         let expiry = lease_expiry(&current).unwrap_or(0);
-        *seen = Some((current, expiry));
+        *seen = Some(expiry);
         if expiry <= now {
             tracing::warn!(
                 sha256,
@@ -663,6 +671,11 @@ impl Drop for Lease {
     }
 }
 
+/// 64 lowercase hex digits.
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The expiry a lease body names, if it is one of ours.
 fn lease_expiry(body: &[u8]) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -696,6 +709,14 @@ mod tests {
         );
         assert_eq!(lease_expiry(b"garbage"), None);
         assert_eq!(lease_expiry(br#"{"replica":"a-1"}"#), None);
+    }
+
+    #[test]
+    fn only_a_real_digest_names_an_object() {
+        assert!(is_sha256(&"ab".repeat(32)));
+        assert!(!is_sha256(&"AB".repeat(32)));
+        assert!(!is_sha256("../../etc/passwd"));
+        assert!(!is_sha256(&"a".repeat(63)));
     }
 
     #[test]

@@ -168,6 +168,13 @@ async fn an_archive_fetched_through_one_replica_is_served_by_the_other_without_t
         c.store.keys(&format!("{PREFIX}/lease/")).is_empty(),
         "a lease was left behind"
     );
+    let page = curl(&["-s", &format!("{}/-/", c.b.url())]);
+    let page = String::from_utf8_lossy(&page.stdout);
+    let line = format!("s3://{}/{PREFIX} (up)", c.store.bucket);
+    assert!(
+        page.contains(&line),
+        "the status page does not show {line}:\n{page}"
+    );
 }
 
 #[tokio::test]
@@ -585,4 +592,78 @@ async fn cache_list_and_verify_look_at_the_shared_tier_and_import_fills_it() {
         admin::stdout(&import)
     );
     c.wait_uploaded(&q);
+}
+
+#[tokio::test]
+async fn a_live_lease_is_waited_for_at_most_wait_and_an_expired_one_is_taken_over() {
+    let test = "a_live_lease_is_waited_for_at_most_wait_and_an_expired_one_is_taken_over";
+    let Some((c, (live, dead))) = cluster_with(test, "wait = \"1s\"\n", "", |r| {
+        (
+            r.publish("alice/live", "1.0.0", &[]),
+            r.publish("alice/dead", "1.0.0", &[]),
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    let lease = |p: &Published, expires: u64| {
+        let body = format!(r#"{{"replica":"gone-1","expires_unix":{expires}}}"#);
+        c.store
+            .put(&format!("{PREFIX}/lease/{}", p.checksum), body.as_bytes());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // A replica holds a live lease and never uploads: a waits `wait`, then fetches.
+    lease(&live, now + 3600);
+    let started = Instant::now();
+    let (done, status, sha, _) = get(&c.a, &live);
+    let took = started.elapsed();
+    assert!(
+        done && status == "200" && sha == live.checksum,
+        "{}",
+        c.a.log()
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "waited {took:?} for a lease with wait = 1s"
+    );
+    assert_eq!(c.archive_gets(&live), 1);
+    assert!(c
+        .a
+        .log()
+        .contains("did not land in the shared tier in time"));
+    c.wait_uploaded(&live);
+
+    // A lease whose replica died long ago is taken over at once.
+    lease(&dead, now - 60);
+    let started = Instant::now();
+    let (done, status, sha, _) = get(&c.b, &dead);
+    assert!(
+        done && status == "200" && sha == dead.checksum,
+        "{}",
+        c.b.log()
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(c.b.log().contains("taking it over"), "{}", c.b.log());
+    c.wait_uploaded(&dead);
+    let started = Instant::now();
+    while c
+        .store
+        .keys(&format!("{PREFIX}/lease/{}", dead.checksum))
+        .len()
+        == 1
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the taken-over lease stayed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
