@@ -100,10 +100,11 @@ fn store_lookup(c: &mut Criterion) {
     let memory = Memory::new(64 << 20, 4 << 20);
     rt.block_on(memory.insert(
         "archive/a/b/1.0.0".into(),
-        Hot {
-            bytes: bytes::Bytes::from(vec![1u8; 64 * 1024]),
-            sha256: "0".repeat(64),
-        },
+        Hot::new(
+            bytes::Bytes::from(vec![1u8; 64 * 1024]),
+            "0".repeat(64),
+            "application/zip",
+        ),
     ));
     g.bench_function("memory tier get", |b| {
         b.to_async(&rt)
