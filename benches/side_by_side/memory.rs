@@ -79,29 +79,21 @@ pub async fn run(b: &mut Bench) {
         assert!(out.status.success(), "priming the baseline gateway failed");
         let (rest, with_idle, alive) = idle(&[before.pid()], before.gateway.addr, &path).await;
         drop(before);
-        b.rows.push(Row {
-            scenario: format!("{IDLE_CONNECTIONS} idle keep-alive connections, RSS growth"),
-            metric: "per connection".into(),
-            unit: "KiB",
-            better: Better::Lower,
-            gateway: vec![(g_idle - g_rest) * 1024.0 / IDLE_CONNECTIONS as f64],
-            peer: vec![(with_idle - rest) * 1024.0 / IDLE_CONNECTIONS as f64],
-            peer_name: "gateway before (BENCH_BASELINE_BIN)".into(),
-        });
+        b.rows.push(per_connection(
+            g_idle - g_rest,
+            with_idle - rest,
+            "gateway before (BENCH_BASELINE_BIN)",
+        ));
         b.notes.push(format!(
             "{IDLE_CONNECTIONS} idle connections, gateway before: {rest:.1} -> {with_idle:.1} MiB, \
              {alive} still answering"
         ));
     }
-    b.rows.push(Row {
-        scenario: format!("{IDLE_CONNECTIONS} idle keep-alive connections, RSS growth"),
-        metric: "per connection".into(),
-        unit: "KiB",
-        better: Better::Lower,
-        gateway: vec![(g_idle - g_rest) * 1024.0 / IDLE_CONNECTIONS as f64],
-        peer: vec![(n_idle - n_rest) * 1024.0 / IDLE_CONNECTIONS as f64],
-        peer_name: "nginx static (master+workers)".into(),
-    });
+    b.rows.push(per_connection(
+        g_idle - g_rest,
+        n_idle - n_rest,
+        "nginx static (master+workers)",
+    ));
     b.rows.push(Row {
         scenario: format!("{IDLE_CONNECTIONS} idle keep-alive connections"),
         metric: "RSS".into(),
@@ -154,4 +146,18 @@ async fn idle(pids: &[u32], addr: std::net::SocketAddr, path: &str) -> (f64, f64
         .filter(Result::is_ok)
         .count();
     (rest, with_idle, alive)
+}
+
+/// The row comparing RSS growth (MiB, over [`IDLE_CONNECTIONS`] idle
+/// connections) per connection, in KiB.
+fn per_connection(gateway_mib: f64, peer_mib: f64, peer_name: &str) -> Row {
+    Row {
+        scenario: format!("{IDLE_CONNECTIONS} idle keep-alive connections, RSS growth"),
+        metric: "per connection".into(),
+        unit: "KiB",
+        better: Better::Lower,
+        gateway: vec![gateway_mib * 1024.0 / IDLE_CONNECTIONS as f64],
+        peer: vec![peer_mib * 1024.0 / IDLE_CONNECTIONS as f64],
+        peer_name: peer_name.into(),
+    }
 }

@@ -37,6 +37,18 @@ pub struct DataDir {
 }
 
 impl DataDir {
+    /// A new empty temp dir, deleted when the last gateway using it is gone.
+    fn fresh() -> DataDir {
+        let owner = tempfile::Builder::new()
+            .prefix("test-gateway-data-")
+            .tempdir()
+            .expect("create temp data dir for the gateway");
+        DataDir {
+            path: owner.path().to_path_buf(),
+            _owner: Some(Arc::new(owner)),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -94,15 +106,15 @@ impl Gateway {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
-        let owner = tempfile::Builder::new()
-            .prefix("test-gateway-data-")
-            .tempdir()
-            .expect("create temp data dir for the gateway");
-        let data_dir = DataDir {
-            path: owner.path().to_path_buf(),
-            _owner: Some(Arc::new(owner)),
-        };
-        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, env).await
+        Gateway::launch(
+            work_dir(),
+            DataDir::fresh(),
+            upstream_url,
+            ca_pem,
+            extra_args,
+            env,
+        )
+        .await
     }
 
     /// Like [`Gateway::start`], running the binary `bin` (another build of the
@@ -114,16 +126,14 @@ impl Gateway {
         ca_pem: &Path,
         extra_args: &[&str],
     ) -> Gateway {
-        let owner = tempfile::Builder::new()
-            .prefix("test-gateway-data-")
-            .tempdir()
-            .expect("create temp data dir for the gateway");
-        let data_dir = DataDir {
-            path: owner.path().to_path_buf(),
-            _owner: Some(Arc::new(owner)),
-        };
-        let mut gateway =
-            Gateway::unstarted(work_dir(), data_dir, upstream_url, ca_pem, extra_args, &[]);
+        let mut gateway = Gateway::unstarted(
+            work_dir(),
+            DataDir::fresh(),
+            upstream_url,
+            ca_pem,
+            extra_args,
+            &[],
+        );
         gateway.bin = bin.to_path_buf();
         gateway.spawn_and_wait().await;
         gateway
