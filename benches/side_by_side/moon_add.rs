@@ -98,45 +98,61 @@ async fn cold_add(b: &Bench, bin: &Path, prefetch: bool, round: usize) -> (f64, 
 }
 
 /// The cold CI job of issue 16, against the same `moon add` made straight to the
-/// upstream (over TLS), interleaved.
+/// upstream (over TLS), interleaved: once from nothing (moon's own clone of the
+/// index inside `moon add`, as long on both sides), and once with the index
+/// already fetched by an untimed `moon update`, as the issue measured it.
 async fn cold_job(b: &mut Bench, bin: &Path) {
-    let (mut job, mut direct, mut warm) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..b.rounds {
-        for k in 0..2 {
-            if (k + round) % 2 == 0 {
-                let (warm_ms, add_ms) = warm_then_add(b, bin).await;
-                warm.push(warm_ms);
-                job.push(warm_ms + add_ms);
-            } else {
-                direct.push(direct_add(b, bin));
+    for index_fetched in [false, true] {
+        let (mut job, mut direct, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..b.rounds {
+            for k in 0..2 {
+                if (k + round) % 2 == 0 {
+                    let (warm_ms, add_ms) = warm_then_add(b, bin, index_fetched).await;
+                    warm.push(warm_ms);
+                    job.push(warm_ms + add_ms);
+                } else {
+                    direct.push(direct_add(b, bin, index_fetched));
+                }
             }
         }
+        let index = if index_fetched {
+            ", index already fetched"
+        } else {
+            ""
+        };
+        b.rows.push(Row {
+            scenario: format!(
+                "cold CI job{index}, {} transitive deps, upstream +100 ms/response",
+                b.fixtures.app_deps
+            ),
+            metric: "warm --from moon.mod.json + moon add".into(),
+            unit: "ms",
+            better: Better::Lower,
+            gateway: job,
+            peer: direct,
+            peer_name: "moon add straight from the upstream (TLS)".into(),
+        });
+        b.notes.push(format!(
+            "cold CI job{index}: warm --from moon.mod.json took {:.0} ms (median) of the job",
+            median(&mut warm)
+        ));
     }
-    b.rows.push(Row {
-        scenario: format!(
-            "cold CI job, {} transitive deps, upstream +100 ms/response",
-            b.fixtures.app_deps
-        ),
-        metric: "warm --from moon.mod.json + moon add".into(),
-        unit: "ms",
-        better: Better::Lower,
-        gateway: job,
-        peer: direct,
-        peer_name: "moon add straight from the upstream (TLS)".into(),
-    });
-    b.notes.push(format!(
-        "cold CI job: warm --from moon.mod.json took {:.0} ms (median) of the job",
-        median(&mut warm)
-    ));
 }
 
 /// A fresh gateway; `warm --from moon.mod.json` on its data dir, then `moon add`
-/// through it: (warm ms, moon add ms).
-async fn warm_then_add(b: &Bench, bin: &Path) -> (f64, f64) {
+/// through it: (warm ms, moon add ms). With `index_fetched`, moon's index is
+/// cloned first, untimed.
+async fn warm_then_add(b: &Bench, bin: &Path, index_fetched: bool) -> (f64, f64) {
     let gw = instances::start(&b.upstream, instances::BASE_CONFIG).await;
     let work = tempfile::tempdir().expect("moon work dir");
     let home = work.path().join("moon-home");
     let proj = new_project(bin, &home, work.path(), &gw.url());
+    if index_fetched {
+        ok(
+            &moon(bin, &home, &proj, &gw.url(), &["update"]),
+            "moon update",
+        );
+    }
     let manifest = work.path().join("moon.mod.json");
     let (_, version) = b
         .fixtures
@@ -174,12 +190,19 @@ async fn warm_then_add(b: &Bench, bin: &Path) -> (f64, f64) {
     (warm_ms, add_ms)
 }
 
-/// `moon add` with `MOONCAKES_REGISTRY` the upstream itself, trusting its CA.
-fn direct_add(b: &Bench, bin: &Path) -> f64 {
+/// `moon add` with `MOONCAKES_REGISTRY` the upstream itself, trusting its CA
+/// (with `index_fetched`, after an untimed `moon update`).
+fn direct_add(b: &Bench, bin: &Path, index_fetched: bool) -> f64 {
     let work = tempfile::tempdir().expect("moon work dir");
     let home = work.path().join("moon-home");
     let url = b.upstream.url();
     let proj = new_project(bin, &home, work.path(), &url);
+    if index_fetched {
+        let out = trusting(Command::new(bin).arg("update"), b, &home, &proj, &url)
+            .output()
+            .expect("run moon");
+        ok(&out, "moon update straight from the upstream");
+    }
     b.upstream.set_fault(Fault::DelayEach(JOB_DELAY));
     let started = Instant::now();
     let out = trusting(
