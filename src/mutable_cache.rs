@@ -647,7 +647,7 @@ impl MutableCache {
             let chunk = match next_chunk(&mut body, idle).await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(format!("upstream {e}")),
             };
             written += chunk.len() as u64;
             if written > announced.unwrap_or(limit) {

@@ -245,81 +245,11 @@ impl Upstream {
         if !self.health.knows_url(url) {
             return inner;
         }
-        Metered {
-            inner,
-            tally: Some(Tally {
-                health: self.health.clone(),
-                url: url.to_string(),
-                started,
-                bytes: 0,
-            }),
-        }
-        .boxed_unsync()
-    }
-}
-
-/// A passed-through upstream body being counted.
-struct Metered {
-    inner: GatewayBody,
-    tally: Option<Tally>,
-}
-
-struct Tally {
-    health: Arc<Breakers>,
-    url: String,
-    started: Instant,
-    bytes: u64,
-}
-
-impl Tally {
-    fn record(self) {
-        let seconds = self.started.elapsed().as_secs_f64();
-        self.health.record_transfer(&self.url, self.bytes, seconds);
-    }
-}
-
-impl http_body::Body for Metered {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(tally), Some(data)) = (this.tally.as_mut(), frame.data_ref()) {
-                    tally.bytes += data.len() as u64;
-                }
-            }
-            Poll::Ready(_) => {
-                if let Some(tally) = this.tally.take() {
-                    tally.record();
-                }
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Metered {
-    fn drop(&mut self) {
+        let (health, url) = (self.health.clone(), url.to_string());
         // A client that left early still had these bytes fetched for it.
-        if let Some(tally) = self.tally.take() {
-            tally.record();
-        }
+        crate::body::counted(inner, move |bytes, _| {
+            health.record_transfer(&url, bytes, started.elapsed().as_secs_f64());
+        })
     }
 }
 
@@ -359,18 +289,21 @@ pub fn body_is_delimited<B>(resp: &Response<B>) -> bool {
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
 }
 
-/// Read the next data chunk of an upstream body, bounded by `idle`. Trailers are skipped.
-pub async fn next_chunk(
-    body: &mut Incoming,
-    idle: Duration,
-) -> Result<Option<Bytes>, anyhow::Error> {
+/// Read the next data chunk of a body (an upstream's, or a shared-tier copy's),
+/// bounded by `idle`. Trailers are skipped. The error says what happened, not to
+/// whom: callers name the sender.
+pub async fn next_chunk<B>(body: &mut B, idle: Duration) -> Result<Option<Bytes>, String>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     loop {
         let frame = tokio::time::timeout(idle, body.frame())
             .await
-            .map_err(|_| anyhow::anyhow!("upstream sent nothing for {idle:?}"))?;
+            .map_err(|_| format!("sent nothing for {idle:?}"))?;
         match frame {
             None => return Ok(None),
-            Some(Err(e)) => return Err(anyhow::anyhow!("upstream body broke off: {e}")),
+            Some(Err(e)) => return Err(format!("body broke off: {e}")),
             Some(Ok(frame)) => {
                 if let Ok(data) = Frame::into_data(frame) {
                     return Ok(Some(data));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::side_by_side::report::{Better, Row};
 use crate::side_by_side::{instances, Bench};
-use crate::upstream::scenario::{moon, moon_bin, ok};
+use crate::upstream::scenario::{moon, moon_bin, moon_command, ok};
 use crate::upstream::{admin, Fault};
 
 const UPSTREAM_DELAY: Duration = Duration::from_millis(50);
@@ -198,22 +198,18 @@ fn direct_add(b: &Bench, bin: &Path, index_fetched: bool) -> f64 {
     let url = b.upstream.url();
     let proj = new_project(bin, &home, work.path(), &url);
     if index_fetched {
-        let out = trusting(Command::new(bin).arg("update"), b, &home, &proj, &url)
+        let out = trusting(bin, b, &home, &proj, &url)
+            .arg("update")
             .output()
             .expect("run moon");
         ok(&out, "moon update straight from the upstream");
     }
     b.upstream.set_fault(Fault::DelayEach(JOB_DELAY));
     let started = Instant::now();
-    let out = trusting(
-        Command::new(bin).args(["add", &b.fixtures.app.name]),
-        b,
-        &home,
-        &proj,
-        &url,
-    )
-    .output()
-    .expect("run moon");
+    let out = trusting(bin, b, &home, &proj, &url)
+        .args(["add", &b.fixtures.app.name])
+        .output()
+        .expect("run moon");
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     b.upstream.set_fault(Fault::None);
     ok(&out, "moon add straight from the upstream");
@@ -221,36 +217,13 @@ fn direct_add(b: &Bench, bin: &Path, index_fetched: bool) -> f64 {
     ms
 }
 
-/// moon's environment as `scenario::moon` sets it, plus trust of the test CA.
-fn trusting<'a>(
-    cmd: &'a mut Command,
-    b: &Bench,
-    home: &Path,
-    cwd: &Path,
-    registry: &str,
-) -> &'a mut Command {
-    for var in [
-        "HTTPS_PROXY",
-        "HTTP_PROXY",
-        "https_proxy",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "SSL_CERT_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.current_dir(cwd)
-        .env("MOON_HOME", home)
-        .env("MOONCAKES_REGISTRY", registry)
-        .env("SSL_CERT_FILE", &b.upstream.ca_pem)
-        .env("GIT_SSL_CAINFO", &b.upstream.ca_pem)
-        .env("RUST_BACKTRACE", "0")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_COUNT", "1")
-        .env("GIT_CONFIG_KEY_0", "init.defaultBranch")
-        .env("GIT_CONFIG_VALUE_0", "main")
+/// moon as `scenario::moon` runs it, plus trust of the test CA (for `registry`
+/// the upstream itself, over TLS).
+fn trusting(bin: &Path, b: &Bench, home: &Path, cwd: &Path, registry: &str) -> Command {
+    let mut cmd = moon_command(bin, home, cwd, registry);
+    cmd.env("SSL_CERT_FILE", &b.upstream.ca_pem)
+        .env("GIT_SSL_CAINFO", &b.upstream.ca_pem);
+    cmd
 }
 
 /// `moon new proj` in `dir/work` (no registry traffic); the project's directory.

@@ -115,9 +115,7 @@ pub async fn run(config: Config, file: &Path, trust_key: Option<&Path>) -> anyho
     // So one import fills the whole cluster: what the tier lacks is uploaded.
     if let Some(shared) = app.store.shared() {
         for entry in &manifest.archives {
-            if let Some(file) = crate::store::usage::content_path(&store_dir, &entry.sha256) {
-                shared.ensure_in_background(entry.sha256.clone(), file, entry.size);
-            }
+            app.store.share_content(&entry.sha256, entry.size);
         }
         let checked = app.store.finish_uploads().await;
         println!(

@@ -199,7 +199,7 @@ impl Recording {
         }
     }
 
-    /// The whole answer, once git ended well; `None` if it was too large to keep.
+    /// Keep the whole answer, once git ended well (unless it grew too large).
     pub async fn finish(self, answers: &Answers) {
         if let Some(bytes) = self.bytes {
             answers

@@ -471,28 +471,26 @@ impl Index {
 
     /// Whether the index that provides `key` lists it with this sha256 now (no
     /// refresh): what a stored copy needs to answer for it. Reads one snapshot and
-    /// copies nothing, for the hot path.
+    /// copies no checksum, for the hot path.
     pub fn vouches(&self, key: &ArchiveKey, sha256: &str) -> bool {
-        let name = key.name();
-        self.provider(&name).is_some_and(|source| {
-            self.mirrors[source]
-                .snapshot()
-                .checksums
-                .get(&name, &key.version)
-                .is_some_and(|release| release.checksum == sha256)
-        })
+        self.with_checksum(key, |_, checksum| checksum == sha256)
+            .unwrap_or(false)
     }
 
     fn lookup(&self, key: &ArchiveKey) -> Option<Expectation> {
+        self.with_checksum(key, |source, checksum| Expectation::Known {
+            source,
+            checksum: checksum.to_string(),
+        })
+    }
+
+    /// `f` of the source that provides `key` and the checksum its index lists now.
+    fn with_checksum<T>(&self, key: &ArchiveKey, f: impl FnOnce(usize, &str) -> T) -> Option<T> {
         let name = key.name();
         let source = self.provider(&name)?;
-        let checksum = self.mirrors[source]
-            .snapshot()
-            .checksums
-            .get(&name, &key.version)?
-            .checksum
-            .clone();
-        Some(Expectation::Known { source, checksum })
+        let snapshot = self.mirrors[source].snapshot();
+        let release = snapshot.checksums.get(&name, &key.version)?;
+        Some(f(source, &release.checksum))
     }
 
     /// The source that provides module `name`, by the merge's rule: the one that

@@ -128,6 +128,9 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// In the order of their `served_bytes_total` counters.
+    pub const ALL: [Tier; 4] = [Tier::Memory, Tier::Disk, Tier::Upstream, Tier::Shared];
+
     /// Its label value in `served_bytes_total` and the access log.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -341,8 +344,11 @@ impl Metrics {
             "Response body bytes sent to clients, by where they came from (memory, disk, upstream, shared)",
             served_family.clone(),
         );
-        let served = ["memory", "disk", "upstream", "shared"]
-            .map(|t| served_family.get_or_create_owned(&TierOnly { tier: Word(t) }));
+        let served = Tier::ALL.map(|t| {
+            served_family.get_or_create_owned(&TierOnly {
+                tier: Word(t.as_str()),
+            })
+        });
 
         let tunnels_family = Family::<DecisionOnly, Counter>::default();
         registry.register(

@@ -78,15 +78,24 @@ impl Store {
 
     /// Make sure the shared tier holds a stored archive too (so `warm` of what is
     /// here already still fills the cluster's tier), in the background.
-    pub fn share_stored(&self, object: &Object, size: u64) {
-        let (Some(shared), Trust::Checksum { expected, .. }) = (&self.shared, &object.trust) else {
+    fn share_stored(&self, object: &Object, size: u64) {
+        let Trust::Checksum { expected, .. } = &object.trust else {
             return;
         };
         if object.local.is_some() {
             return;
         }
-        if let Some(file) = super::usage::content_path(self.disk.dir(), expected) {
-            shared.ensure_in_background(expected.clone(), file, size);
+        self.share_content(expected, size);
+    }
+
+    /// Make sure the shared tier holds the content `sha256` (`size` bytes) this
+    /// replica's disk tier has, in the background: for `warm` and `import`.
+    pub fn share_content(&self, sha256: &str, size: u64) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        if let Some(file) = super::usage::content_path(self.disk.dir(), sha256) {
+            shared.ensure_in_background(sha256.to_string(), file, size);
         }
     }
 

@@ -39,7 +39,7 @@ use super::quarantine::Mismatch;
 use super::shared::{Before, Lease, SharedCopy};
 use super::{Object, Store, Trust};
 use crate::body::{self, BoxError, GatewayBody};
-use crate::upstream::{body_is_delimited, collect_limited, content_length};
+use crate::upstream::{body_is_delimited, collect_limited, content_length, next_chunk};
 
 /// Bytes a reader takes from the spool file at a time.
 const READ_CHUNK: usize = 256 * 1024;
@@ -543,24 +543,6 @@ async fn next_batch(
         }
     }
     Ok(Some((batch.freeze(), false)))
-}
-
-/// The next data chunk of `body`, waiting at most `idle` for it; trailers are skipped.
-async fn next_chunk(body: &mut GatewayBody, idle: Duration) -> Result<Option<Bytes>, String> {
-    loop {
-        let frame = tokio::time::timeout(idle, body.frame())
-            .await
-            .map_err(|_| format!("sent nothing for {idle:?}"))?;
-        match frame {
-            None => return Ok(None),
-            Some(Err(e)) => return Err(format!("body broke off: {e}")),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    return Ok(Some(data));
-                }
-            }
-        }
-    }
 }
 
 /// Check the body against the sha256 the index gives for it. A mismatch is logged

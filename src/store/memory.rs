@@ -8,8 +8,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue};
+use http::HeaderMap;
 use moka::future::Cache;
+
+use super::object::response_head;
 
 /// What the memory tier keeps for one object.
 pub struct Hot {
@@ -25,13 +27,8 @@ pub struct Hot {
 
 impl Hot {
     pub fn new(bytes: Bytes, sha256: String, content_type: &'static str) -> Hot {
-        let mut head = HeaderMap::with_capacity(4);
-        head.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        head.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        if let Ok(etag) = HeaderValue::from_str(&format!("\"{sha256}\"")) {
-            head.insert(header::ETAG, etag);
-        }
-        head.insert("x-cache", HeaderValue::from_static("hit"));
+        // Exactly what a hit from the disk tier answers with.
+        let head = response_head(content_type, Some(bytes.len() as u64), Some(&sha256), "hit");
         Hot {
             bytes,
             sha256,
@@ -111,6 +108,8 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use http::header;
 
     #[test]
     fn the_prepared_head_is_the_object_response_head() {

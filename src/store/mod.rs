@@ -553,17 +553,6 @@ fn object_response(
     body: GatewayBody,
 ) -> Response<GatewayBody> {
     let mut resp = Response::new(body);
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(object.content_type),
-    );
-    if let Some(len) = len {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    if let Some(sha) = sha256.and_then(|s| HeaderValue::from_str(&format!("\"{s}\"")).ok()) {
-        h.insert(header::ETAG, sha);
-    }
-    h.insert("x-cache", HeaderValue::from_static(cache));
+    *resp.headers_mut() = object::response_head(object.content_type, len, sha256, cache);
     resp
 }

@@ -5,11 +5,34 @@
 
 use std::path::PathBuf;
 
+use http::{header, HeaderMap, HeaderValue};
+
 use super::SYMBOLS_KEY;
 use crate::archive::{ArchiveKey, AssetPath};
 
 /// Content type of archives and `symbols.zip`.
 const ZIP: &str = "application/zip";
+
+/// The head of every answer with an object's body: its content type, its length
+/// and (for a stored copy) its digest as a strong ETag when known, and where it
+/// came from (`x-cache`).
+pub fn response_head(
+    content_type: &'static str,
+    len: Option<u64>,
+    sha256: Option<&str>,
+    cache: &'static str,
+) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(4);
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if let Some(sha) = sha256.and_then(|s| HeaderValue::from_str(&format!("\"{s}\"")).ok()) {
+        h.insert(header::ETAG, sha);
+    }
+    h.insert("x-cache", HeaderValue::from_static(cache));
+    h
+}
 
 /// One immutable object a client asked for.
 #[derive(Clone, Debug)]

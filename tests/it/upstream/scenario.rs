@@ -243,9 +243,14 @@ pub fn moon_bin() -> Option<std::path::PathBuf> {
 }
 
 pub fn moon(bin: &Path, home: &Path, cwd: &Path, registry: &str, args: &[&str]) -> Output {
+    run(moon_command(bin, home, cwd, registry).args(args))
+}
+
+/// `moon` with `MOONCAKES_REGISTRY` set and nothing of this machine's proxy, TLS
+/// or git settings, arguments still to add.
+pub fn moon_command(bin: &Path, home: &Path, cwd: &Path, registry: &str) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .current_dir(cwd)
+    cmd.current_dir(cwd)
         .env("MOON_HOME", home)
         .env("MOONCAKES_REGISTRY", registry);
     // Only loopback: no proxy, and moon's TLS/git settings from this machine must not leak in.
@@ -268,7 +273,7 @@ pub fn moon(bin: &Path, home: &Path, cwd: &Path, registry: &str, args: &[&str]) 
         .env("GIT_CONFIG_COUNT", "1")
         .env("GIT_CONFIG_KEY_0", "init.defaultBranch")
         .env("GIT_CONFIG_VALUE_0", "main");
-    run(&mut cmd)
+    cmd
 }
 
 /// Tests that use the real registry host names (mooncakes.io) run inside a network
