@@ -106,15 +106,9 @@ impl Gateway {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
-        Gateway::launch(
-            work_dir(),
-            DataDir::fresh(),
-            upstream_url,
-            ca_pem,
-            extra_args,
-            env,
-        )
-        .await
+        Gateway::unstarted(DataDir::fresh(), upstream_url, ca_pem, extra_args, env)
+            .started()
+            .await
     }
 
     /// Like [`Gateway::start`], running the binary `bin` (another build of the
@@ -126,17 +120,10 @@ impl Gateway {
         ca_pem: &Path,
         extra_args: &[&str],
     ) -> Gateway {
-        let mut gateway = Gateway::unstarted(
-            work_dir(),
-            DataDir::fresh(),
-            upstream_url,
-            ca_pem,
-            extra_args,
-            &[],
-        );
+        let mut gateway =
+            Gateway::unstarted(DataDir::fresh(), upstream_url, ca_pem, extra_args, &[]);
         gateway.bin = bin.to_path_buf();
-        gateway.spawn_and_wait().await;
-        gateway
+        gateway.started().await
     }
 
     /// Like [`Gateway::start`] but with an existing data dir (for restart
@@ -162,7 +149,9 @@ impl Gateway {
             path: data_dir.to_path_buf(),
             _owner: None,
         };
-        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, env).await
+        Gateway::unstarted(data_dir, upstream_url, ca_pem, extra_args, env)
+            .started()
+            .await
     }
 
     /// Like [`Gateway::start_with_data_dir`], keeping `data_dir` (and the temp dir
@@ -174,30 +163,25 @@ impl Gateway {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
-        Gateway::launch(work_dir(), data_dir, upstream_url, ca_pem, extra_args, env).await
+        Gateway::unstarted(data_dir, upstream_url, ca_pem, extra_args, env)
+            .started()
+            .await
     }
 
-    async fn launch(
-        work: TempDir,
-        data_dir: DataDir,
-        upstream_url: &str,
-        ca_pem: &Path,
-        extra_args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Gateway {
-        let mut gateway = Gateway::unstarted(work, data_dir, upstream_url, ca_pem, extra_args, env);
-        gateway.spawn_and_wait().await;
-        gateway
+    /// Run it and wait until it answers.
+    async fn started(mut self) -> Gateway {
+        self.spawn_and_wait().await;
+        self
     }
 
     fn unstarted(
-        work: TempDir,
         data_dir: DataDir,
         upstream_url: &str,
         ca_pem: &Path,
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
+        let work = work_dir();
         Gateway {
             addr: free_local_addr(),
             data_dir,
