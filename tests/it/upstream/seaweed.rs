@@ -14,8 +14,11 @@ use tempfile::TempDir;
 
 use super::clients::without_proxies;
 
-/// How long `weed server` may take to answer S3.
-const STARTUP: Duration = Duration::from_secs(60);
+/// How long one `weed server` may take to answer S3.
+const STARTUP: Duration = Duration::from_secs(45);
+/// Starts tried, each on fresh ports: a port picked free can be taken by another
+/// test before `weed` binds it, and then `weed` exits or answers on the wrong port.
+const ATTEMPTS: usize = 3;
 
 pub struct Seaweed {
     /// `http://127.0.0.1:PORT`, its S3 endpoint.
@@ -43,19 +46,37 @@ impl Seaweed {
             .prefix("test-seaweed-")
             .tempdir()
             .expect("temp dir for SeaweedFS");
-        let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
         let mut seaweed = Seaweed {
-            endpoint: format!("http://127.0.0.1:{}", ports[6]),
+            endpoint: String::new(),
             bucket: "moonbit-cache".into(),
             child: None,
             dir,
         };
-        seaweed.spawn(&ports);
-        Some(seaweed)
+        for attempt in 1..=ATTEMPTS {
+            let ports = free_ports(8);
+            seaweed.endpoint = format!("http://127.0.0.1:{}", ports[6]);
+            seaweed.spawn(&ports);
+            match seaweed.ready() {
+                Ok(()) => return Some(seaweed),
+                Err(why) if attempt < ATTEMPTS => {
+                    eprintln!(
+                        "{test}: SeaweedFS start {attempt} failed ({why}); again on other ports"
+                    );
+                    seaweed.kill();
+                }
+                Err(why) => panic!(
+                    "SeaweedFS did not come up in {ATTEMPTS} starts: {why}\n{}",
+                    seaweed.log()
+                ),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     fn spawn(&mut self, ports: &[u16]) {
+        // A fresh data dir: a failed start may have left a half-made one.
         let data = self.dir.path().join("data");
+        let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data).expect("SeaweedFS data dir");
         let log = std::fs::File::create(self.dir.path().join("weed.log")).expect("weed log");
         let mut cmd = Command::new("weed");
@@ -84,34 +105,38 @@ impl Seaweed {
             .stderr(log);
         without_proxies(&mut cmd);
         self.child = Some(cmd.spawn().expect("start weed server"));
-        // The bucket can be made once S3 answers; until the volume servers have
-        // registered, creating it fails, so keep trying.
+    }
+
+    /// Wait until the store has the bucket and takes writes, or say why not.
+    fn ready(&mut self) -> Result<(), String> {
         let started = Instant::now();
+        let bucket = format!("{}/{}", self.endpoint, self.bucket);
+        let probe = format!("{bucket}/probe/ready");
+        // The bucket can be made once S3 answers; until the volume servers have
+        // registered, creating it fails, so keep trying. A store that accepted a
+        // bucket may still lack a writable volume, hence the probe object.
+        let mut have_bucket = false;
         loop {
-            let out = self.curl(&["-X", "PUT", &format!("{}/{}", self.endpoint, self.bucket)]);
-            if out.0 == "200" || out.1.contains("BucketAlreadyOwnedByYou") {
-                break;
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(format!("weed exited: {status}"));
             }
-            assert!(
-                started.elapsed() < STARTUP,
-                "SeaweedFS did not come up in {STARTUP:?}: {out:?}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        // A store that accepted a bucket may still lack a writable volume.
-        loop {
-            let url = format!("{}/{}/probe/ready", self.endpoint, self.bucket);
-            let out = self.curl(&["-X", "PUT", "--data-binary", "ok", &url]);
-            if out.0 == "200" {
-                self.curl(&["-X", "DELETE", &url]);
-                break;
+            if !have_bucket {
+                let out = self.curl(&["-X", "PUT", &bucket]);
+                have_bucket = out.0 == "200" || out.1.contains("BucketAlreadyOwnedByYou");
+                if !have_bucket && started.elapsed() > STARTUP {
+                    return Err(format!("no bucket after {STARTUP:?}: {out:?}"));
+                }
             }
-            assert!(
-                started.elapsed() < STARTUP,
-                "SeaweedFS takes no writes after {STARTUP:?}: {out:?}\n{}",
-                self.log()
-            );
+            if have_bucket {
+                let out = self.curl(&["-X", "PUT", "--data-binary", "ok", &probe]);
+                if out.0 == "200" {
+                    self.curl(&["-X", "DELETE", &probe]);
+                    return Ok(());
+                }
+                if started.elapsed() > STARTUP {
+                    return Err(format!("no writes after {STARTUP:?}: {out:?}"));
+                }
+            }
             std::thread::sleep(Duration::from_millis(300));
         }
     }
@@ -224,9 +249,13 @@ impl Drop for Seaweed {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// `n` distinct free loopback ports: all held at once while picking, so the
+/// kernel cannot hand out one twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound port").port())
+        .collect()
 }
