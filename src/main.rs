@@ -17,6 +17,18 @@ use moonbit_registry::index::selection::{Pattern, Selection};
 use moonbit_registry::intercept::load_ca;
 use moonbit_registry::ops::jobs::JobId;
 
+/// jemalloc: size-class slabs, so the buffers of a connection that went idle
+/// (see `doors::keep_alive`) free whole pages, which glibc's heap keeps as holes.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at start: freed pages go back to the system within
+/// about a second, by a background thread, not only on the next allocation.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] =
+    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 /// A caching gateway for the MoonBit package registry (mooncakes.io).
 #[derive(Parser)]
 #[command(version, about)]

@@ -129,6 +129,9 @@ fn download(b: &Bench, url: &str) -> f64 {
 /// Open the connections, let them sit, measure; then check how many still answer.
 /// Returns (RSS MiB before, RSS MiB with them idle, connections still usable).
 async fn idle(pids: &[u32], addr: std::net::SocketAddr, path: &str) -> (f64, f64, usize) {
+    // Settled first, as after the idle pause below: memory an earlier scenario
+    // freed may still be on its way back to the system.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let rest = sum_mib(pids, "VmRSS");
     let mut conns = Vec::with_capacity(IDLE_CONNECTIONS);
     // In batches, so the listen backlog never overflows.

@@ -6,13 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::send_timeout::SendTimeout;
-use super::{transparent, with_causes, Doors};
+use super::{keep_alive, transparent, Doors};
 use crate::app::Services;
 use crate::ops::metrics::DoorName;
 
@@ -56,7 +54,7 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
         tokio::spawn(transparent::accept(listener, doors.clone()));
     }
 
-    let graceful = GracefulShutdown::new();
+    let (connections, stop) = (TaskTracker::new(), CancellationToken::new());
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         // Past server.max_connections, new clients wait in the accept queue.
@@ -79,23 +77,11 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let io = TokioIo::new(SendTimeout::new(stream, doors.send_timeout));
-                // Shared with a CONNECT tunnel born on this connection, which
-                // outlives the HTTP connection (hyper hands the socket over).
-                let permit = Arc::new(permit);
-                let service = {
-                    let (doors, permit) = (doors.clone(), permit.clone());
-                    service_fn(move |req| doors.clone().main(req, peer, permit.clone()))
-                };
-                let conn = doors.http.serve_connection_with_upgrades(io, service).into_owned();
-                let conn = graceful.watch(conn);
                 let open = doors.app.metrics.connection(DoorName::Main);
-                tokio::spawn(async move {
+                let served = keep_alive::serve(doors.clone(), stream, peer, permit, stop.clone());
+                connections.spawn(async move {
                     let _open = open;
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %with_causes(&*e), "connection ended with an error");
-                    }
-                    drop(permit);
+                    served.await;
                 });
             }
             _ = &mut shutdown => break,
@@ -103,7 +89,9 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
     }
     drop(listener);
     tracing::info!("shutting down; waiting for open transfers");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    stop.cancel();
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
         .await
         .is_err()
     {

@@ -5,6 +5,7 @@
 //! intercepted. Every door hands the router one origin-form request and the
 //! [`Door`] it came by; nothing below the doors knows about them.
 
+pub mod keep_alive;
 pub mod listener;
 pub mod proxy;
 pub mod send_timeout;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
@@ -52,6 +54,8 @@ pub struct Doors {
     pub connections: Arc<Semaphore>,
     /// HTTP/1.1 + h2 settings every door serves with (head size and time bounds).
     pub http: auto::Builder<TokioExecutor>,
+    /// The same HTTP/1.1 settings, for the main listener's [`keep_alive`] loop.
+    pub http1: http1::Builder,
     /// A client that takes no response bytes for this long is disconnected.
     pub send_timeout: Duration,
     /// `user:password` required on the registry endpoint (`server.auth`), if set.
@@ -108,6 +112,7 @@ impl Doors {
         Ok(Doors {
             connections: Arc::new(Semaphore::new(server.max_connections)),
             http: http_builder(server.max_header_size.as_u64()),
+            http1: http1_builder(server.max_header_size.as_u64()),
             send_timeout: server.send_timeout,
             server_auth: server.auth.clone(),
             listening,
@@ -313,16 +318,33 @@ impl Doors {
 /// at most `HEADER_READ_TIMEOUT` and `max_header` bytes (HTTP/1.1 read buffer, h2
 /// header list).
 pub fn http_builder(max_header: u64) -> auto::Builder<TokioExecutor> {
-    let max_header = max_header.clamp(8 * 1024, 1024 * 1024);
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(max_header as usize);
+        .max_buf_size(head_limit(max_header));
     http.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(max_header as u32);
+        .max_header_list_size(head_limit(max_header) as u32);
     http
+}
+
+/// [`http_builder`]'s HTTP/1.1 settings on their own, with the head size bound
+/// exactly (hyper-util's builder cannot say so).
+pub fn http1_builder(max_header: u64) -> http1::Builder {
+    let mut http1 = http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(head_limit(max_header))
+        // Exact: the buffer bound alone lets one large read carry a longer head.
+        .max_header_size(head_limit(max_header));
+    http1
+}
+
+/// `server.max_header_size` within what hyper accepts (its read buffer starts at 8 KiB).
+fn head_limit(max_header: u64) -> usize {
+    max_header.clamp(8 * 1024, 1024 * 1024) as usize
 }
 
 /// An error with its causes, `a: b: c`: hyper's own message ("error writing a

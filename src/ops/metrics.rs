@@ -284,6 +284,7 @@ pub struct Metrics {
     tunnels: [Counter; 3],
     served: [Counter; 4],
     connections: [Gauge; 2],
+    parked: Gauge,
     flights: Gauge,
     git_slots: Gauge,
     memory_bytes: Gauge,
@@ -370,6 +371,13 @@ impl Metrics {
                 door: Word(d.as_str()),
             })
         });
+
+        let parked = Gauge::default();
+        registry.register(
+            "connections_parked",
+            "Connections of the main listener waiting for a request, held without HTTP buffers",
+            parked.clone(),
+        );
 
         let flights = Gauge::default();
         registry.register(
@@ -476,6 +484,7 @@ impl Metrics {
             tunnels,
             served,
             connections,
+            parked,
             flights,
             git_slots,
             disk_bytes,
@@ -517,6 +526,12 @@ impl Metrics {
         let gauge = self.connections[door as usize].clone();
         gauge.inc();
         ConnectionGuard(gauge)
+    }
+
+    /// An idle keep-alive connection parked until its guard drops.
+    pub fn parked(&self) -> ConnectionGuard {
+        self.parked.inc();
+        ConnectionGuard(self.parked.clone())
     }
 
     /// Requests answered, and archive hits and misses, since start.
@@ -570,7 +585,7 @@ impl Metrics {
     }
 }
 
-/// Holds one connection's place in the `connections` gauge.
+/// Holds one connection's place in the `connections` (or `connections_parked`) gauge.
 pub struct ConnectionGuard(Gauge);
 
 impl Drop for ConnectionGuard {

@@ -689,3 +689,115 @@ async fn a_corrupt_upstream_copy_heals_by_itself() {
     );
     assert_eq!(s.upstream.count("GET", &json.url_path()), 2);
 }
+
+/// One keep-alive request on `conn`: (status, response head, body), the body
+/// read to its `content-length`.
+async fn keep_alive_get(conn: &mut TcpStream, path: &str) -> (u16, String, Vec<u8>) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(conn).await;
+    let len: usize = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut body))
+        .await
+        .expect("body within 10 s")
+        .unwrap();
+    (status(&head), head, body)
+}
+
+fn parked(gw: &Gateway) -> f64 {
+    crate::ops::value(
+        &crate::ops::scrape(gw),
+        "moonbit_registry_connections_parked",
+        &[],
+    )
+}
+
+/// Idle keep-alive connections are parked (held without hyper's per-connection
+/// buffers, `moonbit_registry_connections_parked`) and answer their next request
+/// as before; h2 with prior knowledge is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_keep_alive_connections_are_parked_and_answer_their_next_request() {
+    let (s, json) = json_gateway("").await;
+    let gw = s.gateway.addr;
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut conn = TcpStream::connect(gw).await.unwrap();
+        let (code, head, body) = keep_alive_get(&mut conn, &json.url_path()).await;
+        assert_eq!(code, 200, "{head}");
+        assert_eq!(sha256_hex(&body), json.checksum);
+        conns.push(conn);
+    }
+    // Parked after a quarter second without a request.
+    eventually("the ten idle connections are parked", || {
+        parked(&s.gateway) == 10.0
+    })
+    .await;
+    for conn in &mut conns {
+        let (code, head, body) = keep_alive_get(conn, &json.url_path()).await;
+        assert_eq!(code, 200, "{head}");
+        assert_eq!(header(&head, "x-cache"), Some("hit"), "{head}");
+        assert_eq!(sha256_hex(&body), json.checksum);
+    }
+    assert_eq!(s.upstream.count("GET", &json.url_path()), 1);
+    drop(conns);
+    eventually("closed connections leave the gauge", || {
+        parked(&s.gateway) == 0.0
+    })
+    .await;
+
+    let out = curl(&[
+        "-s",
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        &format!("{}/-/health", s.gateway.url()),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2");
+}
+
+/// A parked connection loses no bytes: two requests in one write, and request
+/// heads that arrive in pieces around the moment it parks, are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_and_split_request_heads_survive_parking() {
+    let (s, _) = json_gateway("").await;
+    let gw = s.gateway.addr;
+    let health = "GET /-/health HTTP/1.1\r\nHost: gw\r\n\r\n";
+    let last = "GET /-/health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+    let park = || tokio::time::sleep(Duration::from_millis(700));
+
+    // Pipelined: both in one write.
+    let answer = exchange(gw, &format!("{health}{last}")).await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+
+    // One request, then the next head in pieces, each after the connection parked.
+    let mut conn = TcpStream::connect(gw).await.unwrap();
+    assert_eq!(keep_alive_get(&mut conn, "/-/health").await.0, 200);
+    for piece in ["GET /-/he", "alth HTTP/1.1\r\n", "Host: gw\r\n"] {
+        park().await;
+        conn.write_all(piece.as_bytes()).await.unwrap();
+    }
+    park().await;
+    conn.write_all(b"Connection: close\r\n\r\n").await.unwrap();
+    let (got, closed) = read_to_close(&mut conn, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&got);
+    assert!(closed && answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A whole request and the start of the next in one write; the rest later.
+    let mut conn = TcpStream::connect(gw).await.unwrap();
+    conn.write_all(format!("{health}GET /-/hea").as_bytes())
+        .await
+        .unwrap();
+    park().await;
+    conn.write_all(b"lth HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, closed) = read_to_close(&mut conn, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&got);
+    assert!(closed, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+}

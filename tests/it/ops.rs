@@ -143,7 +143,7 @@ fn sample(line: &str) -> Option<(Series, f64)> {
 }
 
 /// `GET /-/metrics`, parsed.
-fn scrape(gw: &Gateway) -> BTreeMap<Series, f64> {
+pub(crate) fn scrape(gw: &Gateway) -> BTreeMap<Series, f64> {
     let out = curl(&["-f", &format!("{}/-/metrics", gw.url())]);
     ok(&out, "GET /-/metrics");
     let text = String::from_utf8(out.stdout).expect("UTF-8 exposition");
@@ -151,7 +151,7 @@ fn scrape(gw: &Gateway) -> BTreeMap<Series, f64> {
 }
 
 /// The value of `name` with exactly these labels (0 when absent).
-fn value(m: &BTreeMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(m: &BTreeMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut labels: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
