@@ -43,12 +43,17 @@ const ENV: [(&str, &str); 2] = [("GIT_CONFIG_NOSYSTEM", "1"), ("GIT_TERMINAL_PRO
 
 /// Command-line config on every git run: a stalled transfer fails instead of
 /// hanging, and no stored credentials are read or written.
-const CONFIG: [&str; 4] = [
+const CONFIG: [&str; 5] = [
     "http.lowSpeedLimit=1024",
     "http.lowSpeedTime=30",
     "credential.helper=",
     // A source refusing us is an error to report, never a question to ask.
     "core.askPass=",
+    // Only git as a client reads this (a served clone speaks what its client
+    // asks for): v0 names the refs in its first answer, so a mirror fetch that
+    // finds nothing new ends after one round trip to the source, and a clone or
+    // a fetch that moves takes two, where v2 spends one more on `ls-refs`.
+    "protocol.version=0",
 ];
 
 /// Bound on what git may print on stderr that we keep for an error message.

@@ -3,11 +3,17 @@
 //! archive that is not stored yet, through the same fetch-verify-commit path as
 //! `serve`, `--jobs` at a time.
 //!
+//! The refresh is a `git fetch` (one or more round trips to the source), so what
+//! the mirror already selects is downloaded while it runs; the refreshed index
+//! then decides: what it selects that was not fetched under the same index line
+//! (a version published since, a corrected checksum) is fetched after it.
+//!
 //! Safe to interrupt (cacache commits atomically; an unfinished download leaves
 //! nothing visible) and to rerun (what is stored is skipped), and safe beside a
 //! running `serve` on the same data dir (downloads spool in a directory of their
 //! own, never in `serve`'s).
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,26 +24,40 @@ use bytesize::ByteSize;
 use http::{header, Method, Request};
 
 use crate::app::{Mode, Services};
+use crate::archive::ArchiveKey;
 use crate::body;
 use crate::config::Config;
 use crate::index::mirror::Freshness;
 use crate::index::selection::{Chosen, Selection};
+use crate::index::Expectation;
 use crate::progress::Progress;
 use crate::store::ahead::Ahead;
 use crate::upstream::Upstream;
 
-/// Archives downloaded at once unless `--jobs` says otherwise.
-pub const DEFAULT_JOBS: usize = 8;
+/// Archives downloaded at once unless `--jobs` says otherwise: enough for a
+/// typical project's whole closure (a few dozen modules) in one round trip to the
+/// source, still a bound (over HTTP/2 they share one connection).
+pub const DEFAULT_JOBS: usize = 32;
 
-/// Read the mirrors, then refresh them from the upstream. A failed refresh of
-/// an existing mirror is a warning (its last state is used); with no mirror at
-/// all there is nothing to select from.
+/// Read the mirrors, then refresh them from the upstream (see [`refresh_only`]).
 pub async fn refresh(app: &Services) -> anyhow::Result<()> {
+    load(app).await;
+    refresh_only(app).await
+}
+
+/// Read the mirrors as they are, without contacting the upstream.
+async fn load(app: &Services) {
     for m in app.index.mirrors() {
         if let Err(error) = m.load().await {
             tracing::warn!(source = %m.source, %error, "existing index mirror unreadable");
         }
     }
+}
+
+/// Refresh the mirrors from the upstream. A failed refresh of an existing
+/// mirror is a warning (its last state is used); with no mirror at all there is
+/// nothing to select from.
+async fn refresh_only(app: &Services) -> anyhow::Result<()> {
     for (source, freshness) in app.index.refresh_all(true).await? {
         match freshness {
             Freshness::Fresh => {}
@@ -50,6 +70,64 @@ pub async fn refresh(app: &Services) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refresh the index and make sure every archive `selection` picks from the
+/// refreshed index is stored; returns that choice and how each archive went.
+///
+/// While the refresh runs, the mirror is read and what it selects is fetched
+/// (verified against the line the mirror holds). Once refreshed, what the
+/// refreshed index selects with another line, or that the mirror did not have,
+/// is fetched; archives fetched early that it no longer selects stay stored
+/// (verified, of a published version) and are counted as fetched.
+pub async fn refresh_and_fetch(
+    app: &Services,
+    selection: &Selection,
+    jobs: usize,
+    verb: &'static str,
+) -> anyhow::Result<(Chosen, Summary)> {
+    let early = async {
+        load(app).await;
+        // No mirror yet, or nothing it can select yet: the refreshed index decides.
+        let archives = app
+            .index
+            .select(selection)
+            .map(|c| c.archives)
+            .unwrap_or_default();
+        let early = Chosen {
+            archives,
+            missing: Vec::new(),
+        };
+        let summary = fetch_all(app, &early, jobs, verb).await;
+        (early, summary)
+    };
+    let (refreshed, (early, early_summary)) = tokio::join!(refresh_only(app), early);
+    refreshed?;
+    let chosen = app.index.select(selection)?;
+    let settled: HashMap<&ArchiveKey, &Expectation> =
+        early.archives.iter().map(|(k, e)| (k, e)).collect();
+    let (same, rest): (Vec<_>, Vec<_>) = chosen
+        .archives
+        .iter()
+        .cloned()
+        .partition(|(key, expectation)| settled.get(key) == Some(&expectation));
+    let rest = Chosen {
+        archives: rest,
+        missing: chosen.missing.clone(),
+    };
+    let late = fetch_all(app, &rest, jobs, verb).await;
+    let kept: HashSet<String> = same.iter().map(|(k, _)| k.label()).collect();
+    let mut summary = early_summary;
+    // What the refreshed index no longer selects is no failure of this run.
+    summary.present.retain(|(name, _)| kept.contains(name));
+    summary.failed.retain(|(name, _)| kept.contains(name));
+    summary.fetched.extend(late.fetched);
+    summary.present.extend(late.present);
+    summary.failed.extend(late.failed);
+    for list in [&mut summary.fetched, &mut summary.present] {
+        list.sort();
+    }
+    Ok((chosen, summary))
 }
 
 /// How a run ended, per archive.
@@ -227,13 +305,13 @@ pub async fn run(
         bail!("nothing selected: give patterns (alice/json, alice/*, alice/json@^0.3) and/or --from moon.mod.json");
     }
     let app = Services::open(&config, Mode::Command)?;
-    refresh(&app).await?;
-    let chosen = app.index.select(&selection)?;
     if dry {
+        refresh(&app).await?;
+        let chosen = app.index.select(&selection)?;
         return Ok(dry_run(&app, &chosen, jobs).await);
     }
     let started = std::time::Instant::now();
-    let summary = fetch_all(&app, &chosen, jobs, "warm").await;
+    let (_, summary) = refresh_and_fetch(&app, &selection, jobs, "warm").await?;
     // The cluster's tier is filled before the command ends (see `Store::share_stored`).
     if let Some(shared) = app.store.shared() {
         let uploads = app.store.finish_uploads().await;

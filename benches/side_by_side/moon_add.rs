@@ -5,7 +5,8 @@
 //!   `prefetch = false`, in time and in upstream archive requests (prefetch follows
 //!   moon's minimal version selection, so it must fetch exactly what moon asks for);
 //! - issue 16: a cold CI job, `moonbit-registry warm --from moon.mod.json` and then
-//!   `moon add` through the gateway, against `moon add` straight from the upstream.
+//!   `moon add` through the gateway, against `moon add` straight from the upstream
+//!   (and, with `BENCH_BASELINE_BIN`, the same job with that build of the gateway).
 
 use std::path::Path;
 use std::process::Command;
@@ -102,16 +103,27 @@ async fn cold_add(b: &Bench, bin: &Path, prefetch: bool, round: usize) -> (f64, 
 /// index inside `moon add`, as long on both sides), and once with the index
 /// already fetched by an untimed `moon update`, as the issue measured it.
 async fn cold_job(b: &mut Bench, bin: &Path) {
+    let baseline = instances::baseline();
+    // The gateway under test, straight from the upstream, and the baseline build.
+    let contenders = if baseline.is_some() { 3 } else { 2 };
     for index_fetched in [false, true] {
         let (mut job, mut direct, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut job_before, mut warm_before) = (Vec::new(), Vec::new());
         for round in 0..b.rounds {
-            for k in 0..2 {
-                if (k + round) % 2 == 0 {
-                    let (warm_ms, add_ms) = warm_then_add(b, bin, index_fetched).await;
-                    warm.push(warm_ms);
-                    job.push(warm_ms + add_ms);
-                } else {
-                    direct.push(direct_add(b, bin, index_fetched));
+            for k in 0..contenders {
+                match (k + round) % contenders {
+                    0 => {
+                        let (warm_ms, add_ms) = warm_then_add(b, bin, index_fetched, None).await;
+                        warm.push(warm_ms);
+                        job.push(warm_ms + add_ms);
+                    }
+                    1 => direct.push(direct_add(b, bin, index_fetched)),
+                    _ => {
+                        let (warm_ms, add_ms) =
+                            warm_then_add(b, bin, index_fetched, baseline.as_deref()).await;
+                        warm_before.push(warm_ms);
+                        job_before.push(warm_ms + add_ms);
+                    }
                 }
             }
         }
@@ -120,30 +132,58 @@ async fn cold_job(b: &mut Bench, bin: &Path) {
         } else {
             ""
         };
+        let scenario = format!(
+            "cold CI job{index}, {} transitive deps, upstream +100 ms/response",
+            b.fixtures.app_deps
+        );
+        let (job_ms, direct_ms) = (median(&mut job.clone()), median(&mut direct.clone()));
         b.rows.push(Row {
-            scenario: format!(
-                "cold CI job{index}, {} transitive deps, upstream +100 ms/response",
-                b.fixtures.app_deps
-            ),
+            scenario: scenario.clone(),
             metric: "warm --from moon.mod.json + moon add".into(),
             unit: "ms",
             better: Better::Lower,
-            gateway: job,
+            gateway: job.clone(),
             peer: direct,
             peer_name: "moon add straight from the upstream (TLS)".into(),
         });
         b.notes.push(format!(
-            "cold CI job{index}: warm --from moon.mod.json took {:.0} ms (median) of the job",
-            median(&mut warm)
+            "cold CI job{index}: warm --from moon.mod.json took {:.0} ms (median) of the job; \
+             the job took {:.2}x the direct moon add's time",
+            median(&mut warm),
+            job_ms / direct_ms
         ));
+        if !job_before.is_empty() {
+            b.notes.push(format!(
+                "cold CI job{index}, gateway before (BENCH_BASELINE_BIN): {:.0} ms, {:.2}x the \
+                 direct moon add's time (warm {:.0} ms)",
+                median(&mut job_before.clone()),
+                median(&mut job_before.clone()) / direct_ms,
+                median(&mut warm_before)
+            ));
+            b.rows.push(Row {
+                scenario,
+                metric: "warm --from moon.mod.json + moon add".into(),
+                unit: "ms",
+                better: Better::Lower,
+                gateway: job,
+                peer: job_before,
+                peer_name: "gateway before (BENCH_BASELINE_BIN)".into(),
+            });
+        }
     }
 }
 
-/// A fresh gateway; `warm --from moon.mod.json` on its data dir, then `moon add`
-/// through it: (warm ms, moon add ms). With `index_fetched`, moon's index is
-/// cloned first, untimed.
-async fn warm_then_add(b: &Bench, bin: &Path, index_fetched: bool) -> (f64, f64) {
-    let gw = instances::start(&b.upstream, instances::BASE_CONFIG).await;
+/// A fresh gateway (the build `gateway`, else the one under test); `warm --from
+/// moon.mod.json` of the same build on its data dir, then `moon add` through it:
+/// (warm ms, moon add ms). With `index_fetched`, moon's index is cloned first,
+/// untimed.
+async fn warm_then_add(
+    b: &Bench,
+    bin: &Path,
+    index_fetched: bool,
+    gateway: Option<&Path>,
+) -> (f64, f64) {
+    let gw = instances::start_build(&b.upstream, instances::BASE_CONFIG, gateway, &[]).await;
     let work = tempfile::tempdir().expect("moon work dir");
     let home = work.path().join("moon-home");
     let proj = new_project(bin, &home, work.path(), &gw.url());
@@ -170,15 +210,17 @@ async fn warm_then_add(b: &Bench, bin: &Path, index_fetched: bool) -> (f64, f64)
     .expect("write moon.mod.json");
     b.upstream.set_fault(Fault::DelayEach(JOB_DELAY));
     let started = Instant::now();
-    let warmed = admin::run(
-        &[
-            "warm",
-            "--from",
-            manifest.to_str().expect("UTF-8 temp path"),
-        ],
-        Some(&gw.gateway.data_dir),
-        Some(&b.upstream),
-    );
+    let args = [
+        "warm",
+        "--from",
+        manifest.to_str().expect("UTF-8 temp path"),
+    ];
+    let data: Option<&Path> = Some(&gw.gateway.data_dir);
+    let mut warm = match gateway {
+        Some(build) => admin::build_command(build, &args, data, Some(&b.upstream)),
+        None => admin::command(&args, data, Some(&b.upstream)),
+    };
+    let warmed = warm.output().expect("run moonbit-registry warm");
     let warm_ms = started.elapsed().as_secs_f64() * 1000.0;
     ok(&warmed, "moonbit-registry warm --from moon.mod.json");
     let started = Instant::now();

@@ -48,11 +48,9 @@ pub async fn run(
             crate::hosted::Hosted::new(app.data_dir(), &local.name).dir().display()
         );
     }
-    warm::refresh(&app).await?;
-    let chosen = app.index.select(&selection)?;
     let primary = &app.sources[0];
     let started = std::time::Instant::now();
-    let summary = warm::fetch_all(&app, &chosen, jobs, "export").await;
+    let (chosen, summary) = warm::refresh_and_fetch(&app, &selection, jobs, "export").await?;
     // What it fetched or found went to the shared tier too, like `warm`'s.
     app.store.finish_uploads().await;
     summary.print("export", started.elapsed());

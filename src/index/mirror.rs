@@ -74,6 +74,10 @@ pub struct Mirror {
     dir: PathBuf,
     settings: MirrorSettings,
     refresh: tokio::sync::Mutex<RefreshState>,
+    /// Held by each reload from reading the tip to replacing the snapshot: a
+    /// reload at start may run beside a refresh's (`warm` reads the mirror while
+    /// it fetches), and the snapshot must never go back to an older tip.
+    reloading: tokio::sync::Mutex<()>,
     snapshot: RwLock<Arc<Snapshot>>,
     /// Wall-clock time of the last successful refresh, for "age" in logs and health.
     refreshed_at: RwLock<Option<SystemTime>>,
@@ -133,6 +137,7 @@ impl Mirror {
                 last_ok: None,
                 last_error: None,
             }),
+            reloading: tokio::sync::Mutex::new(()),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             refreshed_at: RwLock::new(refreshed_at),
             refreshes: AtomicU64::new(0),
@@ -374,6 +379,7 @@ impl Mirror {
 
     /// Re-read the checksums if the tip moved. Returns whether it did.
     async fn reload(&self) -> Result<bool, String> {
+        let _one = self.reloading.lock().await;
         let commit = match self
             .git(&["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
             .await

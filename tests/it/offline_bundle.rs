@@ -170,6 +170,76 @@ async fn warm_fetches_exactly_the_closure_once_and_reports_what_is_missing() {
     );
 }
 
+/// `warm` downloads what the mirror selects while it refreshes, and the
+/// refreshed index decides: what was published since is fetched too, and what
+/// it no longer selects is not reported. A refresh that finds nothing new costs
+/// one request to the upstream (git's v0 ref advertisement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_fetches_what_the_refreshed_index_selects_and_an_unchanged_index_costs_one_request() {
+    let registry = std::sync::Arc::new(Registry::new());
+    let m = publish(&registry);
+    let up = Upstream::start(registry.clone()).await;
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let from = project(work.path(), "\"alice/app\":\"1.0.0\"");
+    let from = from.to_str().unwrap();
+    let warm = |args: &[&str]| {
+        let out = admin::run(args, Some(&data), Some(&up));
+        succeeded(&out, &format!("warm {args:?}"));
+        stdout(&out)
+    };
+    let first = warm(&["warm", "--from", from]);
+    assert!(first.contains("warm: 4 fetched"), "{first}");
+
+    up.clear_requests();
+    let again = warm(&["warm", "--from", from]);
+    assert!(
+        again.contains("warm: 0 fetched (0 B), 4 already present"),
+        "{again}"
+    );
+    assert_eq!(
+        up.requests(),
+        vec![(
+            "GET".to_string(),
+            "/git/index/info/refs?service=git-upload-pack".to_string()
+        )],
+        "an index with nothing new, every archive stored: one ref advertisement"
+    );
+
+    // Published after the mirror's last refresh: the mirror cannot select it,
+    // the refreshed index does.
+    let core3 = registry.publish("alice/core", "0.3.0", &[]);
+    let app11 = registry.publish(
+        "alice/app",
+        "1.1.0",
+        &[("alice/json", "0.1.0"), ("alice/core", "0.3.0")],
+    );
+    project(work.path(), "\"alice/app\":\"1.1.0\"");
+    up.clear_requests();
+    let newer = warm(&["warm", "--from", from]);
+    assert!(
+        newer.contains("warm: 2 fetched") && newer.contains("1 already present"),
+        "{newer}"
+    );
+    for p in [&core3, &app11] {
+        assert_eq!(up.count("GET", &p.url_path()), 1, "{} fetched once", p.key);
+    }
+    assert_eq!(archive_gets(&up), 2, "{:?}", up.requests());
+
+    // The mirror's newest alice/core (0.3.0, stored) is superseded by 0.4.0:
+    // only 0.4.0 is the run's, fetched once.
+    let core4 = registry.publish("alice/core", "0.4.0", &[]);
+    up.clear_requests();
+    let latest = warm(&["warm", "alice/core", "--latest"]);
+    assert!(
+        latest.contains("warm: 1 fetched") && latest.contains("0 already present"),
+        "{latest}"
+    );
+    assert_eq!(up.count("GET", &core4.url_path()), 1);
+    assert_eq!(archive_gets(&up), 1, "{:?}", up.requests());
+    assert_eq!(up.count("GET", &m.core_old.url_path()), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_warm_killed_midway_leaves_nothing_half_written_and_resumes() {
     let registry = std::sync::Arc::new(Registry::new());

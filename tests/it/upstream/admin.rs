@@ -13,7 +13,18 @@ const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_moonbit-registry");
 /// `moonbit-registry <args>` with `--data-dir`, `--upstream` and `--upstream-ca`
 /// of `upstream` appended when `data_dir` is given (every command but `keygen`).
 pub fn command(args: &[&str], data_dir: Option<&Path>, upstream: Option<&Upstream>) -> Command {
-    let mut cmd = Command::new(GATEWAY_BIN);
+    build_command(Path::new(GATEWAY_BIN), args, data_dir, upstream)
+}
+
+/// [`command`] of the binary `bin` (another build of the gateway, e.g. the one
+/// before a change, for a benchmark to compare with).
+pub fn build_command(
+    bin: &Path,
+    args: &[&str],
+    data_dir: Option<&Path>,
+    upstream: Option<&Upstream>,
+) -> Command {
+    let mut cmd = Command::new(bin);
     without_proxies(&mut cmd);
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
