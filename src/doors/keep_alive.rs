@@ -86,17 +86,20 @@ pub async fn serve(
     let mut read = Bytes::new();
     // One registration for the connection's life, not one per request.
     let mut stopped = std::pin::pin!(stop.cancelled_owned());
-    let mut quiet = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
+    // One timer, for the idle bound while parked and the quiet period while not:
+    // every byte of a parked task counts.
+    let mut timer = std::pin::pin!(tokio::time::sleep(IDLE_TIMEOUT));
     for cycle in 0u64.. {
         // Parked: the socket, nothing more. Bytes of a next request already read
         // (pipelined, or hyper parked between two polls) are served at once.
         if read.is_empty() {
             let _parked = doors.app.metrics.parked();
+            timer.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
             tokio::select! {
-                ready = tokio::time::timeout(IDLE_TIMEOUT, io.get_ref().readable()) => match ready {
-                    Ok(Ok(())) => {}
-                    _ => return,
+                ready = io.get_ref().readable() => if ready.is_err() {
+                    return;
                 },
+                _ = timer.as_mut() => return,
                 _ = stopped.as_mut() => return,
             }
         }
@@ -136,7 +139,7 @@ pub async fn serve(
         );
         let mut stopping = false;
         let mut seen = activity.requests.load(Ordering::Relaxed);
-        quiet.as_mut().reset(Instant::now() + PARK_AFTER);
+        timer.as_mut().reset(Instant::now() + PARK_AFTER);
         let ended = poll_fn(|cx| {
             if !stopping && stopped.as_mut().poll(cx).is_ready() {
                 // Finish the request in flight, then close.
@@ -147,13 +150,13 @@ pub async fn serve(
                 Poll::Ready(ended) => Poll::Ready(Some(ended)),
                 Poll::Pending if !stopping && activity.parkable() => {
                     // Idle now: park once a whole period passed without a request.
-                    while quiet.as_mut().poll(cx).is_ready() {
+                    while timer.as_mut().poll(cx).is_ready() {
                         let requests = activity.requests.load(Ordering::Relaxed);
                         if requests == seen {
                             return Poll::Ready(None);
                         }
                         seen = requests;
-                        quiet.as_mut().reset(Instant::now() + PARK_AFTER);
+                        timer.as_mut().reset(Instant::now() + PARK_AFTER);
                     }
                     Poll::Pending
                 }
