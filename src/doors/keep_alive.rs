@@ -118,7 +118,7 @@ pub async fn serve(
                 }
             };
             if let Err(e) = ended {
-                tracing::debug!(%peer, error = %with_causes(&*e), "connection ended with an error");
+                failed(peer, &*e);
             }
             return;
         }
@@ -166,7 +166,7 @@ pub async fn serve(
         .await;
         if let Some(ended) = ended {
             if let Err(e) = ended {
-                tracing::debug!(%peer, error = %with_causes(&e), "connection ended with an error");
+                failed(peer, &e);
             }
             return;
         }
@@ -177,6 +177,12 @@ pub async fn serve(
         };
         (io, read) = (parts.io.into_inner().io, parts.read_buf);
     }
+}
+
+/// A connection that ended with an error: worth a debug line, nothing more (a
+/// client going away mid-response is one).
+fn failed(peer: SocketAddr, error: &(dyn std::error::Error + 'static)) {
+    tracing::debug!(%peer, error = %with_causes(error), "connection ended with an error");
 }
 
 /// Whether the client opens with h2's preface (h2c with prior knowledge).
