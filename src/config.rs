@@ -111,6 +111,10 @@ pub struct ServerSettings {
     /// A client that takes no response bytes for this long is disconnected.
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed, like
+    /// nginx's `keepalive_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
     /// `user:password` required (HTTP Basic) on the registry endpoint, for gateways
     /// reachable beyond one host; proxy clients use `proxy.auth`.
     pub auth: Option<String>,
@@ -462,6 +466,7 @@ impl Default for ServerSettings {
             max_connections: 1024,
             max_header_size: ByteSize::kib(64),
             send_timeout: Duration::from_secs(60),
+            keep_alive_timeout: Duration::from_secs(30),
             auth: None,
         }
     }

@@ -29,6 +29,35 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8] =
     b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
+/// Called as a worker thread goes idle: hand memory back, at most once a second.
+/// jemalloc trims a thread's cache only as the thread allocates, and its
+/// background thread leaves a few MiB of freed pages unpurged when there are few
+/// of them. So after a burst (1,000 connections served, then idle) the freed
+/// buffers would stay resident, 1.5 KiB per connection gone, for as long as the
+/// gateway stays idle. Purging costs a few madvise calls a second at most.
+fn return_idle_memory() {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+    thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
+    let now = std::time::Instant::now();
+    if LAST.get().is_some_and(|last| now - last < EVERY) {
+        return;
+    }
+    LAST.set(Some(now));
+    for control in [c"thread.tcache.flush", c"arena.4096.purge"] {
+        // SAFETY: documented jemalloc controls that take and return nothing
+        // (4096 is MALLCTL_ARENAS_ALL).
+        unsafe {
+            tikv_jemalloc_sys::mallctl(
+                control.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            );
+        }
+    }
+}
+
 /// A caching gateway for the MoonBit package registry (mooncakes.io).
 #[derive(Parser)]
 #[command(version, about)]
@@ -351,7 +380,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         Mode::Serve
     };
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(return_idle_memory)
+        .build()?;
     runtime.block_on(async {
         let app = Services::open(&config, mode)?;
         moonbit_registry::doors::listener::serve(std::sync::Arc::new(app)).await

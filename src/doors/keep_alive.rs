@@ -1,15 +1,16 @@
-//! One connection of the main listener, from accept to close, with its idle
-//! keep-alive time spent *parked*: held without hyper.
+//! The main listener's connections, from accept to close, with their idle
+//! keep-alive time spent *parked*: held without hyper, and without a task.
 //!
 //! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer (and its
-//! connection state) for every open HTTP/1 connection, busy or not: ~20 KiB per
-//! idle keep-alive connection where nginx needs ~1. So an HTTP/1 connection is
-//! served by a hyper connection only while it is in use. Once hyper waits for the
+//! connection state) for every open HTTP/1 connection, busy or not, and a task
+//! keeps room for its largest state: ~20 KiB per idle keep-alive connection
+//! where nginx needs ~1. So an HTTP/1 connection is served by a hyper connection
+//! in a task of its own only while it is in use. Once hyper waits for the
 //! client's next request with no request in flight and nothing left to write,
 //! and no request came for [`PARK_AFTER`], the hyper connection is taken apart
-//! (`into_parts`: the socket, and any bytes of a next request already read) and
-//! dropped, and the task waits for the socket to become readable, holding only
-//! the socket. The next request gets a fresh hyper connection.
+//! (`into_parts`: the socket, and any bytes of a next request already read),
+//! and the socket goes to the [`parking`](super::parking) lot, which hands it
+//! back to a new task when the client sends again.
 //!
 //! What is never parked: a connection whose request had a body (hyper owns the
 //! body's framing, and an unread rest must not be taken for a request), one
@@ -22,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,14 +38,13 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::parking::{Parkable, Parking};
 use super::send_timeout::SendTimeout;
 use super::{with_causes, Doors};
 use crate::body::GatewayBody;
-
-/// How long a parked connection waits for its next request, like hyper's own
-/// head timeout did for an idle one before.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::ops::metrics::{ConnectionGuard, DoorName};
 
 /// How long a connection must have had no new request before it is parked. Not
 /// at once: a fresh hyper connection per request would cost a busy client's
@@ -55,21 +55,95 @@ const PARK_AFTER: Duration = Duration::from_millis(250);
 /// The h2 connection preface starts so; no HTTP/1 method does.
 const H2_PREFACE_START: &[u8] = b"PRI";
 
-/// Serve `stream` until the client closes it, it idles out, or `stop` (then a
-/// request in flight is finished, a parked connection closed at once).
-pub async fn serve(
+/// The main listener's connections: the doors that serve them, the tracker a
+/// graceful stop waits on, and the lot their idle time is spent in.
+pub struct Connections {
     doors: Arc<Doors>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    parking: Parking<Conn>,
+}
+
+/// An open connection between two hyper connections: all that parking keeps.
+struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
-    stop: CancellationToken,
-) {
-    // Shared with a CONNECT tunnel born on this connection, which outlives the
-    // HTTP connection (hyper hands the socket over).
-    let permit = Arc::new(permit);
+    /// Shared with a CONNECT tunnel born on this connection, which outlives the
+    /// HTTP connection (hyper hands the socket over).
+    permit: Arc<OwnedSemaphorePermit>,
+    _open: ConnectionGuard,
+    /// No request yet: it may still open with h2's preface.
+    fresh: bool,
+}
+
+impl Parkable for Conn {
+    fn socket(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl Connections {
+    /// Connections are tracked by `tracker`; `stop` ends them: a request in
+    /// flight is finished, a parked connection closed at once.
+    pub fn new(doors: Arc<Doors>, tracker: TaskTracker, stop: CancellationToken) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<Connections>| {
+            let me = me.clone();
+            let idle = doors.keep_alive_timeout;
+            let parking = Parking::new(&tracker, stop.clone(), idle, move |conn| {
+                if let Some(connections) = me.upgrade() {
+                    connections.spawn(conn);
+                }
+            });
+            Connections {
+                doors,
+                tracker,
+                stop,
+                parking,
+            }
+        })
+    }
+
+    /// Serve a connection the listener accepted, holding its `permit`.
+    pub fn accept(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let _ = stream.set_nodelay(true);
+        self.spawn(Conn {
+            stream,
+            peer,
+            permit: Arc::new(permit),
+            _open: self.doors.app.metrics.connection(DoorName::Main),
+            fresh: true,
+        });
+    }
+
+    fn spawn(self: &Arc<Self>, conn: Conn) {
+        self.tracker.spawn(serve(self.clone(), conn));
+    }
+
+    fn park(&self, conn: Conn) {
+        self.parking.park(conn, self.doors.app.metrics.parked());
+    }
+}
+
+/// Serve `conn` (new, or back from the lot) until the client closes it, it goes
+/// quiet (then it is parked), or the stop (then a request in flight is
+/// finished).
+async fn serve(connections: Arc<Connections>, conn: Conn) {
+    let Conn {
+        stream,
+        peer,
+        permit,
+        _open: open,
+        mut fresh,
+    } = conn;
+    let doors = &connections.doors;
     let activity = Arc::new(Activity::default());
     let service = {
-        let (doors, activity) = (doors.clone(), activity.clone());
+        let (doors, activity, permit) = (doors.clone(), activity.clone(), permit.clone());
         service_fn(move |req: Request<Incoming>| {
             let busy = Busy::enter(&activity);
             if !req.body().is_end_stream() {
@@ -83,27 +157,23 @@ pub async fn serve(
         })
     };
     let mut io = SendTimeout::new(stream, doors.send_timeout);
-    let mut read = Bytes::new();
-    // One registration for the connection's life, not one per request.
-    let mut stopped = std::pin::pin!(stop.cancelled_owned());
-    // One timer, for the idle bound while parked and the quiet period while not:
-    // every byte of a parked task counts.
-    let mut timer = std::pin::pin!(tokio::time::sleep(IDLE_TIMEOUT));
-    for cycle in 0u64.. {
-        // Parked: the socket, nothing more. Bytes of a next request already read
-        // (pipelined, or hyper parked between two polls) are served at once.
-        if read.is_empty() {
-            let _parked = doors.app.metrics.parked();
-            timer.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
-            tokio::select! {
-                ready = io.get_ref().readable() => if ready.is_err() {
-                    return;
-                },
-                _ = timer.as_mut() => return,
-                _ = stopped.as_mut() => return,
-            }
+    let mut stopped = std::pin::pin!(connections.stop.cancelled());
+    // The park-after period, first for a request to come (immediate for a
+    // connection back from the lot), then each time the connection is quiet.
+    let mut timer = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
+    tokio::select! {
+        ready = io.get_ref().readable() => if ready.is_err() {
+            return;
+        },
+        _ = timer.as_mut() => {
+            let stream = io.into_inner();
+            return connections.park(Conn { stream, peer, permit, _open: open, fresh });
         }
-        if cycle == 0 && is_h2(io.get_ref()).await {
+        _ = stopped.as_mut() => return,
+    }
+    let mut read = Bytes::new();
+    loop {
+        if fresh && is_h2(io.get_ref()).await {
             // Boxed, like the HTTP/1 connection below.
             let mut conn = Box::pin(
                 doors
@@ -122,6 +192,7 @@ pub async fn serve(
             }
             return;
         }
+        fresh = false;
         activity.read_waiting.store(false, Ordering::Relaxed);
         activity.unflushed.store(false, Ordering::Relaxed);
         activity.keep.store(!read.is_empty(), Ordering::Relaxed);
@@ -130,7 +201,7 @@ pub async fn serve(
             read,
             activity: activity.clone(),
         };
-        // Boxed: a parked task must not keep room for a hyper connection.
+        // Boxed: the task's future stays small while hyper is not serving.
         let mut conn = Box::new(
             doors
                 .http1
@@ -176,6 +247,17 @@ pub async fn serve(
             return;
         };
         (io, read) = (parts.io.into_inner().io, parts.read_buf);
+        if read.is_empty() {
+            // Quiet for a whole period already: straight to the lot.
+            let stream = io.into_inner();
+            return connections.park(Conn {
+                stream,
+                peer,
+                permit,
+                _open: open,
+                fresh,
+            });
+        }
     }
 }
 

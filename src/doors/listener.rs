@@ -12,7 +12,6 @@ use tokio_util::task::TaskTracker;
 
 use super::{keep_alive, transparent, Doors};
 use crate::app::Services;
-use crate::ops::metrics::DoorName;
 
 /// How long shutdown waits for open transfers.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +54,7 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
     }
 
     let (connections, stop) = (TaskTracker::new(), CancellationToken::new());
+    let main = keep_alive::Connections::new(doors.clone(), connections.clone(), stop.clone());
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         // Past server.max_connections, new clients wait in the accept queue.
@@ -76,13 +76,7 @@ pub async fn serve(app: Arc<Services>) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let open = doors.app.metrics.connection(DoorName::Main);
-                let served = keep_alive::serve(doors.clone(), stream, peer, permit, stop.clone());
-                connections.spawn(async move {
-                    let _open = open;
-                    served.await;
-                });
+                main.accept(stream, peer, permit);
             }
             _ = &mut shutdown => break,
         }

@@ -7,6 +7,7 @@
 
 pub mod keep_alive;
 pub mod listener;
+pub mod parking;
 pub mod proxy;
 pub mod send_timeout;
 pub mod sni;
@@ -58,6 +59,8 @@ pub struct Doors {
     pub http1: http1::Builder,
     /// A client that takes no response bytes for this long is disconnected.
     pub send_timeout: Duration,
+    /// A main-listener connection idle this long between requests is closed.
+    pub keep_alive_timeout: Duration,
     /// `user:password` required on the registry endpoint (`server.auth`), if set.
     pub server_auth: Option<String>,
 }
@@ -114,6 +117,7 @@ impl Doors {
             http: http_builder(server.max_header_size.as_u64()),
             http1: http1_builder(server.max_header_size.as_u64()),
             send_timeout: server.send_timeout,
+            keep_alive_timeout: server.keep_alive_timeout,
             server_auth: server.auth.clone(),
             listening,
             // A gateway that wants credentials on its registry endpoint wants them

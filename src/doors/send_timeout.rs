@@ -33,6 +33,10 @@ impl<IO> SendTimeout<IO> {
         &self.io
     }
 
+    pub fn into_inner(self) -> IO {
+        self.io
+    }
+
     /// After the inner write was not ready: fail once the wait has lasted `limit`.
     fn waited(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let limit = self.limit;

@@ -760,6 +760,40 @@ async fn idle_keep_alive_connections_are_parked_and_answer_their_next_request() 
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2");
 }
 
+/// `server.keep_alive_timeout` bounds a parked connection's idle time: it is
+/// closed, and leaves the gauge; one that speaks within the bound is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parked_connections_are_closed_after_the_keep_alive_timeout() {
+    let (s, json) = json_gateway("[server]\nkeep_alive_timeout = \"2s\"\n").await;
+    let gw = s.gateway.addr;
+    let (mut idle, mut busy) = (
+        TcpStream::connect(gw).await.unwrap(),
+        TcpStream::connect(gw).await.unwrap(),
+    );
+    for conn in [&mut idle, &mut busy] {
+        assert_eq!(keep_alive_get(conn, &json.url_path()).await.0, 200);
+    }
+    eventually("both connections are parked", || parked(&s.gateway) == 2.0).await;
+    let started = Instant::now();
+    // `busy` speaks every second, within the bound each time.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(keep_alive_get(&mut busy, "/-/health").await.0, 200);
+    }
+    let (got, closed) = read_to_close(&mut idle, Duration::from_secs(5)).await;
+    let waited = started.elapsed();
+    assert!(closed && got.is_empty(), "closed without a word: {got:?}");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "closed after {waited:?}, the bound being 2 s (kept in rows of 1 s)"
+    );
+    eventually("the closed connection leaves the gauge", || {
+        parked(&s.gateway) <= 1.0
+    })
+    .await;
+    assert_eq!(keep_alive_get(&mut busy, "/-/health").await.0, 200);
+}
+
 /// A parked connection loses no bytes: two requests in one write, and request
 /// heads that arrive in pieces around the moment it parks, are all answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
