@@ -173,12 +173,46 @@ pub async fn route(
     door: Door,
     client: Option<Client>,
 ) -> Response<GatewayBody> {
-    // The target borrowed from a copy of the URI (shared bytes, nothing copied),
-    // since the request itself moves on to the handler.
-    let uri = req.uri().clone();
-    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    match classify_request(app, req, door, client) {
+        Routed::Answered(resp) => resp,
+        // Boxed: hyper keeps each connection's request future allocated for the
+        // connection's life, so what only other requests need is not part of it.
+        Routed::Pending(pending) => Box::pin(pending.answer(app)).await,
+    }
+}
+
+/// A request after [`classify_request`]: answered already, or still to answer.
+pub enum Routed {
+    Answered(Response<GatewayBody>),
+    Pending(Box<Pending>),
+}
+
+/// A classified request the hot path could not answer, owning what
+/// [`Pending::answer`] needs (so a door can run it in a future of its own).
+pub struct Pending {
+    route: Route,
+    req: Request<GatewayBody>,
+    door: Door,
+    client: Option<Client>,
+    at: Option<std::time::SystemTime>,
+    /// The target without the `/job/` and `/at/` prefixes, from this byte of the
+    /// request's path and query.
+    from: usize,
+    job: Option<JobId>,
+}
+
+/// The synchronous part of [`route`]: classify `req`, and answer it at once
+/// when the memory tier can, or it is refused. No future is needed for those,
+/// so a hot hit costs the doors no per-request future to build and move.
+pub fn classify_request(
+    app: &Services,
+    req: Request<GatewayBody>,
+    door: Door,
+    client: Option<Client>,
+) -> Routed {
+    let full = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // `/job/<id>/` and `/at/<time>/` prefixes, in either order: data on the request.
-    let prefixes = job_prefix(target).and_then(|(job, rest)| {
+    let prefixes = job_prefix(full).and_then(|(job, rest)| {
         let (at, rest) = pinned(rest)?;
         match job {
             Some(job) => Ok((Some(job), at, rest)),
@@ -190,9 +224,10 @@ pub async fn route(
         Err(reason) => {
             let mut resp = body::text(StatusCode::BAD_REQUEST, reason);
             resp.extensions_mut().insert(RouteName::Refused);
-            return resp;
+            return Routed::Answered(resp);
         }
     };
+    let from = full.len() - target.len();
     // A job named by the door (the proxy user name) when the path names none.
     let job = job.or_else(|| req.extensions().get::<JobId>().cloned());
     let credentials = req.headers().contains_key(header::AUTHORIZATION)
@@ -201,17 +236,53 @@ pub async fn route(
     if let Route::Archive(key) = &route {
         app.metrics.recent().module_asked(&key.user, &key.module);
     }
-    let name = route.name();
-    let view = View { at, target };
-    let head = req.method() == Method::HEAD;
-    let mut resp = match memory_hit(app, &route, head).await {
-        Some(hit) => hit,
-        // Boxed: hyper keeps each connection's request future allocated for the
-        // connection's life, so what only other requests need is not part of it.
-        None => Box::pin(dispatch(app, route, req, door.source(), client, view)).await,
-    };
-    // For the access log, metrics and job counters, counted by the doors when the
-    // response ends.
+    match memory_hit(app, &route, req.method() == Method::HEAD) {
+        Some(hit) => Routed::Answered(labelled(hit, route.name(), job)),
+        None => Routed::Pending(Box::new(Pending {
+            route,
+            req,
+            door,
+            client,
+            at,
+            from,
+            job,
+        })),
+    }
+}
+
+impl Pending {
+    /// Answer the request: the handlers, the upstream, the disk.
+    pub async fn answer(self, app: &Services) -> Response<GatewayBody> {
+        let Pending {
+            route,
+            req,
+            door,
+            client,
+            at,
+            from,
+            job,
+        } = self;
+        let name = route.name();
+        // The target borrowed from a copy of the URI (shared bytes, nothing
+        // copied), since the request itself moves on to the handler.
+        let uri = req.uri().clone();
+        let full = uri.path_and_query().map_or("/", |p| p.as_str());
+        let view = View {
+            at,
+            target: full.get(from..).unwrap_or("/"),
+        };
+        let resp = dispatch(app, route, req, door.source(), client, view).await;
+        labelled(resp, name, job)
+    }
+}
+
+/// For the access log, metrics and job counters, counted by the doors when the
+/// response ends.
+fn labelled(
+    mut resp: Response<GatewayBody>,
+    name: RouteName,
+    job: Option<JobId>,
+) -> Response<GatewayBody> {
     resp.extensions_mut().insert(name);
     if let Some(job) = job {
         resp.extensions_mut().insert(job);
@@ -222,15 +293,13 @@ pub async fn route(
 /// The hot path: an archive the memory tier holds, that the index vouches for
 /// (its sha256), with nothing remembered against it. No object, no URLs, no
 /// refresh: one index read and one memory-tier lookup. `None` for anything else.
-async fn memory_hit(app: &Services, route: &Route, head: bool) -> Option<Response<GatewayBody>> {
+fn memory_hit(app: &Services, route: &Route, head: bool) -> Option<Response<GatewayBody>> {
     let Route::Archive(key) = route else {
         return None;
     };
-    app.store
-        .memory_hit(&key.store_key(), head, |sha256| {
-            app.index.vouches(key, sha256)
-        })
-        .await
+    app.store.memory_hit(&key.store_key(), head, |sha256| {
+        app.index.vouches(key, sha256)
+    })
 }
 
 /// Split `/job/<id>/rest` into the job and `/rest`; other targets are returned whole.

@@ -4,7 +4,8 @@
 //! table of medians and ratios at the end.
 //!
 //! Environment: `BENCH_ROUNDS` (runs per measurement, default 5), `BENCH_SECONDS`
-//! (length of one wrk run, default 3), `BENCH_HUGE=0` skips the 1 GiB archive.
+//! (length of one wrk run, default 3), `BENCH_HUGE=0` skips the 1 GiB archive,
+//! `BENCH_HOT=64` runs only the hot-hit sizes whose label holds it (e.g. to profile one).
 //! Arguments pick scenarios: `hot cold stampede index memory moon merge shared` (default: all).
 
 mod client;

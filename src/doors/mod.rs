@@ -15,10 +15,14 @@ pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -33,8 +37,21 @@ use crate::client::{basic_matches, Client};
 use crate::intercept::{load_ca, Interceptor};
 use crate::ops::access::{self, Access};
 use crate::ops::metrics::TunnelDecision;
-use crate::router::{self, Door};
+use crate::router::{self, Door, Routed};
 use tunnel::TunnelPolicy;
+
+/// The future of one main-listener request: ready at once, or boxed.
+pub type Served = Either<
+    std::future::Ready<Result<Response<GatewayBody>, Infallible>>,
+    Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>,
+>;
+
+/// A main-listener request that needs a future: what it waits on.
+enum Pending {
+    Connect(Request<Incoming>, Arc<OwnedSemaphorePermit>),
+    Absolute(Request<Incoming>),
+    Routed(Box<router::Pending>),
+}
 
 /// How long a client may take to send a request head; bounds slow-loris connections.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -244,39 +261,58 @@ impl Doors {
 
     /// Every request on the main listener: registry endpoint or forward proxy.
     /// `permit` is the connection's place under `server.max_connections`.
-    pub async fn main(
+    ///
+    /// What can be answered at once (a memory-tier hit, a refusal) is, with a
+    /// ready future: hyper moves each request's future into place, and the one
+    /// for everything else (boxed here) is ~2 KiB.
+    pub fn main(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
         permit: Arc<OwnedSemaphorePermit>,
-    ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
-        let started = Instant::now();
-        let (method, target) = (req.method().clone(), req.uri().clone());
+    ) -> Served {
         let proxied = req.method() == Method::CONNECT || req.uri().authority().is_some();
-        let host = proxied.then(|| req.uri().host().unwrap_or("-").to_string());
-        // Proxy traffic boxed: the future of this function lives as long as its
-        // connection (hyper keeps it allocated), so it holds only what every
-        // registry request needs.
-        let resp = if req.method() == Method::CONNECT {
-            Box::pin(proxy::connect(self.clone(), req, peer, permit)).await
-        } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
-            // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
-            Box::pin(proxy::absolute(&self, req, peer)).await
-        } else {
-            match self.endpoint_credentials(req) {
-                Ok(req) => self.route(req, Door::Endpoint, peer).await,
-                Err(refusal) => refusal,
-            }
-        };
         let access = Access {
             door: if proxied { "proxy" } else { "endpoint" },
-            method,
-            target,
-            host,
+            method: req.method().clone(),
+            target: req.uri().clone(),
+            host: proxied.then(|| req.uri().host().unwrap_or("-").to_string()),
             source: (!proxied).then_some(0),
-            started,
+            started: Instant::now(),
         };
-        Ok(access::track(self.recorders(), access, resp))
+        let pending = if req.method() == Method::CONNECT {
+            Pending::Connect(req, permit)
+        } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
+            // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
+            Pending::Absolute(req)
+        } else {
+            let req = match self.endpoint_credentials(req) {
+                Ok(req) => req.map(body::incoming),
+                Err(refusal) => return self.answered(access, refusal),
+            };
+            match router::classify_request(&self.app, req, Door::Endpoint, Some(Client(peer))) {
+                Routed::Answered(resp) => return self.answered(access, resp),
+                Routed::Pending(pending) => Pending::Routed(pending),
+            }
+        };
+        Either::Right(Box::pin(async move {
+            let resp = match pending {
+                Pending::Connect(req, permit) => {
+                    proxy::connect(self.clone(), req, peer, permit).await
+                }
+                Pending::Absolute(req) => proxy::absolute(&self, req, peer).await,
+                Pending::Routed(pending) => pending.answer(&self.app).await,
+            };
+            Ok(access::track(self.recorders(), access, resp))
+        }))
+    }
+
+    fn answered(&self, access: Access, resp: Response<GatewayBody>) -> Served {
+        Either::Left(std::future::ready(Ok(access::track(
+            self.recorders(),
+            access,
+            resp,
+        ))))
     }
 
     /// A request decrypted from an intercepted TLS connection for `source`.

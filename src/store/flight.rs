@@ -594,7 +594,7 @@ async fn commit(store: &Store, object: &Object, spooled: &Spooled) -> bool {
     }
     if let Some(bytes) = &spooled.hot {
         let hot = Hot::new(bytes.clone(), sha256.clone(), object.content_type);
-        store.memory.insert(object.key.clone(), hot).await;
+        store.memory.insert(object.key.clone(), hot);
     }
     true
 }

@@ -74,7 +74,7 @@ pub(super) async fn respond(
         return match read_small(file, size).await {
             Ok((bytes, sha256)) if sha256 == *expected => {
                 let hot = Hot::new(bytes.clone(), sha256, object.content_type);
-                store.memory.insert(object.key.clone(), hot).await;
+                store.memory.insert(object.key.clone(), hot);
                 object_response(object, Some(size), Some(expected), "hit", body::full(bytes))
             }
             Ok((_, actual)) => refuse_damaged(label, expected, &actual, path),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use moka::future::Cache;
+use moka::sync::Cache;
 
 use super::object::response_head;
 
@@ -94,13 +94,16 @@ impl Memory {
         self.cache.weighted_size()
     }
 
-    pub async fn get(&self, key: &str) -> Option<Arc<Hot>> {
-        self.cache.get(key).await
+    // Synchronous: a lookup is a hash and a read lock, nothing to wait for, and
+    // moka's async `get` would make every request's future ~1 KiB larger (hyper
+    // moves it into place per request).
+    pub fn get(&self, key: &str) -> Option<Arc<Hot>> {
+        self.cache.get(key)
     }
 
-    pub async fn insert(&self, key: String, hot: Hot) {
+    pub fn insert(&self, key: String, hot: Hot) {
         if self.fits(hot.bytes.len() as u64) {
-            self.cache.insert(key, Arc::new(hot)).await;
+            self.cache.insert(key, Arc::new(hot));
         }
     }
 }

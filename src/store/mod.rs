@@ -248,7 +248,6 @@ impl Store {
         if let Some(hot) = self
             .memory
             .get(&object.key)
-            .await
             .filter(|h| object.accepts(&h.sha256))
         {
             return Some(self.answer_hot(&hot, head));
@@ -260,7 +259,7 @@ impl Store {
     /// `vouched` accepts (the index's checksum), and nothing is remembered against
     /// the key (a recent upstream 404, a bad upstream copy), which the full path in
     /// [`Store::respond`] weighs instead. `None` sends the request down that path.
-    pub async fn memory_hit(
+    pub fn memory_hit(
         &self,
         key: &str,
         head: bool,
@@ -269,7 +268,7 @@ impl Store {
         if self.not_found.holds(key) || self.quarantine.holds(key) {
             return None;
         }
-        let hot = self.memory.get(key).await?;
+        let hot = self.memory.get(key)?;
         if !vouched(&hot.sha256) {
             return None;
         }
@@ -307,8 +306,7 @@ impl Store {
             }
         }
         let listed = matches!(object.trust, Trust::Checksum { .. });
-        if self.not_found.remembered(&object.key, listed)
-            || self.memory.get(&object.key).await.is_some()
+        if self.not_found.remembered(&object.key, listed) || self.memory.get(&object.key).is_some()
         {
             return;
         }
@@ -357,7 +355,7 @@ impl Store {
             match self.disk.read(&entry).await {
                 Ok(bytes) => {
                     let hot = Hot::new(bytes.clone(), sha.clone(), object.content_type);
-                    self.memory.insert(object.key.clone(), hot).await;
+                    self.memory.insert(object.key.clone(), hot);
                     body::full(bytes)
                 }
                 Err(e) => return self.drop_corrupt(object, &entry, e).await,
