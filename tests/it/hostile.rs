@@ -794,6 +794,27 @@ async fn parked_connections_are_closed_after_the_keep_alive_timeout() {
     assert_eq!(keep_alive_get(&mut busy, "/-/health").await.0, 200);
 }
 
+/// On SIGTERM a parked connection is closed at once and the gateway exits
+/// without waiting out its drain bound (10 s) on the parking lot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_closes_parked_connections_at_once() {
+    let (mut s, json) = json_gateway("").await;
+    let mut conn = TcpStream::connect(s.gateway.addr).await.unwrap();
+    assert_eq!(keep_alive_get(&mut conn, &json.url_path()).await.0, 200);
+    eventually("the connection is parked", || parked(&s.gateway) == 1.0).await;
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| s.gateway.terminate(Duration::from_secs(5)));
+    let status = status.expect("the gateway still ran 5 s after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+    let (got, closed) = read_to_close(&mut conn, Duration::from_secs(1)).await;
+    assert!(closed && got.is_empty(), "closed without a word: {got:?}");
+}
+
 /// A parked connection loses no bytes: two requests in one write, and request
 /// heads that arrive in pieces around the moment it parks, are all answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

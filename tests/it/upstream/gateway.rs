@@ -217,6 +217,26 @@ impl Gateway {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Asks the process to stop (SIGTERM) and waits for it at most `within`:
+    /// its exit status, or `None` if it is still running then (it is killed).
+    pub fn terminate(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// Kills the process (SIGKILL) and reaps it; the data dir stays.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
