@@ -253,26 +253,18 @@ pub fn classify_request(
 impl Pending {
     /// Answer the request: the handlers, the upstream, the disk.
     pub async fn answer(self, app: &Services) -> Response<GatewayBody> {
-        let Pending {
-            route,
-            req,
-            door,
-            client,
-            at,
-            from,
-            job,
-        } = self;
-        let name = route.name();
+        let name = self.route.name();
         // The target borrowed from a copy of the URI (shared bytes, nothing
         // copied), since the request itself moves on to the handler.
-        let uri = req.uri().clone();
+        let uri = self.req.uri().clone();
         let full = uri.path_and_query().map_or("/", |p| p.as_str());
         let view = View {
-            at,
-            target: full.get(from..).unwrap_or("/"),
+            at: self.at,
+            target: full.get(self.from..).unwrap_or("/"),
         };
-        let resp = dispatch(app, route, req, door.source(), client, view).await;
-        labelled(resp, name, job)
+        let source = self.door.source();
+        let resp = dispatch(app, self.route, self.req, source, self.client, view).await;
+        labelled(resp, name, self.job)
     }
 }
 
