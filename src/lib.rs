@@ -21,6 +21,7 @@ pub mod git;
 pub mod hosted;
 pub mod index;
 pub mod intercept;
+pub mod memfile;
 pub mod mutable_cache;
 pub mod ops;
 pub mod passthrough;

@@ -23,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +44,7 @@ use super::parking::{Parkable, Parking};
 use super::send_timeout::SendTimeout;
 use super::{with_causes, Doors};
 use crate::body::GatewayBody;
+use crate::memfile::Sendable;
 use crate::ops::metrics::{ConnectionGuard, DoorName};
 
 /// How long a connection must have had no new request before it is parked. Not
@@ -150,8 +151,12 @@ async fn serve(connections: Arc<Connections>, conn: Conn) {
                 activity.keep.store(true, Ordering::Relaxed);
             }
             let handled = doors.clone().main(req, peer, permit.clone());
+            let activity = activity.clone();
             async move {
                 let resp = handled.await?;
+                if let Some(sendable) = resp.extensions().get::<Sendable>() {
+                    activity.send_from(sendable.clone());
+                }
                 Ok::<_, Infallible>(resp.map(|body| Held { body, _busy: busy }))
             }
         })
@@ -294,9 +299,20 @@ struct Activity {
     /// This hyper connection serves on to its end: a request body was seen, or
     /// it began with part of a head.
     keep: AtomicBool,
+    /// The in-memory file the last response's body lives in, if it does: the
+    /// socket is handed the file for slices of it (see [`crate::memfile`]).
+    /// Replaced by the next such response, dropped with the task: it is not
+    /// cleared when the body ends, as hyper writes the bytes after that.
+    sendable: Mutex<Option<Sendable>>,
 }
 
 impl Activity {
+    fn send_from(&self, sendable: Sendable) {
+        if let Ok(mut slot) = self.sendable.lock() {
+            *slot = Some(sendable);
+        }
+    }
+
     fn parkable(&self) -> bool {
         self.busy.load(Ordering::Relaxed) == 0
             && self.read_waiting.load(Ordering::Relaxed)
@@ -377,6 +393,27 @@ impl AsyncRead for Watched {
 }
 
 impl Watched {
+    /// Write `bufs` by `sendfile` if they start with a slice of the in-memory
+    /// file the response came from; the slices before one, by a plain write.
+    /// `None` when none is.
+    fn send_mapped(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Option<Poll<io::Result<usize>>> {
+        let slot = self.activity.sendable.lock().ok()?;
+        let sendable = slot.as_ref()?;
+        let at = bufs.iter().position(|b| sendable.offset_of(b).is_some())?;
+        if at > 0 {
+            return Some(Pin::new(&mut self.io).poll_write_vectored(cx, &bufs[..at]));
+        }
+        let offset = sendable.offset_of(&bufs[0])?;
+        Some(
+            self.io
+                .poll_sendfile(cx, sendable.file(), offset, bufs[0].len()),
+        )
+    }
+
     fn wrote<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if let Poll::Ready(Ok(_)) = polled {
             self.activity.unflushed.store(true, Ordering::Relaxed);
@@ -400,7 +437,10 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let polled = match self.send_mapped(cx, bufs) {
+            Some(polled) => polled,
+            None => Pin::new(&mut self.io).poll_write_vectored(cx, bufs),
+        };
         self.wrote(polled)
     }
 

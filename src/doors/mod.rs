@@ -47,7 +47,7 @@ pub type Served = Either<
 >;
 
 /// A main-listener request that needs a future: what it waits on.
-enum Pending {
+enum Deferred {
     Connect(Request<Incoming>, Arc<OwnedSemaphorePermit>),
     Absolute(Request<Incoming>),
     Routed(Box<router::Pending>),
@@ -280,11 +280,11 @@ impl Doors {
             source: (!proxied).then_some(0),
             started: Instant::now(),
         };
-        let pending = if req.method() == Method::CONNECT {
-            Pending::Connect(req, permit)
+        let deferred = if req.method() == Method::CONNECT {
+            Deferred::Connect(req, permit)
         } else if req.uri().authority().is_some() && req.version() < http::Version::HTTP_2 {
             // h2 requests always carry an authority; only HTTP/1 absolute-form is proxy traffic.
-            Pending::Absolute(req)
+            Deferred::Absolute(req)
         } else {
             let req = match self.endpoint_credentials(req) {
                 Ok(req) => req.map(body::incoming),
@@ -292,16 +292,16 @@ impl Doors {
             };
             match router::classify_request(&self.app, req, Door::Endpoint, Some(Client(peer))) {
                 Routed::Answered(resp) => return self.answered(access, resp),
-                Routed::Pending(pending) => Pending::Routed(pending),
+                Routed::Pending(pending) => Deferred::Routed(pending),
             }
         };
         Either::Right(Box::pin(async move {
-            let resp = match pending {
-                Pending::Connect(req, permit) => {
+            let resp = match deferred {
+                Deferred::Connect(req, permit) => {
                     proxy::connect(self.clone(), req, peer, permit).await
                 }
-                Pending::Absolute(req) => proxy::absolute(&self, req, peer).await,
-                Pending::Routed(pending) => pending.answer(&self.app).await,
+                Deferred::Absolute(req) => proxy::absolute(&self, req, peer).await,
+                Deferred::Routed(pending) => pending.answer(&self.app).await,
             };
             Ok(access::track(self.recorders(), access, resp))
         }))

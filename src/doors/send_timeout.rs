@@ -5,11 +5,13 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 /// `IO` whose writes fail with `TimedOut` once one has waited `limit` without progress.
@@ -63,6 +65,32 @@ impl<IO> SendTimeout<IO> {
                 Poll::Ready(r)
             }
             Poll::Pending => self.waited(cx).map(Err),
+        }
+    }
+}
+
+impl SendTimeout<TcpStream> {
+    /// Send `len` bytes of `file` from `offset` with `sendfile`, under the same
+    /// progress bound as a write.
+    pub fn poll_sendfile(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.io.poll_write_ready(cx)?.is_pending() {
+                return self.progressed(Poll::Pending, cx);
+            }
+            let sent = self.io.try_io(Interest::WRITABLE, || {
+                let mut at = offset;
+                rustix::fs::sendfile(&self.io, file, Some(&mut at), len).map_err(io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                sent => return self.progressed(Poll::Ready(sent), cx),
+            }
         }
     }
 }

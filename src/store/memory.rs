@@ -12,6 +12,7 @@ use http::HeaderMap;
 use moka::sync::Cache;
 
 use super::object::response_head;
+use crate::memfile::{self, Sendable};
 
 /// What the memory tier keeps for one object.
 pub struct Hot {
@@ -23,17 +24,28 @@ pub struct Hot {
     /// When the content file's last use was last recorded (seconds on [`clock`]),
     /// so a hit checks one atomic instead of a table of paths.
     touched: AtomicU64,
+    /// For a larger object, `bytes` live in an in-memory file the doors can
+    /// `sendfile` from.
+    pub sendable: Option<Sendable>,
 }
 
 impl Hot {
     pub fn new(bytes: Bytes, sha256: String, content_type: &'static str) -> Hot {
         // Exactly what a hit from the disk tier answers with.
         let head = response_head(content_type, Some(bytes.len() as u64), Some(&sha256), "hit");
+        let (bytes, sendable) = match bytes.len() >= memfile::MIN_SIZE {
+            true => match Sendable::copy_of(&bytes) {
+                Some((mapped, sendable)) => (mapped, Some(sendable)),
+                None => (bytes, None),
+            },
+            false => (bytes, None),
+        };
         Hot {
             bytes,
             sha256,
             head,
             touched: AtomicU64::new(u64::MAX),
+            sendable,
         }
     }
 

@@ -289,6 +289,9 @@ impl Store {
         *resp.headers_mut() = hot.head();
         // For `served_bytes_total{tier="memory"}`: other hits are the disk's.
         resp.extensions_mut().insert(Tier::Memory);
+        if let (Some(sendable), false) = (&hot.sendable, head) {
+            resp.extensions_mut().insert(sendable.clone());
+        }
         resp
     }
 

@@ -815,6 +815,57 @@ async fn a_stop_closes_parked_connections_at_once() {
     assert!(closed && got.is_empty(), "closed without a word: {got:?}");
 }
 
+/// Memory-tier hits of larger archives are sent from an in-memory file
+/// (`sendfile`): keep-alive and pipelined hits get exactly the archive's bytes,
+/// a HEAD gets none, and a client that stops reading a hit is disconnected
+/// after `server.send_timeout` as with a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hits_sent_from_memory_files_are_whole_and_bounded_in_time() {
+    let config = "[server]\nsend_timeout = \"1s\"\n[storage]\nmemory_item_max = \"32 MiB\"\n";
+    let (s, big) = setup_configured(config, |r: &Registry| {
+        r.publish_sized("alice/big", "1.0.0", 16 << 20)
+    })
+    .await;
+    let gw = s.gateway.addr;
+    let path = big.url_path();
+    let mut conn = TcpStream::connect(gw).await.unwrap();
+    for expected in ["miss", "hit", "hit"] {
+        let (code, head, body) = keep_alive_get(&mut conn, &path).await;
+        assert_eq!(code, 200, "{head}");
+        assert_eq!(header(&head, "x-cache"), Some(expected), "{head}");
+        assert_eq!(sha256_hex(&body), big.checksum);
+    }
+    // Two GETs around a HEAD in one write: answered in order, bodies whole.
+    let get = format!("GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n");
+    let head_req = format!("HEAD {path} HTTP/1.1\r\nHost: gw\r\n\r\n");
+    conn.write_all(format!("{get}{head_req}{get}").as_bytes())
+        .await
+        .unwrap();
+    for method in ["GET", "HEAD", "GET"] {
+        let head = read_head(&mut conn).await;
+        assert_eq!(status(&head), 200, "{method}: {head}");
+        if method == "GET" {
+            let mut body = vec![0u8; big.size as usize];
+            tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut body))
+                .await
+                .expect("body within 10 s")
+                .unwrap();
+            assert_eq!(sha256_hex(&body), big.checksum, "{method}");
+        }
+    }
+    let (hit, head, client) = stalled_download(gw, &path).await;
+    assert!(head.contains("x-cache: hit"), "{head:?}");
+    assert!(
+        (hit as u64) < big.size,
+        "{hit} bytes reached a client that read nothing"
+    );
+    let log = s.gateway.log();
+    assert!(
+        log.contains(&format!("connection ended with an error peer={client}")),
+        "{client}: {log}"
+    );
+}
+
 /// A parked connection loses no bytes: two requests in one write, and request
 /// heads that arrive in pieces around the moment it parks, are all answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
