@@ -405,7 +405,7 @@ impl Watched {
         let sendable = slot.as_ref()?;
         let at = bufs.iter().position(|b| sendable.offset_of(b).is_some())?;
         if at > 0 {
-            return Some(Pin::new(&mut self.io).poll_write_vectored(cx, &bufs[..at]));
+            return Some(self.io.poll_write_more(cx, &bufs[..at]));
         }
         let offset = sendable.offset_of(&bufs[0])?;
         Some(

@@ -70,6 +70,34 @@ impl<IO> SendTimeout<IO> {
 }
 
 impl SendTimeout<TcpStream> {
+    /// Write `bufs` telling the kernel more follows at once (`MSG_MORE`): a
+    /// response head sent just before its body by `sendfile` then leaves in the
+    /// body's first segment rather than one of its own.
+    pub fn poll_write_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.io.poll_write_ready(cx)?.is_pending() {
+                return self.progressed(Poll::Pending, cx);
+            }
+            let sent = self.io.try_io(Interest::WRITABLE, || {
+                rustix::net::sendmsg(
+                    &self.io,
+                    bufs,
+                    &mut rustix::net::SendAncillaryBuffer::default(),
+                    rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+                )
+                .map_err(io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                sent => return self.progressed(Poll::Ready(sent), cx),
+            }
+        }
+    }
+
     /// Send `len` bytes of `file` from `offset` with `sendfile`, under the same
     /// progress bound as a write.
     pub fn poll_sendfile(
