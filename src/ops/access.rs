@@ -11,6 +11,7 @@ use std::time::Instant;
 use http::{Method, Response, StatusCode, Uri};
 
 use super::jobs::{Ended, JobId, Jobs};
+use super::log;
 use super::metrics::{CacheResult, Metrics, RouteName, Tier};
 use crate::body::{self, End, GatewayBody};
 
@@ -116,23 +117,53 @@ impl Record {
             };
             jobs.record(job, &ended);
         }
+        if !tracing::enabled!(target: "moonbit_registry::access", tracing::Level::INFO) {
+            return;
+        }
         let a = &self.access;
-        tracing::info!(
-            target: "moonbit_registry::access",
-            door = a.door,
-            method = %a.method,
-            path = %a.target,
-            host = a.host.as_deref().unwrap_or("-"),
-            route = self.route.as_str(),
-            status = self.status.as_u16(),
-            cache = self.cache.as_str(),
-            tier = self.tier.map_or("-", Tier::as_str),
-            bytes,
-            complete,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            source = a.source.map_or("-", |i| self.metrics.source_name(i)),
-            job = self.job.as_ref().map(|(job, _)| job.as_str()),
-            "request"
-        );
+        let source = a.source.map_or("-", |i| self.metrics.source_name(i));
+        let job = self.job.as_ref().map(|(job, _)| job.as_str());
+        let Some(mut line) = log::Line::info("moonbit_registry::access", "request") else {
+            // No direct writer (coloured terminal, or library use): through tracing.
+            tracing::info!(
+                target: "moonbit_registry::access",
+                door = a.door,
+                method = %a.method,
+                path = %a.target,
+                host = a.host.as_deref().unwrap_or("-"),
+                route = self.route.as_str(),
+                status = self.status.as_u16(),
+                cache = self.cache.as_str(),
+                tier = self.tier.map_or("-", Tier::as_str),
+                bytes,
+                complete,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                source,
+                job,
+                "request"
+            );
+            return;
+        };
+        let path = match a.target.authority() {
+            // Origin form, as nearly every request: no formatting.
+            None => a.target.path_and_query().map_or("/", |p| p.as_str()),
+            Some(_) => &a.target.to_string(),
+        };
+        line.str("door", a.door)
+            .text("method", a.method.as_str())
+            .text("path", path)
+            .str("host", a.host.as_deref().unwrap_or("-"))
+            .str("route", self.route.as_str())
+            .u64("status", self.status.as_u16().into())
+            .str("cache", self.cache.as_str())
+            .str("tier", self.tier.map_or("-", Tier::as_str))
+            .u64("bytes", bytes)
+            .bool("complete", complete)
+            .millis("duration_ms", elapsed)
+            .str("source", source);
+        if let Some(job) = job {
+            line.str("job", job);
+        }
+        line.write();
     }
 }
