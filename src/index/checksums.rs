@@ -3,6 +3,11 @@
 //!
 //! Parsing follows `moon`: each line on its own, a malformed line skipped with a
 //! warning (never fatal), and for a version listed twice the last line wins.
+//!
+//! The parsed index of one commit can be saved as text and restored
+//! ([`Checksums::save`], [`Checksums::restore`]): reading thousands of index
+//! files through git and parsing their JSON is most of a process's start (and of
+//! a `warm` before its first download), and a commit's index never changes.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -18,7 +23,7 @@ pub struct Release {
 }
 
 /// Every module and version of one index.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Checksums {
     modules: HashMap<String, BTreeMap<String, Release>>,
     /// Lines skipped as malformed, for logs and health.
@@ -87,6 +92,101 @@ impl Checksums {
     pub fn releases(&self) -> usize {
         self.modules.values().map(BTreeMap::len).sum()
     }
+
+    /// This index, parsed from `commit`, as text for [`Checksums::restore`]: a
+    /// header, then per module its name on a line and a tab-led line per release
+    /// (version, checksum, then dependency and version pairs), then a trailer
+    /// with the counts. `None` when a name or version holds a tab or a line
+    /// break, which could not be read back unambiguously (the index is then
+    /// always read from git).
+    pub fn save(&self, commit: &str) -> Option<String> {
+        let clean = |s: &str| !s.contains(['\t', '\n', '\r']);
+        let mut out = format!("{SAVED_HEADER} {commit} {}\n", self.skipped);
+        for (name, releases) in &self.modules {
+            if !clean(name) || name.is_empty() {
+                return None;
+            }
+            out.push_str(name);
+            out.push('\n');
+            for (version, release) in releases {
+                let deps = release.deps.iter().flat_map(|(d, v)| [d, v]);
+                for field in std::iter::once(version).chain(deps) {
+                    if !clean(field) {
+                        return None;
+                    }
+                }
+                out.push('\t');
+                out.push_str(version);
+                out.push('\t');
+                out.push_str(&release.checksum);
+                for (dep, dep_version) in &release.deps {
+                    out.push('\t');
+                    out.push_str(dep);
+                    out.push('\t');
+                    out.push_str(dep_version);
+                }
+                out.push('\n');
+            }
+        }
+        out.push_str(&format!("end\t{}\t{}\n", self.modules(), self.releases()));
+        Some(out)
+    }
+
+    /// The index [`Checksums::save`] wrote for `commit`; `None` for anything
+    /// else: another commit or format, a cut or damaged text (counts that
+    /// disagree, a checksum that is not 64 lowercase hex digits).
+    pub fn restore(text: &str, commit: &str) -> Option<Checksums> {
+        let (header, body) = text.split_once('\n')?;
+        let (for_commit, skipped) = header
+            .strip_prefix(SAVED_HEADER)?
+            .strip_prefix(' ')?
+            .split_once(' ')?;
+        if for_commit != commit {
+            return None;
+        }
+        let mut checksums = Checksums {
+            skipped: skipped.parse().ok()?,
+            ..Checksums::default()
+        };
+        let mut module: Option<&mut BTreeMap<String, Release>> = None;
+        let mut counts = None;
+        for line in body.lines() {
+            if counts.is_some() {
+                return None;
+            }
+            if let Some(release) = line.strip_prefix('\t') {
+                let mut fields = release.split('\t');
+                let (version, checksum) = (fields.next()?, fields.next()?);
+                if !is_checksum(checksum) {
+                    return None;
+                }
+                let mut deps = Vec::new();
+                while let Some(dep) = fields.next() {
+                    deps.push((dep.to_string(), fields.next()?.to_string()));
+                }
+                let release = Release {
+                    checksum: checksum.to_string(),
+                    deps,
+                };
+                module.as_mut()?.insert(version.to_string(), release);
+            } else if let Some(trailer) = line.strip_prefix("end\t") {
+                counts = Some(trailer);
+            } else {
+                module = Some(checksums.modules.entry(line.to_string()).or_default());
+            }
+        }
+        let (modules, releases) = counts?.split_once('\t')?;
+        (modules.parse() == Ok(checksums.modules()) && releases.parse() == Ok(checksums.releases()))
+            .then_some(checksums)
+    }
+}
+
+/// The first line of a saved index; the version changes with the format or
+/// with the parsing rules (a saved index must read as parsing would).
+const SAVED_HEADER: &str = "moonbit-registry parsed index v1";
+
+fn is_checksum(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The modules a set of requirements resolves to, by minimal version selection
@@ -157,11 +257,7 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 fn parse_line(raw: &str) -> Result<(String, Release), String> {
     let line: Line = serde_json::from_str(raw).map_err(|e| e.to_string())?;
     let checksum = line.checksum;
-    if checksum.len() != 64
-        || !checksum
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
+    if !is_checksum(&checksum) {
         return Err(format!(
             "checksum `{checksum}` is not 64 lowercase hex digits"
         ));
@@ -225,6 +321,36 @@ mod tests {
         );
         assert_eq!(c.skipped, 2);
         assert!(c.get("alice/json", "0.2.0").is_none());
+    }
+
+    #[test]
+    fn a_saved_index_restores_equal_for_its_commit_only() {
+        let mut c = Checksums::default();
+        let line = |v: &str, sum: &str, deps: &str| {
+            format!("{{\"version\":\"{v}\",\"checksum\":\"{sum}\",\"deps\":{{{deps}}}}}\n")
+        };
+        let json = line("0.1.0", A, "")
+            + &line("0.2.0", B, "\"alice/core\":\"0.1.0\",\"z/w\":\"1.0.0\"")
+            + "junk\n";
+        c.add_file("test", "alice/json", &json);
+        c.add_file("test", "alice/core", &line("0.1.0", B, ""));
+        c.add_file("test", "alice/empty", "");
+        let text = c.save("c0ffee").expect("saved");
+        assert_eq!(Checksums::restore(&text, "c0ffee").as_ref(), Some(&c));
+        assert_eq!(Checksums::restore(&text, "c0ffee").unwrap().skipped, 1);
+        // Another commit, a cut file, a damaged checksum, another format: not restored.
+        assert!(Checksums::restore(&text, "beef").is_none());
+        let cut = &text[..text.rfind("end").unwrap()];
+        assert!(Checksums::restore(cut, "c0ffee").is_none());
+        assert!(Checksums::restore(&text[..text.len() / 2], "c0ffee").is_none());
+        assert!(Checksums::restore(&text.replacen(B, &"B".repeat(64), 1), "c0ffee").is_none());
+        let other = text.replacen("v1", "v0", 1);
+        assert!(Checksums::restore(&other, "c0ffee").is_none());
+        // A version with a tab could not be read back: nothing is saved.
+        let mut odd = Checksums::default();
+        odd.add_file("test", "alice/odd", &line("1.0\\t0", A, ""));
+        assert_eq!(odd.releases(), 1);
+        assert!(odd.save("c0ffee").is_none());
     }
 
     /// A test index: `(module, version, deps)` lines.

@@ -68,6 +68,10 @@ struct RefreshState {
     last_error: Option<(Instant, String)>,
 }
 
+/// The parsed index of the tip, kept beside the bare repository (see
+/// [`Checksums::save`]); git ignores it.
+const SAVED_INDEX: &str = "moonbit-registry-index";
+
 pub struct Mirror {
     pub source: String,
     url: String,
@@ -405,8 +409,36 @@ impl Mirror {
         Ok(true)
     }
 
-    /// Every `user/**.index` file at `commit`, through one `git cat-file --batch`.
+    /// The index at `commit`: as saved by the last read of that commit, else
+    /// read from git (and saved for the next start).
     async fn read_checksums(&self, commit: &str) -> Result<Checksums, String> {
+        let saved = self.dir.join(SAVED_INDEX);
+        if let Ok(text) = tokio::fs::read_to_string(&saved).await {
+            if let Some(checksums) = Checksums::restore(&text, commit) {
+                return Ok(checksums);
+            }
+        }
+        let checksums = self.read_index_files(commit).await?;
+        if let Some(text) = checksums.save(commit) {
+            let dir = self.dir.clone();
+            // Atomically, so a reader sees the old file or the new one; a failure
+            // only costs the next start the read from git.
+            let written = tokio::task::spawn_blocking(move || {
+                let mut file = tempfile::NamedTempFile::new_in(&dir)?;
+                std::io::Write::write_all(&mut file, text.as_bytes())?;
+                file.persist(dir.join(SAVED_INDEX)).map_err(|e| e.error)?;
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if let Ok(Err(e)) = written {
+                tracing::debug!(source = %self.source, error = %e, "parsed index not saved");
+            }
+        }
+        Ok(checksums)
+    }
+
+    /// Every `user/**.index` file at `commit`, through one `git cat-file --batch`.
+    async fn read_index_files(&self, commit: &str) -> Result<Checksums, String> {
         let listing = self
             .git(&["ls-tree", "-r", "-z", commit, "--", "user/"])
             .await?;
