@@ -120,30 +120,11 @@ impl Record {
         if !tracing::enabled!(target: "moonbit_registry::access", tracing::Level::INFO) {
             return;
         }
-        let a = &self.access;
-        let source = a.source.map_or("-", |i| self.metrics.source_name(i));
-        let job = self.job.as_ref().map(|(job, _)| job.as_str());
+        // `None` only without `log::init` (library use), where nothing is logged.
         let Some(mut line) = log::Line::info("moonbit_registry::access", "request") else {
-            // No direct writer (coloured terminal, or library use): through tracing.
-            tracing::info!(
-                target: "moonbit_registry::access",
-                door = a.door,
-                method = %a.method,
-                path = %a.target,
-                host = a.host.as_deref().unwrap_or("-"),
-                route = self.route.as_str(),
-                status = self.status.as_u16(),
-                cache = self.cache.as_str(),
-                tier = self.tier.map_or("-", Tier::as_str),
-                bytes,
-                complete,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                source,
-                job,
-                "request"
-            );
             return;
         };
+        let a = &self.access;
         let path = match a.target.authority() {
             // Origin form, as nearly every request: no formatting.
             None => a.target.path_and_query().map_or("/", |p| p.as_str()),
@@ -160,9 +141,12 @@ impl Record {
             .u64("bytes", bytes)
             .bool("complete", complete)
             .millis("duration_ms", elapsed)
-            .str("source", source);
-        if let Some(job) = job {
-            line.str("job", job);
+            .str(
+                "source",
+                a.source.map_or("-", |i| self.metrics.source_name(i)),
+            );
+        if let Some((job, _)) = &self.job {
+            line.str("job", job.as_str());
         }
         line.write();
     }

@@ -31,8 +31,8 @@ const BATCH_PAUSE: Duration = Duration::from_millis(2);
 /// for the writer thread to take them: lines are delayed, never dropped.
 const BACKLOG_MAX: usize = 8 << 20;
 
-/// Where [`Line`]s go, once [`init`] ran without colours (a terminal gets
-/// tracing's coloured lines for every event, and its speed does not matter).
+/// Where [`Line`]s go, once [`init`] ran (on a terminal, without the colours
+/// tracing gives its other lines).
 static DIRECT: OnceLock<(Arc<Shared>, LogFormat)> = OnceLock::new();
 
 /// Install the global subscriber; keep the guard alive until exit (it flushes).
@@ -51,12 +51,9 @@ pub fn init(format: LogFormat) -> Guard {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
-    let ansi = format == LogFormat::Text && std::io::stderr().is_terminal();
-    if !ansi {
-        let _ = DIRECT.set((shared.clone(), format));
-    }
+    let _ = DIRECT.set((shared.clone(), format));
     match format {
-        LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         // Event fields at the top level, beside `timestamp`, `level` and `target`,
         // so log shippers need no nested paths.
         LogFormat::Json => builder
@@ -187,8 +184,7 @@ thread_local! {
 }
 
 impl Line {
-    /// Start an INFO line of `target` saying `message`; `None` when [`init`]
-    /// installed no direct writer (the caller logs through tracing instead).
+    /// Start an INFO line of `target` saying `message`; `None` before [`init`].
     /// The caller checks that the event is enabled (`tracing::enabled!`).
     pub fn info(target: &'static str, message: &str) -> Option<Line> {
         let (shared, format) = DIRECT.get()?;
